@@ -1,0 +1,57 @@
+use serde::{Deserialize, Serialize};
+
+use crate::{Dot, Hlc, SiteId, Value, VersionVector};
+
+/// One replicated write to one cell, or to a row's existence.
+///
+/// Changes travel in row groups: every change of one `(table, pk)` that a
+/// peer lacks, led by the row's existence record (`column == None`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub table: String,
+    /// Primary-key values, in the table's key column order.
+    pub pk: Vec<Value>,
+    /// The column written, or `None` for the row-existence record.
+    pub column: Option<String>,
+    /// The cell's value (`Null` for an existence record).
+    pub value: Value,
+    pub hlc: Hlc,
+    /// Origin of the write.
+    pub site: SiteId,
+    /// The origin's `db_version` of the transaction that wrote it.
+    pub db_version: u64,
+    /// Causal length of the row: odd while the row exists, even once deleted.
+    pub cl: u64,
+    /// The versions of this row the writer had seen: everything this
+    /// change replaces.
+    pub replaces: VersionVector,
+}
+
+impl Change {
+    pub fn dot(&self) -> Dot {
+        Dot::new(self.site, self.db_version)
+    }
+
+    /// Whether this is the row's existence record.
+    pub fn is_existence(&self) -> bool {
+        self.column.is_none()
+    }
+
+    /// Whether the row exists in the life this change belongs to.
+    pub fn alive(&self) -> bool {
+        self.cl % 2 == 1
+    }
+}
+
+/// A batch of changes of one shard, as applied in one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChangeBatch {
+    pub shard: String,
+    pub changes: Vec<Change>,
+    /// After this batch, the receiver holds every change of these
+    /// `(site, version)` ranges for the tables the batch was drawn from,
+    /// and may advance its cursor accordingly.
+    pub covered: Vec<(SiteId, u64)>,
+    /// The tables the batch was drawn from (empty = every table of the shard).
+    pub tables: Vec<String>,
+}

@@ -1,0 +1,18 @@
+use thiserror::Error;
+
+/// Errors of the pure domain logic.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CoreError {
+    /// A remote clock stamp is further ahead of our wall clock than allowed.
+    #[error(
+        "remote clock is {ahead_ms} ms ahead of the local wall clock (limit {limit_ms} ms); \
+         check the clocks of both machines (NTP) or raise the drift limit"
+    )]
+    ClockDrift { ahead_ms: u64, limit_ms: u64 },
+    /// A site id was not 32 hex characters.
+    #[error("invalid site id {0:?}: expected 32 hexadecimal characters")]
+    InvalidSiteId(String),
+    /// An unknown conflict strategy name.
+    #[error("unknown conflict strategy {0:?}: expected one of lww, fww, merge, manual, local-wins, remote-wins")]
+    UnknownStrategy(String),
+}

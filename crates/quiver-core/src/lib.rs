@@ -1,0 +1,20 @@
+//! The sans-IO domain of quiverdb.
+//!
+//! Nothing here touches a socket, a file or the system clock: time is passed
+//! in as an argument. The store and the network crates build on these types.
+
+mod change;
+mod error;
+mod hlc;
+pub mod merge;
+mod site;
+mod value;
+mod version;
+
+pub use change::{Change, ChangeBatch};
+pub use error::CoreError;
+pub use hlc::{Hlc, HlcClock, DEFAULT_MAX_DRIFT_MS};
+pub use merge::{ColumnKind, Strategy};
+pub use site::SiteId;
+pub use value::Value;
+pub use version::{Dot, VersionVector};

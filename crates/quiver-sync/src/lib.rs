@@ -1,0 +1,1 @@
+//! Networked sync engine of quiverdb.

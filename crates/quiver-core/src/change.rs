@@ -43,15 +43,21 @@ impl Change {
     }
 }
 
+/// A claim that a batch's receiver now holds every change of `table` from
+/// `site` up to `version`, so it may advance its cursor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Covered {
+    pub table: String,
+    pub site: SiteId,
+    pub version: u64,
+}
+
 /// A batch of changes of one shard, as applied in one transaction.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChangeBatch {
     pub shard: String,
+    /// Row groups: every change of one row, existence record first.
     pub changes: Vec<Change>,
-    /// After this batch, the receiver holds every change of these
-    /// `(site, version)` ranges for the tables the batch was drawn from,
-    /// and may advance its cursor accordingly.
-    pub covered: Vec<(SiteId, u64)>,
-    /// The tables the batch was drawn from (empty = every table of the shard).
-    pub tables: Vec<String>,
+    /// Cursor advances the receiver may persist with this batch.
+    pub covered: Vec<Covered>,
 }

@@ -151,6 +151,10 @@ mod tests {
                 limit_ms: 1000
             }
         );
-        assert_eq!(c.last(), Hlc::ZERO, "a refused stamp must not move the clock");
+        assert_eq!(
+            c.last(),
+            Hlc::ZERO,
+            "a refused stamp must not move the clock"
+        );
     }
 }

@@ -11,7 +11,7 @@ mod site;
 mod value;
 mod version;
 
-pub use change::{Change, ChangeBatch};
+pub use change::{Change, ChangeBatch, Covered};
 pub use error::CoreError;
 pub use hlc::{Hlc, HlcClock, DEFAULT_MAX_DRIFT_MS};
 pub use merge::{ColumnKind, Strategy};

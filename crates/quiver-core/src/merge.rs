@@ -184,7 +184,13 @@ pub fn merge_cell(
             contenders: Vec::new(),
         };
     }
-    let contenders = sorted(remaining.iter().cloned().chain([incoming.clone()]).collect());
+    let contenders = sorted(
+        remaining
+            .iter()
+            .cloned()
+            .chain([incoming.clone()])
+            .collect(),
+    );
     let versions = match strategy {
         Strategy::Lww => vec![contenders[contenders.len() - 1].clone()],
         Strategy::Fww => vec![contenders[0].clone()],
@@ -207,7 +213,11 @@ pub fn visible_value(versions: &[Version], strategy: Strategy, kind: ColumnKind)
         [one] => one.value.clone(),
         many => {
             let many = sorted(many.to_vec());
-            let winner = || max_version(&many).map(|v| v.value.clone()).unwrap_or(Value::Null);
+            let winner = || {
+                max_version(&many)
+                    .map(|v| v.value.clone())
+                    .unwrap_or(Value::Null)
+            };
             if strategy != Strategy::Merge {
                 return winner();
             }

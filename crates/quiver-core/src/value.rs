@@ -65,7 +65,10 @@ mod serde_bytes_compat {
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
                 Ok(v)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Vec<u8>, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Vec<u8>, A::Error> {
                 let mut out = Vec::with_capacity(a.size_hint().unwrap_or(0).min(1 << 16));
                 while let Some(b) = a.next_element::<u8>()? {
                     out.push(b);
@@ -100,6 +103,9 @@ mod tests {
         use std::cmp::Ordering::*;
         assert_eq!(Value::Null.cmp_total(&Value::Integer(0)), Less);
         assert_eq!(Value::Integer(2).cmp_total(&Value::Integer(1)), Greater);
-        assert_eq!(Value::Text("a".into()).cmp_total(&Value::Blob(vec![])), Less);
+        assert_eq!(
+            Value::Text("a".into()).cmp_total(&Value::Blob(vec![])),
+            Less
+        );
     }
 }

@@ -29,7 +29,13 @@ fn vec_blob(v: &[f32]) -> Value {
 fn fast_forward_when_writer_had_seen_held() {
     let held = vec![ver(1, 1, 10, int(1), &[])];
     let inc = ver(2, 1, 5, int(2), &[(1, 1)]);
-    let out = merge_cell(&held, inc, &VersionVector::new(), Strategy::Fww, ColumnKind::Other);
+    let out = merge_cell(
+        &held,
+        inc,
+        &VersionVector::new(),
+        Strategy::Fww,
+        ColumnKind::Other,
+    );
     assert_eq!(out.verdict, Verdict::FastForward);
     // Even under fww an older stamp replaces when it causally follows.
     assert_eq!(out.visible, int(2));
@@ -38,7 +44,13 @@ fn fast_forward_when_writer_had_seen_held() {
 #[test]
 fn duplicate_when_known_or_held() {
     let held = vec![ver(1, 1, 10, int(1), &[])];
-    let out = merge_cell(&held, held[0].clone(), &VersionVector::new(), Strategy::Lww, ColumnKind::Other);
+    let out = merge_cell(
+        &held,
+        held[0].clone(),
+        &VersionVector::new(),
+        Strategy::Lww,
+        ColumnKind::Other,
+    );
     assert_eq!(out.verdict, Verdict::Duplicate);
     let known: VersionVector = [(site(3), 4)].into_iter().collect();
     let old = ver(3, 2, 99, int(9), &[]);
@@ -51,13 +63,31 @@ fn duplicate_when_known_or_held() {
 fn lww_and_fww_pick_by_hlc_then_site() {
     let a = ver(1, 1, 10, int(1), &[]);
     let b = ver(2, 1, 20, int(2), &[]);
-    let lww = merge_cell(&[a.clone()], b.clone(), &VersionVector::new(), Strategy::Lww, ColumnKind::Other);
+    let lww = merge_cell(
+        &[a.clone()],
+        b.clone(),
+        &VersionVector::new(),
+        Strategy::Lww,
+        ColumnKind::Other,
+    );
     assert_eq!((lww.verdict, lww.visible), (Verdict::Concurrent, int(2)));
-    let fww = merge_cell(&[a.clone()], b.clone(), &VersionVector::new(), Strategy::Fww, ColumnKind::Other);
+    let fww = merge_cell(
+        &[a.clone()],
+        b.clone(),
+        &VersionVector::new(),
+        Strategy::Fww,
+        ColumnKind::Other,
+    );
     assert_eq!(fww.visible, int(1));
     // Equal stamps: the greater site id wins under lww.
     let c = ver(3, 1, 10, int(3), &[]);
-    let tie = merge_cell(&[a], c, &VersionVector::new(), Strategy::Lww, ColumnKind::Other);
+    let tie = merge_cell(
+        &[a],
+        c,
+        &VersionVector::new(),
+        Strategy::Lww,
+        ColumnKind::Other,
+    );
     assert_eq!(tie.visible, int(3));
 }
 
@@ -65,9 +95,21 @@ fn lww_and_fww_pick_by_hlc_then_site() {
 fn local_and_remote_wins() {
     let a = ver(1, 1, 10, int(1), &[]);
     let b = ver(2, 1, 5, int(2), &[]);
-    let local = merge_cell(&[a.clone()], b.clone(), &VersionVector::new(), Strategy::LocalWins, ColumnKind::Other);
+    let local = merge_cell(
+        &[a.clone()],
+        b.clone(),
+        &VersionVector::new(),
+        Strategy::LocalWins,
+        ColumnKind::Other,
+    );
     assert_eq!(local.visible, int(1));
-    let remote = merge_cell(&[a], b, &VersionVector::new(), Strategy::RemoteWins, ColumnKind::Other);
+    let remote = merge_cell(
+        &[a],
+        b,
+        &VersionVector::new(),
+        Strategy::RemoteWins,
+        ColumnKind::Other,
+    );
     assert_eq!(remote.visible, int(2));
 }
 
@@ -75,12 +117,24 @@ fn local_and_remote_wins() {
 fn manual_keeps_every_version_and_shows_lww() {
     let a = ver(1, 1, 10, int(1), &[]);
     let b = ver(2, 1, 20, int(2), &[]);
-    let out = merge_cell(&[a], b, &VersionVector::new(), Strategy::Manual, ColumnKind::Other);
+    let out = merge_cell(
+        &[a],
+        b,
+        &VersionVector::new(),
+        Strategy::Manual,
+        ColumnKind::Other,
+    );
     assert_eq!(out.versions.len(), 2);
     assert_eq!(out.visible, int(2));
     // A resolution that saw both replaces both.
     let r = ver(1, 2, 30, int(7), &[(1, 1), (2, 1)]);
-    let done = merge_cell(&out.versions, r, &VersionVector::new(), Strategy::Manual, ColumnKind::Other);
+    let done = merge_cell(
+        &out.versions,
+        r,
+        &VersionVector::new(),
+        Strategy::Manual,
+        ColumnKind::Other,
+    );
     assert_eq!(done.verdict, Verdict::FastForward);
     assert_eq!(done.versions.len(), 1);
     assert_eq!(done.visible, int(7));
@@ -90,12 +144,24 @@ fn manual_keeps_every_version_and_shows_lww() {
 fn merge_means_vectors_and_merges_json_keys() {
     let a = ver(1, 1, 10, vec_blob(&[1.0, 2.0]), &[]);
     let b = ver(2, 1, 20, vec_blob(&[3.0, 4.0]), &[]);
-    let out = merge_cell(&[a], b, &VersionVector::new(), Strategy::Merge, ColumnKind::Vector);
+    let out = merge_cell(
+        &[a],
+        b,
+        &VersionVector::new(),
+        Strategy::Merge,
+        ColumnKind::Vector,
+    );
     assert_eq!(out.visible, vec_blob(&[2.0, 3.0]));
 
     let a = ver(1, 1, 10, Value::Text(r#"{"x":1,"y":1}"#.into()), &[]);
     let b = ver(2, 1, 20, Value::Text(r#"{"y":2,"z":2}"#.into()), &[]);
-    let out = merge_cell(&[a], b, &VersionVector::new(), Strategy::Merge, ColumnKind::JsonObject);
+    let out = merge_cell(
+        &[a],
+        b,
+        &VersionVector::new(),
+        Strategy::Merge,
+        ColumnKind::JsonObject,
+    );
     assert_eq!(out.visible, Value::Text(r#"{"x":1,"y":2,"z":2}"#.into()));
 }
 
@@ -103,10 +169,23 @@ fn merge_means_vectors_and_merges_json_keys() {
 fn partial_replacement_keeps_the_unseen_version() {
     let a = ver(1, 1, 10, vec_blob(&[0.0]), &[]);
     let b = ver(2, 1, 20, vec_blob(&[2.0]), &[]);
-    let held = merge_cell(&[a], b, &VersionVector::new(), Strategy::Merge, ColumnKind::Vector).versions;
+    let held = merge_cell(
+        &[a],
+        b,
+        &VersionVector::new(),
+        Strategy::Merge,
+        ColumnKind::Vector,
+    )
+    .versions;
     // c saw a but not b: it replaces a and stays concurrent with b.
     let c = ver(3, 1, 30, vec_blob(&[4.0]), &[(1, 1)]);
-    let out = merge_cell(&held, c, &VersionVector::new(), Strategy::Merge, ColumnKind::Vector);
+    let out = merge_cell(
+        &held,
+        c,
+        &VersionVector::new(),
+        Strategy::Merge,
+        ColumnKind::Vector,
+    );
     assert_eq!(out.verdict, Verdict::Concurrent);
     assert_eq!(out.visible, vec_blob(&[3.0]));
 }
@@ -116,7 +195,13 @@ fn stale_life_is_ignored() {
     let mut held = ver(1, 2, 10, int(1), &[]);
     held.cl = 3;
     let old = ver(2, 1, 50, int(2), &[]);
-    let out = merge_cell(&[held], old, &VersionVector::new(), Strategy::Lww, ColumnKind::Other);
+    let out = merge_cell(
+        &[held],
+        old,
+        &VersionVector::new(),
+        Strategy::Lww,
+        ColumnKind::Other,
+    );
     assert_eq!(out.verdict, Verdict::Stale);
     assert_eq!(out.visible, int(1));
 }
@@ -153,16 +238,18 @@ fn strategy_names_round_trip() {
 /// times, end in the same visible value under every convergent strategy.
 fn arb_versions() -> impl proptest::strategy::Strategy<Value = Vec<Version>> {
     use proptest::strategy::Strategy as _;
-    prop::collection::vec((0u8..4, 1u64..50, prop::collection::vec(-10f32..10.0, 3)), 1..6).prop_map(
-        |raw| {
-            let mut seen = std::collections::HashSet::new();
-            raw.into_iter()
-                .filter(|(s, _, _)| seen.insert(*s))
-                .enumerate()
-                .map(|(i, (s, ms, v))| ver(s, i as u64 + 1, ms, vec_blob(&v), &[]))
-                .collect()
-        },
+    prop::collection::vec(
+        (0u8..4, 1u64..50, prop::collection::vec(-10f32..10.0, 3)),
+        1..6,
     )
+    .prop_map(|raw| {
+        let mut seen = std::collections::HashSet::new();
+        raw.into_iter()
+            .filter(|(s, _, _)| seen.insert(*s))
+            .enumerate()
+            .map(|(i, (s, ms, v))| ver(s, i as u64 + 1, ms, vec_blob(&v), &[]))
+            .collect()
+    })
 }
 
 fn fold(order: &[Version], strategy: Strategy, kind: ColumnKind) -> Value {

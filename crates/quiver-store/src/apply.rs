@@ -1,0 +1,319 @@
+//! Applying a batch of remote changes: validate everything, then merge row
+//! group by row group in one transaction that also advances the cursor.
+
+use std::collections::{BTreeMap, HashMap};
+
+use quiver_core::merge::{merge_cell, merge_existence, visible_value, Verdict, Version};
+use quiver_core::{Change, ChangeBatch, Hlc, Value};
+use rusqlite::{params, Transaction};
+use serde::Serialize;
+
+use crate::catalog::{self, TableInfo};
+use crate::conflicts;
+use crate::events::StoreEvent;
+use crate::rowstate::{self, RowState, Sites};
+use crate::sqlvalue::{display_pk, pk_key};
+use crate::{wall_ms, Result, Store, StoreError};
+
+/// What applying a batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyReport {
+    /// Changes that took effect.
+    pub applied: u64,
+    /// Changes already held (or replaced by something held): no effect.
+    pub duplicates: u64,
+    /// Changes to an older life of a row deleted since: no effect.
+    pub stale: u64,
+    pub conflicts_detected: u64,
+    /// Conflicts the strategy resolved on its own.
+    pub conflicts_resolved: u64,
+    /// Conflicts left open for review (`manual`).
+    pub conflicts_open: u64,
+}
+
+impl ApplyReport {
+    pub fn add(&mut self, o: &ApplyReport) {
+        self.applied += o.applied;
+        self.duplicates += o.duplicates;
+        self.stale += o.stale;
+        self.conflicts_detected += o.conflicts_detected;
+        self.conflicts_resolved += o.conflicts_resolved;
+        self.conflicts_open += o.conflicts_open;
+    }
+}
+
+fn version_of(c: &Change) -> Version {
+    Version {
+        dot: c.dot(),
+        hlc: c.hlc,
+        cl: c.cl,
+        replaces: c.replaces.clone(),
+        value: c.value.clone(),
+    }
+}
+
+/// Checks a whole batch against the catalog before anything is written.
+fn validate(
+    conn: &rusqlite::Connection,
+    batch: &ChangeBatch,
+) -> Result<HashMap<String, TableInfo>> {
+    let refuse = |m: String| Err(StoreError::BatchRefused(m));
+    let mut tables: HashMap<String, TableInfo> = HashMap::new();
+    let mut lookup = |name: &str| -> Result<TableInfo> {
+        if let Some(t) = tables.get(name) {
+            return Ok(t.clone());
+        }
+        let Some(t) = catalog::load(conn, name)? else {
+            return Err(StoreError::BatchRefused(format!("unknown table {name:?}")));
+        };
+        if t.shard != batch.shard {
+            return Err(StoreError::BatchRefused(format!(
+                "table {name:?} belongs to shard {:?}, not {:?}",
+                t.shard, batch.shard
+            )));
+        }
+        tables.insert(name.to_string(), t.clone());
+        Ok(t)
+    };
+    for c in &batch.covered {
+        lookup(&c.table)?;
+    }
+    for (i, ch) in batch.changes.iter().enumerate() {
+        let t = lookup(&ch.table)?;
+        let at = |m: String| {
+            format!(
+                "change {i} ({}.{}): {m}",
+                ch.table,
+                ch.column.as_deref().unwrap_or("<row>")
+            )
+        };
+        if ch.db_version == 0 || ch.cl == 0 {
+            return refuse(at("db_version and causal length must be positive".into()));
+        }
+        if ch.pk.len() != t.pk.len() {
+            return refuse(at(format!(
+                "key has {} values, table has {}",
+                ch.pk.len(),
+                t.pk.len()
+            )));
+        }
+        for (col, v) in t.pk.iter().zip(&ch.pk) {
+            t.check_value(col, v)
+                .map_err(|m| StoreError::BatchRefused(at(m)))?;
+        }
+        match &ch.column {
+            None if ch.value != Value::Null => {
+                return refuse(at("a row record carries no value".into()))
+            }
+            None => {}
+            Some(name) => {
+                let Some(col) = t.column(name) else {
+                    return refuse(at(format!("unknown column {name:?}")));
+                };
+                if ch.alive() {
+                    t.check_value(col, &ch.value)
+                        .map_err(|m| StoreError::BatchRefused(at(m)))?;
+                }
+            }
+        }
+    }
+    Ok(tables)
+}
+
+impl Store {
+    /// Applies a batch of remote changes in one transaction.
+    pub fn apply(&mut self, batch: &ChangeBatch) -> Result<ApplyReport> {
+        self.apply_from(batch, None)
+    }
+
+    /// Applies a batch received from `peer` (a node name, for its cursor).
+    pub fn apply_from(&mut self, batch: &ChangeBatch, peer: Option<&str>) -> Result<ApplyReport> {
+        let tables = validate(&self.conn, batch)?;
+        if let Some(max) = batch.changes.iter().map(|c| c.hlc).max() {
+            self.clock.observe(max, wall_ms())?;
+        }
+        let floor = self.clock.last().successor();
+        let mut report = ApplyReport::default();
+        let mut events = Vec::new();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "UPDATE quiver_state SET applying = 1, hlc_floor = max(hlc_floor, ?1)",
+            [floor.as_i64()],
+        )?;
+        let mut sites = Sites::default();
+        let mut start = 0;
+        while start < batch.changes.len() {
+            let first = &batch.changes[start];
+            let end = batch.changes[start..]
+                .iter()
+                .position(|c| c.table != first.table || c.pk != first.pk)
+                .map_or(batch.changes.len(), |n| start + n);
+            let t = &tables[&first.table];
+            apply_row(
+                &tx,
+                &mut sites,
+                t,
+                &batch.changes[start..end],
+                &mut report,
+                &mut events,
+            )?;
+            start = end;
+        }
+        for c in &batch.covered {
+            if c.site == self.site {
+                continue;
+            }
+            let ix = sites.ix(&tx, &c.site)?;
+            tx.prepare_cached(
+                "INSERT INTO quiver_vv(tbl, site, dbv) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(tbl, site) DO UPDATE SET dbv = max(dbv, excluded.dbv)",
+            )?
+            .execute(params![tables[&c.table].id, ix, c.version as i64])?;
+        }
+        if let Some(peer) = peer {
+            let vv = crate::changes::shard_vv(&tx, &mut sites, &batch.shard, self.site)?;
+            let json =
+                serde_json::to_string(&vv).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO quiver_peer_cursors(peer, shard, received, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(peer, shard) DO UPDATE SET received = excluded.received, updated_at = excluded.updated_at",
+                params![peer, batch.shard, json, wall_ms() as i64],
+            )?;
+        }
+        tx.execute("UPDATE quiver_state SET applying = 0", [])?;
+        tx.commit()?;
+        for e in events {
+            self.events.emit(e);
+        }
+        Ok(report)
+    }
+}
+
+/// Merges one row group: the existence record first, then the cells.
+fn apply_row(
+    tx: &Transaction<'_>,
+    sites: &mut Sites,
+    t: &TableInfo,
+    group: &[Change],
+    report: &mut ApplyReport,
+    events: &mut Vec<StoreEvent>,
+) -> Result<()> {
+    let pk = &group[0].pk;
+    let key = pk_key(pk);
+    let before = rowstate::load(tx, sites, t, &key, pk)?;
+    let known = before.know.clone();
+    let mut state = before.clone();
+    let mut changed = false;
+    let mut tally = |v: Verdict, report: &mut ApplyReport| match v {
+        Verdict::Duplicate => report.duplicates += 1,
+        Verdict::Stale => report.stale += 1,
+        Verdict::FastForward | Verdict::Concurrent => {
+            report.applied += 1;
+            changed = true;
+        }
+    };
+    for ch in group.iter().filter(|c| c.is_existence()) {
+        let out = merge_existence(state.existence.as_ref(), version_of(ch), &known);
+        tally(out.verdict, report);
+        if out.new_life {
+            state.cells.clear();
+        }
+        state.existence = Some(out.record);
+    }
+    let row_cl = state.existence.as_ref().map_or(0, |e| e.cl);
+    let mut conflicted: Vec<(String, Vec<Version>, Vec<Version>)> = Vec::new();
+    for ch in group.iter().filter(|c| !c.is_existence()) {
+        let col_name = ch.column.as_deref().unwrap_or_default();
+        if ch.cl != row_cl || !state.alive() {
+            tally(Verdict::Stale, report);
+            continue;
+        }
+        let Some(col) = t.column(col_name) else {
+            continue;
+        };
+        let held = state.cells.get(col_name).cloned().unwrap_or_default();
+        let out = merge_cell(
+            &held,
+            version_of(ch),
+            &known,
+            t.strategy,
+            t.column_kind(col),
+        );
+        tally(out.verdict, report);
+        if out.verdict == Verdict::Concurrent {
+            conflicted.push((
+                col_name.to_string(),
+                out.contenders.clone(),
+                out.versions.clone(),
+            ));
+        } else if out.verdict == Verdict::FastForward && held.len() > 1 {
+            conflicts::close_open(tx, t, &key, col_name, "replaced by a remote write")?;
+        }
+        state.cells.insert(col_name.to_string(), out.versions);
+    }
+    for ch in group {
+        state.know.advance(ch.site, ch.db_version);
+        state.know.merge(&ch.replaces);
+    }
+    let visible = |s: &RowState| -> BTreeMap<String, Value> {
+        t.columns
+            .iter()
+            .map(|c| {
+                let versions = s.cells.get(&c.name).map(Vec::as_slice).unwrap_or(&[]);
+                (
+                    c.name.clone(),
+                    visible_value(versions, t.strategy, t.column_kind(c)),
+                )
+            })
+            .collect()
+    };
+    let after_visible = visible(&state);
+    let shown_changed = before.alive() != state.alive() || visible(&before) != after_visible;
+    if changed || state.know != before.know {
+        rowstate::store(
+            tx,
+            sites,
+            t,
+            &key,
+            pk,
+            &state,
+            shown_changed.then_some(&after_visible),
+        )?;
+    }
+    for (col, contenders, kept) in conflicted {
+        let id = conflicts::record(
+            tx,
+            t,
+            &key,
+            &col,
+            &contenders,
+            &kept,
+            Hlc::new(wall_ms(), 0),
+        )?;
+        report.conflicts_detected += 1;
+        if t.strategy.keeps_open() {
+            report.conflicts_open += 1;
+        } else {
+            report.conflicts_resolved += 1;
+        }
+        events.push(StoreEvent::Conflict {
+            id,
+            table: t.name.clone(),
+            pk: display_pk(pk),
+            column: col,
+            strategy: t.strategy,
+            open: t.strategy.keeps_open(),
+        });
+    }
+    if shown_changed {
+        events.push(StoreEvent::RemoteChange {
+            table: t.name.clone(),
+            shard: t.shard.clone(),
+            pk: display_pk(pk),
+            deleted: !state.alive(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,379 @@
+//! Extracting what a peer lacks: per table and origin site, the changes
+//! with `peer < version <= own`, streamed in bounded batches by keyset
+//! pagination (nothing is loaded whole), each batch ending on a row
+//! boundary and saying how far the receiver may advance its cursor.
+
+use std::collections::BTreeMap;
+
+use quiver_core::{Change, ChangeBatch, Covered, SiteId, Value, VersionVector};
+use rusqlite::{params, Connection};
+
+use crate::catalog::TableInfo;
+use crate::rowstate::{self, RowState, Sites};
+use crate::sqlvalue::{pk_values, P};
+use crate::{triggers, Result, Store, StoreError};
+
+/// Bounds on one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    pub max_changes: usize,
+    pub max_bytes: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            max_changes: 2000,
+            max_bytes: 4 << 20,
+        }
+    }
+}
+
+/// One (table, origin site) range to send.
+struct Segment {
+    table: TableInfo,
+    site: SiteId,
+    site_ix: i64,
+    from: u64,
+    to: u64,
+    /// The requester's knowledge of this table.
+    theirs: VersionVector,
+}
+
+/// Where the scan of the current segment stands.
+enum Cursor {
+    Siblings,
+    Clock { after: Option<(i64, Value)> },
+}
+
+/// A stream of change batches; an iterator of `Result<ChangeBatch>`.
+pub struct ChangeStream<'s> {
+    conn: &'s Connection,
+    shard: String,
+    segments: Vec<Segment>,
+    seg: usize,
+    cursor: Cursor,
+    limits: StreamLimits,
+    sites: Sites,
+    done: bool,
+}
+
+/// The store's knowledge of one table: its own closed versions plus what it
+/// holds of every other site.
+pub(crate) fn table_vv(
+    conn: &Connection,
+    sites: &mut Sites,
+    t: &TableInfo,
+    own: SiteId,
+) -> Result<VersionVector> {
+    let mut vv = VersionVector::new();
+    let open: i64 = conn.query_row("SELECT dbv FROM quiver_state", [], |r| r.get(0))?;
+    vv.set(own, (open - 1).max(0) as u64);
+    let rows: Vec<(i64, i64)> = conn
+        .prepare_cached("SELECT site, dbv FROM quiver_vv WHERE tbl = ?1")?
+        .query_map([t.id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (ix, dbv) in rows {
+        if ix != 0 {
+            vv.advance(sites.id(conn, ix)?, dbv as u64);
+        }
+    }
+    Ok(vv)
+}
+
+/// What the store can claim for a whole shard: the meet over its tables.
+pub(crate) fn shard_vv(
+    conn: &Connection,
+    sites: &mut Sites,
+    shard: &str,
+    own: SiteId,
+) -> Result<VersionVector> {
+    let mut out: Option<VersionVector> = None;
+    for t in crate::catalog::load_all(conn)?
+        .iter()
+        .filter(|t| t.shard == shard)
+    {
+        let vv = table_vv(conn, sites, t, own)?;
+        out = Some(match out {
+            None => vv,
+            Some(acc) => acc.meet(&vv),
+        });
+    }
+    Ok(out.unwrap_or_else(|| {
+        let mut vv = VersionVector::new();
+        vv.set(own, 0);
+        vv
+    }))
+}
+
+impl Store {
+    /// This store's version vector for a shard (what it can claim to hold
+    /// of every table in it).
+    pub fn version_vector(&self, shard: &str) -> Result<VersionVector> {
+        triggers::close_open_version(&self.conn)?;
+        shard_vv(&self.conn, &mut Sites::default(), shard, self.site)
+    }
+
+    /// Per table of a shard, what this store holds.
+    pub fn table_versions(&self, shard: &str) -> Result<BTreeMap<String, VersionVector>> {
+        triggers::close_open_version(&self.conn)?;
+        let mut sites = Sites::default();
+        let mut out = BTreeMap::new();
+        for t in self.shard_tables(shard)? {
+            out.insert(
+                t.name.clone(),
+                table_vv(&self.conn, &mut sites, &t, self.site)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Streams every change of `shard` that a peer knowing `theirs` lacks.
+    pub fn changes_since(&self, shard: &str, theirs: &VersionVector) -> Result<ChangeStream<'_>> {
+        let per_table = self
+            .shard_tables(shard)?
+            .into_iter()
+            .map(|t| (t.name, theirs.clone()))
+            .collect();
+        self.changes_since_tables(shard, &per_table, StreamLimits::default())
+    }
+
+    /// Streams the changes of the named tables of `shard` that a peer
+    /// holding `theirs` (per table) lacks.
+    pub fn changes_since_tables(
+        &self,
+        shard: &str,
+        theirs: &BTreeMap<String, VersionVector>,
+        limits: StreamLimits,
+    ) -> Result<ChangeStream<'_>> {
+        triggers::close_open_version(&self.conn)?;
+        let mut sites = Sites::default();
+        let mut segments = Vec::new();
+        for (name, their_vv) in theirs {
+            let t = self.table(name)?;
+            if t.shard != shard {
+                return Err(StoreError::NoSuchTable(format!(
+                    "{name} (in shard {shard})"
+                )));
+            }
+            let own = table_vv(&self.conn, &mut sites, &t, self.site)?;
+            for (site, from, to) in own.ahead_of(their_vv) {
+                let site_ix = if site == self.site {
+                    0
+                } else {
+                    sites.find(&self.conn, &site)?.unwrap_or(-1)
+                };
+                segments.push(Segment {
+                    table: t.clone(),
+                    site,
+                    site_ix,
+                    from,
+                    to,
+                    theirs: their_vv.clone(),
+                });
+            }
+        }
+        Ok(ChangeStream {
+            conn: &self.conn,
+            shard: shard.to_string(),
+            segments,
+            seg: 0,
+            cursor: Cursor::Siblings,
+            limits: StreamLimits {
+                max_changes: limits.max_changes.max(1),
+                max_bytes: limits.max_bytes.max(1),
+            },
+            sites,
+            done: false,
+        })
+    }
+}
+
+fn approx_size(c: &Change) -> usize {
+    let v = match &c.value {
+        Value::Text(t) => t.len(),
+        Value::Blob(b) => b.len(),
+        _ => 8,
+    };
+    64 + v + c.table.len() + c.replaces.len() * 24
+}
+
+impl ChangeStream<'_> {
+    /// Appends the changes of one row the requester lacks.
+    fn emit_row(
+        &mut self,
+        seg_i: usize,
+        key: &Value,
+        at_dbv: i64,
+        out: &mut Vec<Change>,
+    ) -> Result<usize> {
+        let seg = &self.segments[seg_i];
+        let t = &seg.table;
+        let pk = pk_values(key, t.pk.len())
+            .ok_or_else(|| StoreError::Corrupt(format!("bad key in clock of {}", t.name)))?;
+        let state: RowState = rowstate::load(self.conn, &mut self.sites, t, key, &pk)?;
+        let Some(ex) = &state.existence else {
+            return Ok(0);
+        };
+        // Send each row once per segment: at the lowest version of this
+        // site the requester lacks.
+        if at_dbv >= 0 {
+            let lowest = std::iter::once(ex)
+                .chain(state.cells.values().flatten())
+                .filter(|v| v.dot.site == seg.site && v.dot.db_version > seg.from)
+                .map(|v| v.dot.db_version)
+                .min();
+            if lowest.is_some_and(|l| l != at_dbv as u64) {
+                return Ok(0);
+            }
+        }
+        let mut bytes = 0;
+        let mut push = |c: Change, out: &mut Vec<Change>| {
+            bytes += approx_size(&c);
+            out.push(c);
+        };
+        push(
+            Change {
+                table: t.name.clone(),
+                pk: pk.clone(),
+                column: None,
+                value: Value::Null,
+                hlc: ex.hlc,
+                site: ex.dot.site,
+                db_version: ex.dot.db_version,
+                cl: ex.cl,
+                replaces: ex.replaces.clone(),
+            },
+            out,
+        );
+        for (col, versions) in &state.cells {
+            for v in versions.iter().filter(|v| !seg.theirs.covers(&v.dot)) {
+                push(
+                    Change {
+                        table: t.name.clone(),
+                        pk: pk.clone(),
+                        column: Some(col.clone()),
+                        value: v.value.clone(),
+                        hlc: v.hlc,
+                        site: v.dot.site,
+                        db_version: v.dot.db_version,
+                        cl: v.cl,
+                        replaces: v.replaces.clone(),
+                    },
+                    out,
+                );
+            }
+        }
+        Ok(bytes)
+    }
+
+    fn next_batch(&mut self) -> Result<Option<ChangeBatch>> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut batch = ChangeBatch {
+            shard: self.shard.clone(),
+            ..Default::default()
+        };
+        let mut bytes = 0usize;
+        let full = |b: &ChangeBatch, bytes: usize, l: &StreamLimits| {
+            b.changes.len() >= l.max_changes || bytes >= l.max_bytes
+        };
+        while self.seg < self.segments.len() {
+            let (tid, ix, from, to) = {
+                let s = &self.segments[self.seg];
+                (s.table.id, s.site_ix, s.from as i64, s.to as i64)
+            };
+            if matches!(self.cursor, Cursor::Siblings) {
+                let keys: Vec<Value> = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT DISTINCT pk FROM quiver_siblings WHERE tbl = ?1 AND site = ?2 AND dbv > ?3 AND dbv <= ?4",
+                    )?
+                    .query_map(params![tid, ix, from, to], |r| Ok(crate::sqlvalue::from_ref(r.get_ref(0)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for key in keys {
+                    bytes += self.emit_row(self.seg, &key, -1, &mut batch.changes)?;
+                }
+                self.cursor = Cursor::Clock { after: None };
+            }
+            let after = match &self.cursor {
+                Cursor::Clock { after } => after.clone(),
+                Cursor::Siblings => None,
+            };
+            let page = self.limits.max_changes.clamp(64, 4096) as i64;
+            let (a_dbv, a_key) = after.unwrap_or((from, Value::Null));
+            let rows: Vec<(i64, Value)> = self
+                .conn
+                .prepare_cached(
+                    "SELECT dbv, pk FROM quiver_clock
+                     WHERE tbl = ?1 AND site = ?2 AND dbv <= ?4 AND (dbv, pk) > (?3, ?5)
+                     ORDER BY dbv, pk LIMIT ?6",
+                )?
+                .query_map(params![tid, ix, a_dbv, to, P(&a_key), page], |r| {
+                    Ok((r.get(0)?, crate::sqlvalue::from_ref(r.get_ref(1)?)))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let exhausted = (rows.len() as i64) < page;
+            let mut last: Option<(i64, Value)> = None;
+            for (dbv, key) in rows {
+                if last.as_ref().is_some_and(|(d, k)| *d == dbv && *k == key) {
+                    continue;
+                }
+                bytes += self.emit_row(self.seg, &key, dbv, &mut batch.changes)?;
+                last = Some((dbv, key));
+                if full(&batch, bytes, &self.limits) {
+                    break;
+                }
+            }
+            if let Some(l) = &last {
+                self.cursor = Cursor::Clock {
+                    after: Some(l.clone()),
+                };
+            }
+            let seg = &self.segments[self.seg];
+            if full(&batch, bytes, &self.limits) && !(exhausted && last.is_none()) {
+                // Mid-segment: everything below the last version sent is held.
+                if let Some((dbv, _)) = last {
+                    if dbv - 1 > from {
+                        batch.covered.push(Covered {
+                            table: seg.table.name.clone(),
+                            site: seg.site,
+                            version: (dbv - 1) as u64,
+                        });
+                    }
+                }
+                return Ok(Some(batch));
+            }
+            if exhausted || last.is_none() {
+                batch.covered.push(Covered {
+                    table: seg.table.name.clone(),
+                    site: seg.site,
+                    version: seg.to,
+                });
+                self.seg += 1;
+                self.cursor = Cursor::Siblings;
+            }
+        }
+        self.done = true;
+        if batch.changes.is_empty() && batch.covered.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(batch))
+    }
+}
+
+impl Iterator for ChangeStream<'_> {
+    type Item = Result<ChangeBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.next_batch() {
+            Ok(Some(b)) => Some(Ok(b)),
+            Ok(None) => None,
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! Vector collections: replicated tables of a fixed shape
+//! (`id TEXT PRIMARY KEY, vector BLOB, metadata TEXT, content TEXT`).
+
+use std::fmt;
+use std::io::Write;
+use std::str::FromStr;
+
+use quiver_core::{Strategy, Value};
+use rusqlite::{params, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{self, TableInfo, TableKind};
+use crate::names::{self, quote};
+use crate::sqlvalue::{from_ref, to_json};
+use crate::{Result, Store, StoreError};
+
+/// Distance metric of a collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    #[default]
+    Cosine,
+    L2,
+    Dot,
+}
+
+impl Metric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Cosine => "cosine",
+            Metric::L2 => "l2",
+            Metric::Dot => "dot",
+        }
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Metric {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cosine" => Ok(Metric::Cosine),
+            "l2" => Ok(Metric::L2),
+            "dot" => Ok(Metric::Dot),
+            _ => Err(StoreError::InvalidValue(format!(
+                "unknown metric {s:?}: expected cosine, l2 or dot"
+            ))),
+        }
+    }
+}
+
+/// What defines a new collection.
+#[derive(Debug, Clone)]
+pub struct CollectionSpec {
+    pub name: String,
+    pub dim: usize,
+    pub metric: Metric,
+    pub strategy: Strategy,
+    pub shard: String,
+}
+
+impl CollectionSpec {
+    pub fn new(name: &str, dim: usize) -> Self {
+        CollectionSpec {
+            name: name.to_string(),
+            dim,
+            metric: Metric::Cosine,
+            strategy: Strategy::Lww,
+            shard: crate::DEFAULT_SHARD.to_string(),
+        }
+    }
+}
+
+/// One entry of a collection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    pub id: String,
+    pub vector: Vec<f32>,
+    #[serde(default = "empty_object")]
+    pub metadata: serde_json::Value,
+    #[serde(default)]
+    pub content: Option<String>,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+impl Record {
+    pub fn new(id: &str, vector: Vec<f32>) -> Self {
+        Record {
+            id: id.to_string(),
+            vector,
+            metadata: empty_object(),
+            content: None,
+        }
+    }
+
+    /// Parses one JSONL line (`{"id","vector","metadata","content"}`).
+    pub fn from_json(line: &str) -> Result<Record> {
+        serde_json::from_str(line).map_err(|e| StoreError::InvalidValue(e.to_string()))
+    }
+}
+
+/// The largest dimension a collection may have.
+pub const MAX_DIM: usize = 65_536;
+
+pub(crate) fn vector_blob(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+pub(crate) fn blob_vector(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+pub(crate) fn check_finite(v: &[f32]) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(index) => Err(StoreError::NotFinite {
+            index,
+            value: v[index],
+        }),
+        None => Ok(()),
+    }
+}
+
+pub(crate) fn check_finite_blob(b: &[u8]) -> Result<()> {
+    check_finite(&blob_vector(b))
+}
+
+pub(crate) fn check_metadata(text: &str) -> Result<()> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        Ok(other) => Err(StoreError::Metadata(format!("got {other}"))),
+        Err(e) => Err(StoreError::Metadata(e.to_string())),
+    }
+}
+
+fn check_record(t: &TableInfo, r: &Record) -> Result<()> {
+    let dim = t.dim.unwrap_or(0);
+    if r.id.is_empty() {
+        return Err(StoreError::InvalidValue("id must not be empty".into()));
+    }
+    if r.vector.len() != dim {
+        return Err(StoreError::Dimension {
+            collection: t.name.clone(),
+            expected: dim,
+            got: r.vector.len(),
+        });
+    }
+    check_finite(&r.vector)?;
+    if !r.metadata.is_object() {
+        return Err(StoreError::Metadata(format!("got {}", r.metadata)));
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Creates a collection: its table, its registration and its triggers.
+    pub fn create_collection(&mut self, spec: &CollectionSpec) -> Result<TableInfo> {
+        names::check(&spec.name)?;
+        names::check_shard(&spec.shard)?;
+        if spec.dim == 0 || spec.dim > MAX_DIM {
+            return Err(StoreError::InvalidValue(format!(
+                "dimension must be between 1 and {MAX_DIM}, got {}",
+                spec.dim
+            )));
+        }
+        let exists: bool = self.conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = ?1",
+            [&spec.name],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if exists {
+            return Err(StoreError::AlreadyExists(spec.name.clone()));
+        }
+        let ddl = format!(
+            "CREATE TABLE {q}(
+               id TEXT PRIMARY KEY NOT NULL,
+               vector BLOB NOT NULL CHECK (length(vector) = {bytes}),
+               metadata TEXT NOT NULL DEFAULT '{{}}' CHECK (json_type(metadata) = 'object'),
+               content TEXT
+             )",
+            q = quote(&spec.name),
+            bytes = spec.dim * 4
+        );
+        self.local_write(|tx| {
+            tx.execute_batch(&ddl)?;
+            catalog::register(
+                tx,
+                &spec.name,
+                &spec.shard,
+                spec.strategy,
+                TableKind::Collection,
+                Some(spec.dim),
+                Some(spec.metric.as_str()),
+            )
+        })
+    }
+
+    /// Every collection.
+    pub fn collections(&self) -> Result<Vec<TableInfo>> {
+        Ok(self
+            .tables()?
+            .into_iter()
+            .filter(|t| t.kind == TableKind::Collection)
+            .collect())
+    }
+
+    /// One collection.
+    pub fn collection(&self, name: &str) -> Result<TableInfo> {
+        match catalog::load(&self.conn, name)? {
+            Some(t) if t.kind == TableKind::Collection => Ok(t),
+            _ => Err(StoreError::NoSuchCollection(name.to_string())),
+        }
+    }
+
+    /// Drops a collection and its replication state on this replica only.
+    pub fn drop_collection(&mut self, name: &str) -> Result<()> {
+        let t = self.collection(name)?;
+        self.local_write(|tx| {
+            for sql in [
+                "DELETE FROM quiver_clock WHERE tbl = ?1",
+                "DELETE FROM quiver_siblings WHERE tbl = ?1",
+                "DELETE FROM quiver_vv WHERE tbl = ?1",
+                "DELETE FROM quiver_conflicts WHERE tbl = ?1",
+                "DELETE FROM quiver_tables WHERE id = ?1",
+            ] {
+                tx.execute(sql, [t.id])?;
+            }
+            tx.execute_batch(&format!("DROP TABLE {}", quote(&t.name)))?;
+            Ok(())
+        })
+    }
+
+    /// Inserts or replaces one record.
+    pub fn put(&mut self, collection: &str, record: &Record) -> Result<()> {
+        self.put_many(collection, std::slice::from_ref(record))
+            .map(|_| ())
+    }
+
+    /// Inserts or replaces many records in one transaction: all or nothing.
+    pub fn put_many(&mut self, collection: &str, records: &[Record]) -> Result<usize> {
+        let t = self.collection(collection)?;
+        for r in records {
+            check_record(&t, r).map_err(|e| match e {
+                StoreError::InvalidValue(m) => {
+                    StoreError::InvalidValue(format!("record {:?}: {m}", r.id))
+                }
+                other => other,
+            })?;
+        }
+        let sql = format!(
+            "INSERT INTO {}(id, vector, metadata, content) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET vector = excluded.vector,
+               metadata = excluded.metadata, content = excluded.content",
+            quote(&t.name)
+        );
+        self.local_write(|tx| {
+            let mut stmt = tx.prepare_cached(&sql)?;
+            for r in records {
+                stmt.execute(params![
+                    r.id,
+                    vector_blob(&r.vector),
+                    r.metadata.to_string(),
+                    r.content
+                ])?;
+            }
+            Ok(records.len())
+        })
+    }
+
+    /// One record, if present.
+    pub fn get(&self, collection: &str, id: &str) -> Result<Option<Record>> {
+        let t = self.collection(collection)?;
+        let sql = format!(
+            "SELECT id, vector, metadata, content FROM {} WHERE id = ?1",
+            quote(&t.name)
+        );
+        let row = self
+            .conn
+            .prepare_cached(&sql)?
+            .query_row([id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get(3)?,
+                ))
+            })
+            .optional()?;
+        row.map(|(id, v, m, content)| {
+            Ok(Record {
+                id,
+                vector: blob_vector(&v),
+                metadata: serde_json::from_str(&m)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                content,
+            })
+        })
+        .transpose()
+    }
+
+    /// Deletes a record; returns whether it existed.
+    pub fn delete(&mut self, collection: &str, id: &str) -> Result<bool> {
+        let t = self.collection(collection)?;
+        let sql = format!("DELETE FROM {} WHERE id = ?1", quote(&t.name));
+        self.local_write(|tx| Ok(tx.execute(&sql, [id])? > 0))
+    }
+
+    /// Number of rows of a replicated table or collection.
+    pub fn count(&self, table: &str) -> Result<u64> {
+        let t = self.table(table)?;
+        let n: i64 = self.conn.query_row(
+            &format!("SELECT count(*) FROM {}", quote(&t.name)),
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    /// Visits every record of a collection in id order, one at a time.
+    pub fn scan(&self, collection: &str, mut f: impl FnMut(Record) -> Result<()>) -> Result<()> {
+        let t = self.collection(collection)?;
+        let sql = format!(
+            "SELECT id, vector, metadata, content FROM {} ORDER BY id",
+            quote(&t.name)
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let m: String = r.get(2)?;
+            f(Record {
+                id: r.get(0)?,
+                vector: blob_vector(&r.get::<_, Vec<u8>>(1)?),
+                metadata: serde_json::from_str(&m)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                content: r.get(3)?,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Writes the visible rows of a collection or table as JSON lines sorted
+    /// by key: the canonical form in which replicas are compared.
+    pub fn export(&self, table: &str, out: &mut dyn Write) -> Result<u64> {
+        let t = self.table(table)?;
+        let io = |e: std::io::Error| StoreError::InvalidValue(format!("writing export: {e}"));
+        let mut n = 0;
+        if t.kind == TableKind::Collection {
+            self.scan(table, |r| {
+                serde_json::to_writer(&mut *out, &r)
+                    .map_err(|e| StoreError::InvalidValue(e.to_string()))?;
+                out.write_all(b"\n").map_err(io)?;
+                n += 1;
+                Ok(())
+            })?;
+            return Ok(n);
+        }
+        let cols: Vec<&str> =
+            t.pk.iter()
+                .chain(t.columns.iter())
+                .map(|c| c.name.as_str())
+                .collect();
+        let order =
+            t.pk.iter()
+                .map(|c| quote(&c.name))
+                .collect::<Vec<_>>()
+                .join(", ");
+        let sql = format!(
+            "SELECT {} FROM {} ORDER BY {order}",
+            cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", "),
+            quote(&t.name)
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let mut obj = serde_json::Map::new();
+            for (i, c) in cols.iter().enumerate() {
+                let v: Value = from_ref(r.get_ref(i)?);
+                obj.insert(c.to_string(), to_json(&v));
+            }
+            serde_json::to_writer(&mut *out, &obj)
+                .map_err(|e| StoreError::InvalidValue(e.to_string()))?;
+            out.write_all(b"\n").map_err(io)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,297 @@
+//! Conflicts: recorded as they are detected, listed, and resolved by an
+//! ordinary local write that replaces every version it saw.
+
+use quiver_core::merge::Version;
+use quiver_core::{Hlc, Value};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{self, TableInfo};
+use crate::names::quote;
+use crate::rowstate::{self, Sites};
+use crate::sqlvalue::{display_pk, hex, pk_values, to_json, P};
+use crate::{wall_ms, Result, Store, StoreError};
+
+/// One version taking part in a conflict.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflictVersion {
+    /// `site:db_version`, the handle `quiver conflicts resolve --keep` takes.
+    pub version: String,
+    pub hlc: String,
+    pub value: serde_json::Value,
+    /// Whether the cell kept this version after the merge.
+    pub kept: bool,
+}
+
+/// A conflict as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conflict {
+    pub id: i64,
+    pub table: String,
+    pub shard: String,
+    pub pk: String,
+    pub column: String,
+    pub strategy: String,
+    pub detected_at: u64,
+    pub versions: Vec<ConflictVersion>,
+    pub resolved_at: Option<u64>,
+    pub resolution: Option<String>,
+}
+
+/// How to resolve a conflict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// Keep one of the recorded versions (by its `site:db_version` handle,
+    /// or an unambiguous prefix of it).
+    Keep(String),
+    /// Write a new value.
+    Value(Value),
+}
+
+fn label(v: &Version) -> String {
+    format!("{}:{}", v.dot.site, v.dot.db_version)
+}
+
+/// How a value is shown in a conflict listing: vectors as float arrays.
+fn show(t: &TableInfo, col: &str, v: &Value) -> serde_json::Value {
+    match (t.column(col).map(|c| t.column_kind(c)), v) {
+        (Some(quiver_core::ColumnKind::Vector), Value::Blob(b)) if b.len() % 4 == 0 => b
+            .chunks_exact(4)
+            .map(|c| serde_json::json!(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+        (_, Value::Blob(b)) => serde_json::Value::String(hex(b)),
+        _ => to_json(v),
+    }
+}
+
+fn versions_json(t: &TableInfo, col: &str, contenders: &[Version], kept: &[Version]) -> String {
+    let list: Vec<ConflictVersion> = contenders
+        .iter()
+        .map(|v| ConflictVersion {
+            version: label(v),
+            hlc: v.hlc.to_string(),
+            value: show(t, col, &v.value),
+            kept: kept.iter().any(|k| k.dot == v.dot),
+        })
+        .collect();
+    serde_json::to_string(&list).unwrap_or_else(|_| "[]".into())
+}
+
+/// Records a detected conflict. Under `manual` an open conflict on the same
+/// cell is updated rather than duplicated. Returns its id.
+pub(crate) fn record(
+    conn: &Connection,
+    t: &TableInfo,
+    key: &Value,
+    col: &str,
+    contenders: &[Version],
+    kept: &[Version],
+    now: Hlc,
+) -> Result<i64> {
+    let versions = versions_json(t, col, contenders, kept);
+    if t.strategy.keeps_open() {
+        let open: Option<i64> = conn
+            .prepare_cached(
+                "SELECT id FROM quiver_conflicts WHERE tbl = ?1 AND pk = ?2 AND col = ?3 AND resolved_at IS NULL",
+            )?
+            .query_row(params![t.id, P(key), col], |r| r.get(0))
+            .optional()?;
+        if let Some(id) = open {
+            conn.execute(
+                "UPDATE quiver_conflicts SET versions = ?2 WHERE id = ?1",
+                params![id, versions],
+            )?;
+            return Ok(id);
+        }
+        conn.execute(
+            "INSERT INTO quiver_conflicts(tbl, pk, col, strategy, detected_at, versions) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![t.id, P(key), col, t.strategy.as_str(), now.ms() as i64, versions],
+        )?;
+    } else {
+        conn.execute(
+            "INSERT INTO quiver_conflicts(tbl, pk, col, strategy, detected_at, versions, resolved_at, resolution)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?5, ?7)",
+            params![
+                t.id,
+                P(key),
+                col,
+                t.strategy.as_str(),
+                now.ms() as i64,
+                versions,
+                format!("automatic ({})", t.strategy)
+            ],
+        )?;
+    }
+    Ok(conn.last_insert_rowid())
+}
+
+/// Marks the open conflict of a cell resolved.
+pub(crate) fn close_open(
+    conn: &Connection,
+    t: &TableInfo,
+    key: &Value,
+    col: &str,
+    why: &str,
+) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE quiver_conflicts SET resolved_at = ?4, resolution = ?5
+         WHERE tbl = ?1 AND pk = ?2 AND col = ?3 AND resolved_at IS NULL",
+    )?
+    .execute(params![t.id, P(key), col, wall_ms() as i64, why])?;
+    Ok(())
+}
+
+type Raw = (
+    i64,
+    i64,
+    Value,
+    String,
+    String,
+    i64,
+    String,
+    Option<i64>,
+    Option<String>,
+);
+
+fn query(conn: &Connection, filter: &str) -> Result<Vec<Raw>> {
+    let sql = format!(
+        "SELECT id, tbl, pk, col, strategy, detected_at, versions, resolved_at, resolution
+         FROM quiver_conflicts {filter} ORDER BY id"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                crate::sqlvalue::from_ref(r.get_ref(2)?),
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+impl Store {
+    fn conflicts_where(&self, filter: &str, shard: Option<&str>) -> Result<Vec<Conflict>> {
+        let tables = self.tables()?;
+        let mut out = Vec::new();
+        for (id, tbl, key, col, strategy, detected, versions, resolved, resolution) in
+            query(&self.conn, filter)?
+        {
+            let Some(t) = tables.iter().find(|t| t.id == tbl) else {
+                continue;
+            };
+            if shard.is_some_and(|s| s != t.shard) {
+                continue;
+            }
+            let pk = pk_values(&key, t.pk.len()).unwrap_or_else(|| vec![key.clone()]);
+            out.push(Conflict {
+                id,
+                table: t.name.clone(),
+                shard: t.shard.clone(),
+                pk: display_pk(&pk),
+                column: col,
+                strategy,
+                detected_at: detected as u64,
+                versions: serde_json::from_str(&versions).unwrap_or_default(),
+                resolved_at: resolved.map(|r| r as u64),
+                resolution,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Conflicts still open for review, optionally of one shard.
+    pub fn get_unresolved_conflicts(&self, shard: Option<&str>) -> Result<Vec<Conflict>> {
+        self.conflicts_where("WHERE resolved_at IS NULL", shard)
+    }
+
+    /// Every recorded conflict, resolved or not.
+    pub fn conflicts(&self, shard: Option<&str>) -> Result<Vec<Conflict>> {
+        self.conflicts_where("", shard)
+    }
+
+    /// Resolves an open conflict with a local write that replaces every
+    /// version it saw, so the choice wins on every replica after sync.
+    pub fn resolve(&mut self, id: i64, choice: Resolution) -> Result<()> {
+        let raw = query(&self.conn, &format!("WHERE id = {id}"))?;
+        let Some((_, tbl, key, col, ..)) = raw.into_iter().next() else {
+            return Err(StoreError::NoSuchConflict(id));
+        };
+        let open: bool = self.conn.query_row(
+            "SELECT resolved_at IS NULL FROM quiver_conflicts WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        if !open {
+            return Err(StoreError::ConflictResolved { id });
+        }
+        let t = catalog::load_all(&self.conn)?
+            .into_iter()
+            .find(|t| t.id == tbl)
+            .ok_or_else(|| StoreError::Corrupt(format!("conflict {id} names an unknown table")))?;
+        let pk = pk_values(&key, t.pk.len())
+            .ok_or_else(|| StoreError::Corrupt(format!("conflict {id} has a bad key")))?;
+        let mut sites = Sites::default();
+        let state = rowstate::load(&self.conn, &mut sites, &t, &key, &pk)?;
+        let versions = state.cells.get(&col).cloned().unwrap_or_default();
+        let (value, how) = match choice {
+            Resolution::Keep(handle) => {
+                let matches: Vec<&Version> = versions
+                    .iter()
+                    .filter(|v| label(v).starts_with(&handle))
+                    .collect();
+                match matches.as_slice() {
+                    [one] => (one.value.clone(), format!("kept {}", label(one))),
+                    _ => {
+                        return Err(StoreError::NoSuchVersion {
+                            id,
+                            version: handle,
+                            choices: versions.iter().map(label).collect::<Vec<_>>().join(", "),
+                        })
+                    }
+                }
+            }
+            Resolution::Value(v) => {
+                let c = t.column(&col).ok_or_else(|| {
+                    StoreError::Corrupt(format!("conflict {id} names an unknown column"))
+                })?;
+                t.check_value(c, &v).map_err(StoreError::InvalidValue)?;
+                (v, "new value".to_string())
+            }
+        };
+        let where_pk =
+            t.pk.iter()
+                .enumerate()
+                .map(|(i, c)| format!("{} IS ?{}", quote(&c.name), i + 2))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+        let update = format!(
+            "UPDATE {} SET {} = ?1 WHERE {where_pk}",
+            quote(&t.name),
+            quote(&col)
+        );
+        let tid = t.id;
+        self.local_write(|tx| {
+            // Write the value without capture, then record the resolution as
+            // a new version of the cell that replaces everything the row knew.
+            tx.execute("UPDATE quiver_state SET applying = 1", [])?;
+            let params: Vec<P<'_>> = std::iter::once(P(&value)).chain(pk.iter().map(P)).collect();
+            tx.execute(&update, rusqlite::params_from_iter(params))?;
+            tx.execute("UPDATE quiver_state SET applying = 0", [])?;
+            crate::triggers::touch_cell(tx, tid, &key, &col)?;
+            tx.execute(
+                "UPDATE quiver_conflicts SET resolved_at = ?2, resolution = ?3 WHERE id = ?1",
+                params![id, wall_ms() as i64, how],
+            )?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,170 @@
+//! The store's own tables, its format version and forward migrations.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::{Result, StoreError};
+
+/// The newest store format this build reads and writes.
+pub const FORMAT_VERSION: i64 = 1;
+
+/// Each entry migrates from format `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE quiver_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+-- Local transaction counter (the open db_version), clock floor, and the
+-- flag that keeps capture off while remote changes are applied.
+CREATE TABLE quiver_state(
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  dbv INTEGER NOT NULL,
+  hlc_floor INTEGER NOT NULL,
+  applying INTEGER NOT NULL
+);
+INSERT INTO quiver_state(id, dbv, hlc_floor, applying) VALUES (1, 1, 0, 0);
+-- Site ids by a small local index; 0 is this store.
+CREATE TABLE quiver_sites(ix INTEGER PRIMARY KEY, site_id BLOB NOT NULL UNIQUE);
+CREATE TABLE quiver_tables(
+  id INTEGER PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  shard TEXT NOT NULL,
+  strategy TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  pk TEXT NOT NULL,
+  columns TEXT NOT NULL,
+  dim INTEGER,
+  metric TEXT,
+  schema_version INTEGER NOT NULL DEFAULT 1,
+  created_at INTEGER NOT NULL
+);
+-- Newest version of each cell. col '' is the row record: existence (causal
+-- length cl) and every column without a row of its own. ctx: what the
+-- version replaced; know: every version of the row seen (row record only).
+CREATE TABLE quiver_clock(
+  tbl INTEGER NOT NULL,
+  pk NOT NULL,
+  col TEXT NOT NULL,
+  site INTEGER NOT NULL,
+  dbv INTEGER NOT NULL,
+  hlc INTEGER NOT NULL,
+  cl INTEGER NOT NULL,
+  ctx TEXT,
+  know TEXT,
+  PRIMARY KEY (tbl, pk, col)
+) WITHOUT ROWID;
+CREATE INDEX quiver_clock_version ON quiver_clock(tbl, site, dbv);
+-- Concurrent versions kept side by side (merge, manual), with their values.
+CREATE TABLE quiver_siblings(
+  tbl INTEGER NOT NULL,
+  pk NOT NULL,
+  col TEXT NOT NULL,
+  site INTEGER NOT NULL,
+  dbv INTEGER NOT NULL,
+  hlc INTEGER NOT NULL,
+  cl INTEGER NOT NULL,
+  ctx TEXT,
+  value,
+  PRIMARY KEY (tbl, pk, col, site, dbv)
+) WITHOUT ROWID;
+CREATE INDEX quiver_siblings_version ON quiver_siblings(tbl, site, dbv);
+-- Per table and origin site: the version up to which this store holds it.
+CREATE TABLE quiver_vv(
+  tbl INTEGER NOT NULL,
+  site INTEGER NOT NULL,
+  dbv INTEGER NOT NULL,
+  PRIMARY KEY (tbl, site)
+) WITHOUT ROWID;
+CREATE TABLE quiver_conflicts(
+  id INTEGER PRIMARY KEY,
+  tbl INTEGER NOT NULL,
+  pk NOT NULL,
+  col TEXT NOT NULL,
+  strategy TEXT NOT NULL,
+  detected_at INTEGER NOT NULL,
+  versions TEXT NOT NULL,
+  resolved_at INTEGER,
+  resolution TEXT
+);
+CREATE INDEX quiver_conflicts_open ON quiver_conflicts(tbl, pk, col) WHERE resolved_at IS NULL;
+CREATE TABLE quiver_peers(
+  node_id TEXT PRIMARY KEY,
+  addr TEXT NOT NULL,
+  shards TEXT NOT NULL,
+  token TEXT,
+  pin TEXT,
+  last_contact INTEGER,
+  status TEXT NOT NULL DEFAULT 'offline',
+  last_error TEXT
+);
+CREATE TABLE quiver_peer_cursors(
+  peer TEXT NOT NULL,
+  shard TEXT NOT NULL,
+  received TEXT,
+  sent TEXT,
+  updated_at INTEGER NOT NULL,
+  PRIMARY KEY (peer, shard)
+);
+CREATE TABLE quiver_sync_state(
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  last_sync INTEGER,
+  total_sent INTEGER NOT NULL DEFAULT 0,
+  total_received INTEGER NOT NULL DEFAULT 0,
+  sync_count INTEGER NOT NULL DEFAULT 0,
+  last_error TEXT
+);
+INSERT INTO quiver_sync_state(id) VALUES (1);
+"#];
+
+/// Pragmas set on every connection we open.
+pub(crate) fn configure(conn: &Connection) -> Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "cache_size", -65536)?;
+    Ok(())
+}
+
+/// The format of an opened file, or `None` if it holds no quiverdb store.
+pub(crate) fn format_of(conn: &Connection) -> Result<Option<i64>> {
+    let has_meta: bool = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'quiver_meta'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_meta {
+        return Ok(None);
+    }
+    let v: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM quiver_meta WHERE key = 'format'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(Some(v.unwrap_or(0)))
+}
+
+/// Brings a store of format `from` up to [`FORMAT_VERSION`], in one transaction.
+pub(crate) fn migrate(conn: &mut Connection, path: &Path, from: i64) -> Result<()> {
+    if from > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat {
+            path: path.to_path_buf(),
+            found: from,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if from == FORMAT_VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO quiver_meta(key, value) VALUES ('format', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [i as i64 + 1],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! A summary of the store for `quiver status`.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::catalog::TableKind;
+use crate::{Result, Store, SyncState};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TableStatus {
+    pub name: String,
+    pub kind: TableKind,
+    pub rows: u64,
+    pub strategy: String,
+    pub dim: Option<usize>,
+    pub metric: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardStatus {
+    pub name: String,
+    /// Site id (hex) to db_version.
+    pub version_vector: BTreeMap<String, u64>,
+    pub tables: Vec<TableStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreStatus {
+    pub path: String,
+    pub site_id: String,
+    pub node_name: Option<String>,
+    pub format: i64,
+    pub db_version: u64,
+    pub open_conflicts: usize,
+    pub shards: Vec<ShardStatus>,
+    pub sync: SyncState,
+}
+
+impl Store {
+    pub fn status(&self) -> Result<StoreStatus> {
+        let mut shards = Vec::new();
+        for shard in self.shards()? {
+            let vv = self.version_vector(&shard)?;
+            let mut tables = Vec::new();
+            for t in self.shard_tables(&shard)? {
+                tables.push(TableStatus {
+                    rows: self.count(&t.name)?,
+                    name: t.name,
+                    kind: t.kind,
+                    strategy: t.strategy.to_string(),
+                    dim: t.dim,
+                    metric: t.metric,
+                });
+            }
+            shards.push(ShardStatus {
+                name: shard,
+                version_vector: vv.iter().map(|(s, v)| (s.to_hex(), *v)).collect(),
+                tables,
+            });
+        }
+        let open: i64 = self.conn.query_row(
+            "SELECT count(*) FROM quiver_conflicts WHERE resolved_at IS NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        let dbv: i64 = self
+            .conn
+            .query_row("SELECT dbv FROM quiver_state", [], |r| r.get(0))?;
+        Ok(StoreStatus {
+            path: self.path.display().to_string(),
+            site_id: self.site.to_hex(),
+            node_name: self.node_name()?,
+            format: crate::FORMAT_VERSION,
+            db_version: (dbv - 1).max(0) as u64,
+            open_conflicts: open as usize,
+            shards,
+            sync: self.sync_state()?,
+        })
+    }
+}

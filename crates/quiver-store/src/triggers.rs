@@ -1,0 +1,191 @@
+//! Change capture in SQL triggers.
+//!
+//! Triggers use only built-in SQL, so a write from any SQLite client (the
+//! `sqlite3` shell included) is captured in its own transaction. A plain
+//! insert costs one clock row (the row record covers every column); an
+//! update adds one clock row per column whose value changed. Changes are
+//! stamped with the open `db_version` from `quiver_state`, which
+//! [`close_open_version`] seals before anything reads them for sync.
+
+use rusqlite::Connection;
+
+use crate::catalog::{ColumnInfo, TableInfo};
+use crate::names::quote;
+use crate::Result;
+
+const DBV: &str = "(SELECT dbv FROM quiver_state)";
+const HLC: &str = "(SELECT max(hlc_floor, CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) << 16) FROM quiver_state)";
+const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+const CAPTURING: &str = "(SELECT applying FROM quiver_state) = 0";
+/// The row's knowledge: `know`, or just the row record's own version.
+const KNOW: &str = "coalesce(know, json_object(CAST(site AS TEXT), dbv))";
+
+/// The clock key of a row: the key itself, or a JSON array of a composite key.
+pub(crate) fn pk_expr(prefix: &str, pk: &[ColumnInfo]) -> String {
+    let col = |c: &ColumnInfo| {
+        if prefix.is_empty() {
+            quote(&c.name)
+        } else {
+            format!("{prefix}.{}", quote(&c.name))
+        }
+    };
+    match pk {
+        [one] => col(one),
+        many => format!(
+            "json_array({})",
+            many.iter().map(col).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+fn insert_body(tid: i64, pk: &str) -> String {
+    format!(
+        "INSERT INTO quiver_clock(tbl, pk, col, site, dbv, hlc, cl, ctx, know)
+           VALUES ({tid}, {pk}, '', 0, {DBV}, {HLC}, 1, NULL, NULL)
+           ON CONFLICT(tbl, pk, col) DO UPDATE SET
+             cl = cl + 1 - (cl % 2), ctx = {KNOW},
+             know = json_set({KNOW}, '$.\"0\"', excluded.dbv),
+             site = 0, dbv = excluded.dbv, hlc = excluded.hlc;
+         DELETE FROM quiver_clock WHERE tbl = {tid} AND pk = {pk} AND col <> '';
+         DELETE FROM quiver_siblings WHERE tbl = {tid} AND pk = {pk};
+         UPDATE quiver_conflicts SET resolved_at = {NOW_MS}, resolution = 'replaced by a local write'
+           WHERE tbl = {tid} AND pk = {pk} AND resolved_at IS NULL;"
+    )
+}
+
+fn delete_body(tid: i64, pk: &str) -> String {
+    format!(
+        "UPDATE quiver_clock SET cl = cl + (cl % 2), ctx = {KNOW},
+             know = json_set({KNOW}, '$.\"0\"', {DBV}), site = 0, dbv = {DBV}, hlc = {HLC}
+           WHERE tbl = {tid} AND pk = {pk} AND col = '';
+         DELETE FROM quiver_clock WHERE tbl = {tid} AND pk = {pk} AND col <> '';
+         DELETE FROM quiver_siblings WHERE tbl = {tid} AND pk = {pk};
+         UPDATE quiver_conflicts SET resolved_at = {NOW_MS}, resolution = 'row deleted locally'
+           WHERE tbl = {tid} AND pk = {pk} AND resolved_at IS NULL;"
+    )
+}
+
+fn update_body(tid: i64, pk: &str, cols: &[ColumnInfo]) -> String {
+    let mut sql = String::new();
+    let changed = |c: &ColumnInfo| format!("NEW.{q} IS NOT OLD.{q}", q = quote(&c.name));
+    for c in cols {
+        sql.push_str(&format!(
+            "INSERT INTO quiver_clock(tbl, pk, col, site, dbv, hlc, cl, ctx)
+               SELECT {tid}, {pk}, '{name}', 0, {DBV}, {HLC}, r.cl,
+                      coalesce(r.know, json_object(CAST(r.site AS TEXT), r.dbv))
+               FROM quiver_clock r
+               WHERE r.tbl = {tid} AND r.pk = {pk} AND r.col = '' AND {cond}
+               ON CONFLICT(tbl, pk, col) DO UPDATE SET site = 0, dbv = excluded.dbv,
+                 hlc = excluded.hlc, cl = excluded.cl, ctx = excluded.ctx;\n",
+            name = c.name,
+            cond = changed(c),
+        ));
+    }
+    let per_col = cols
+        .iter()
+        .map(|c| format!("(col = '{}' AND {})", c.name, changed(c)))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let any = cols.iter().map(changed).collect::<Vec<_>>().join(" OR ");
+    sql.push_str(&format!(
+        "DELETE FROM quiver_siblings WHERE tbl = {tid} AND pk = {pk} AND ({per_col});
+         UPDATE quiver_conflicts SET resolved_at = {NOW_MS}, resolution = 'replaced by a local write'
+           WHERE tbl = {tid} AND pk = {pk} AND resolved_at IS NULL AND ({per_col});
+         UPDATE quiver_clock SET know = json_set({KNOW}, '$.\"0\"', {DBV})
+           WHERE tbl = {tid} AND pk = {pk} AND col = '' AND ({any});"
+    ));
+    sql
+}
+
+/// Creates the capture triggers of a replicated table.
+pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
+    let tid = t.id;
+    let q = quote(&t.name);
+    let new_pk = pk_expr("NEW", &t.pk);
+    let old_pk = pk_expr("OLD", &t.pk);
+    let same_key =
+        t.pk.iter()
+            .map(|c| format!("NEW.{q} IS OLD.{q}", q = quote(&c.name)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+    let mut sql = format!(
+        "CREATE TRIGGER {ins} AFTER INSERT ON {q} WHEN {CAPTURING} BEGIN {ib} END;
+         CREATE TRIGGER {del} AFTER DELETE ON {q} WHEN {CAPTURING} BEGIN {db} END;
+         CREATE TRIGGER {rekey} AFTER UPDATE ON {q} WHEN {CAPTURING} AND NOT ({same_key}) BEGIN {db} {ib} END;",
+        ins = quote(&format!("quiver_ins_{}", t.name)),
+        del = quote(&format!("quiver_del_{}", t.name)),
+        rekey = quote(&format!("quiver_rekey_{}", t.name)),
+        ib = insert_body(tid, &new_pk),
+        db = delete_body(tid, &old_pk),
+    );
+    if !t.columns.is_empty() {
+        sql.push_str(&format!(
+            "CREATE TRIGGER {upd} AFTER UPDATE ON {q} WHEN {CAPTURING} AND ({same_key}) BEGIN {ub} END;",
+            upd = quote(&format!("quiver_upd_{}", t.name)),
+            ub = update_body(tid, &new_pk, &t.columns),
+        ));
+    }
+    conn.execute_batch(&sql)?;
+    Ok(())
+}
+
+/// Gives rows that existed before registration a version of their own.
+pub(crate) fn backfill(conn: &Connection, t: &TableInfo) -> Result<()> {
+    conn.execute(
+        &format!(
+            "INSERT OR IGNORE INTO quiver_clock(tbl, pk, col, site, dbv, hlc, cl)
+             SELECT {}, {}, '', 0, {DBV}, {HLC}, 1 FROM {}",
+            t.id,
+            pk_expr("", &t.pk),
+            quote(&t.name)
+        ),
+        [],
+    )?;
+    Ok(())
+}
+
+/// Seals the open db_version if any change carries it, so later writes get
+/// the next one. Returns whether it sealed one.
+pub(crate) fn close_open_version(conn: &Connection) -> Result<bool> {
+    let n = conn.execute(
+        "UPDATE quiver_state SET dbv = dbv + 1
+         WHERE EXISTS (SELECT 1 FROM quiver_tables t WHERE EXISTS (
+           SELECT 1 FROM quiver_clock c WHERE c.tbl = t.id AND c.site = 0
+             AND c.dbv = (SELECT dbv FROM quiver_state)))",
+        [],
+    )?;
+    Ok(n > 0)
+}
+
+/// Records a local write of one cell whose value was set with capture off:
+/// a new version replacing everything the row knew, as the update trigger does.
+pub(crate) fn touch_cell(
+    conn: &Connection,
+    tid: i64,
+    key: &quiver_core::Value,
+    col: &str,
+) -> Result<()> {
+    use crate::sqlvalue::P;
+    conn.execute(
+        &format!(
+            "INSERT INTO quiver_clock(tbl, pk, col, site, dbv, hlc, cl, ctx)
+               SELECT ?1, ?2, ?3, 0, {DBV}, {HLC}, r.cl, coalesce(r.know, json_object(CAST(r.site AS TEXT), r.dbv))
+               FROM quiver_clock r WHERE r.tbl = ?1 AND r.pk = ?2 AND r.col = ''
+               ON CONFLICT(tbl, pk, col) DO UPDATE SET site = 0, dbv = excluded.dbv,
+                 hlc = excluded.hlc, cl = excluded.cl, ctx = excluded.ctx"
+        ),
+        rusqlite::params![tid, P(key), col],
+    )?;
+    conn.execute(
+        "DELETE FROM quiver_siblings WHERE tbl = ?1 AND pk = ?2 AND col = ?3",
+        rusqlite::params![tid, P(key), col],
+    )?;
+    conn.execute(
+        &format!(
+            "UPDATE quiver_clock SET know = json_set({KNOW}, '$.\"0\"', {DBV})
+             WHERE tbl = ?1 AND pk = ?2 AND col = ''"
+        ),
+        rusqlite::params![tid, P(key)],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! Store operations and every bad input they must refuse.
+
+use quiver_core::{Strategy, Value};
+use quiver_store::{CollectionSpec, Metric, Record, Store, StoreError};
+use rusqlite::Connection;
+use serde_json::json;
+
+type R = Result<(), Box<dyn std::error::Error>>;
+
+fn new_store(dir: &tempfile::TempDir, name: &str) -> Store {
+    Store::init(dir.path().join(name)).unwrap()
+}
+
+fn docs(s: &mut Store, dim: usize) {
+    let mut spec = CollectionSpec::new("docs", dim);
+    spec.metric = Metric::L2;
+    s.create_collection(&spec).unwrap();
+}
+
+#[test]
+fn init_open_and_refusals() -> R {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("a.db");
+    let site = Store::init(&p)?.site_id();
+    assert_eq!(
+        Store::open(&p)?.site_id(),
+        site,
+        "site id is kept in the file"
+    );
+    assert!(matches!(
+        Store::init(&p),
+        Err(StoreError::AlreadyInitialised { .. })
+    ));
+    assert!(matches!(
+        Store::open(dir.path().join("none.db")),
+        Err(StoreError::Missing { .. })
+    ));
+
+    // A plain SQLite file is refused and left untouched (not switched to WAL).
+    let plain = dir.path().join("plain.db");
+    Connection::open(&plain)?.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")?;
+    let before = std::fs::read(&plain)?;
+    assert!(matches!(
+        Store::open(&plain),
+        Err(StoreError::NotAStore { .. })
+    ));
+    assert_eq!(std::fs::read(&plain)?, before);
+
+    // Garbage is refused too.
+    let junk = dir.path().join("junk.db");
+    std::fs::write(
+        &junk,
+        b"this is not sqlite at all, not even close............",
+    )?;
+    assert!(matches!(
+        Store::open(&junk),
+        Err(StoreError::NotAStore { .. })
+    ));
+
+    // A newer format is refused.
+    Connection::open(&p)?.execute("UPDATE quiver_meta SET value = 99 WHERE key = 'format'", [])?;
+    let err = Store::open(&p).err().unwrap();
+    assert!(
+        matches!(err, StoreError::NewerFormat { found: 99, .. }),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn collection_crud_and_validation() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut s = new_store(&dir, "a.db");
+    docs(&mut s, 3);
+    assert!(matches!(
+        s.create_collection(&CollectionSpec::new("docs", 3)),
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        s.create_collection(&CollectionSpec::new("bad name", 3)),
+        Err(StoreError::InvalidName { .. })
+    ));
+    assert!(s
+        .create_collection(&CollectionSpec::new("zero", 0))
+        .is_err());
+    assert_eq!(s.collections()?.len(), 1);
+    assert_eq!(s.collection("docs")?.metric.as_deref(), Some("l2"));
+
+    let mut r = Record::new("a", vec![1.0, 2.0, 3.0]);
+    r.metadata = json!({"k": 1});
+    r.content = Some("hello".into());
+    s.put("docs", &r)?;
+    assert_eq!(s.get("docs", "a")?, Some(r.clone()));
+
+    // Bad inputs: clear errors, nothing written (the batch is all or nothing).
+    let good = Record::new("b", vec![0.0; 3]);
+    let wrong_dim = Record::new("c", vec![0.0; 2]);
+    let err = s.put_many("docs", &[good.clone(), wrong_dim]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Dimension {
+                expected: 3,
+                got: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(s.get("docs", "b")?, None);
+    let nan = Record::new("d", vec![0.0, f32::NAN, 1.0]);
+    assert!(matches!(
+        s.put("docs", &nan),
+        Err(StoreError::NotFinite { index: 1, .. })
+    ));
+    let mut meta = Record::new("e", vec![0.0; 3]);
+    meta.metadata = json!([1, 2]);
+    assert!(matches!(s.put("docs", &meta), Err(StoreError::Metadata(_))));
+    assert!(matches!(
+        s.put("nope", &good),
+        Err(StoreError::NoSuchCollection(_))
+    ));
+    assert_eq!(s.count("docs")?, 1);
+
+    // Upsert, delete, scan.
+    s.put_many("docs", &[good.clone(), Record::new("a", vec![9.0; 3])])?;
+    assert_eq!(s.get("docs", "a")?.unwrap().vector, vec![9.0; 3]);
+    assert!(s.delete("docs", "a")?);
+    assert!(!s.delete("docs", "a")?);
+    let mut ids = Vec::new();
+    s.scan("docs", |r| {
+        ids.push(r.id);
+        Ok(())
+    })?;
+    assert_eq!(ids, vec!["b"]);
+
+    // Re-insert after delete works.
+    s.put("docs", &Record::new("a", vec![1.0; 3]))?;
+    assert_eq!(s.count("docs")?, 2);
+
+    s.drop_collection("docs")?;
+    assert!(s.collections()?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn json_lines_parse_strictly() {
+    let r = Record::from_json(r#"{"id":"x","vector":[1,2],"metadata":{"a":1}}"#).unwrap();
+    assert_eq!(r.vector, vec![1.0, 2.0]);
+    assert!(Record::from_json(r#"{"id":"x"}"#).is_err());
+    assert!(Record::from_json(r#"{"id":"x","vector":[1],"extra":1}"#).is_err());
+    assert!(Record::from_json("not json").is_err());
+}
+
+#[test]
+fn table_registration_checks() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut s = new_store(&dir, "a.db");
+    s.execute_sql(
+        "CREATE TABLE nokey(a TEXT, b TEXT);
+         CREATE TABLE alias(id INTEGER PRIMARY KEY, x TEXT);
+         CREATE TABLE good(id TEXT PRIMARY KEY, n INTEGER, note TEXT);
+         CREATE TABLE pair(a TEXT, b INTEGER, v REAL, PRIMARY KEY(a, b));
+         INSERT INTO good VALUES ('pre', 1, 'existing row');",
+    )?;
+    let err = s.add_table("nokey", "default", Strategy::Lww).unwrap_err();
+    assert!(err.to_string().contains("no explicit PRIMARY KEY"), "{err}");
+    let err = s.add_table("alias", "default", Strategy::Lww).unwrap_err();
+    assert!(err.to_string().contains("alias of the rowid"), "{err}");
+    assert!(s.add_table("missing", "default", Strategy::Lww).is_err());
+    assert!(s
+        .add_table("quiver_clock", "default", Strategy::Lww)
+        .is_err());
+    let t = s.add_table("good", "app", Strategy::Fww)?;
+    assert_eq!((t.shard.as_str(), t.strategy), ("app", Strategy::Fww));
+    assert!(matches!(
+        s.add_table("good", "app", Strategy::Lww),
+        Err(StoreError::AlreadyExists(_))
+    ));
+    s.add_table("pair", "app", Strategy::Lww)?;
+    // Existing rows get a version and are synced like new ones.
+    let changes: Vec<_> = s
+        .changes_since("app", &Default::default())?
+        .collect::<Result<_, _>>()?;
+    let all: Vec<_> = changes.iter().flat_map(|b| b.changes.iter()).collect();
+    assert!(all.iter().any(|c| c.pk == vec![Value::Text("pre".into())]));
+    Ok(())
+}
+
+#[test]
+fn writes_through_a_plain_connection_are_tracked() -> R {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("a.db");
+    let mut s = Store::init(&p)?;
+    s.execute_sql("CREATE TABLE notes(id TEXT PRIMARY KEY, body TEXT, n INTEGER)")?;
+    s.add_table("notes", "default", Strategy::Lww)?;
+    let before = s.version_vector("default")?.get(&s.site_id());
+
+    // Another process's driver: no quiverdb code, no custom functions.
+    let other = Connection::open(&p)?;
+    other.execute_batch(
+        "INSERT INTO notes VALUES ('n1', 'hello', 1);
+         INSERT INTO notes VALUES ('n2', 'bye', 2);
+         UPDATE notes SET body = 'hello again' WHERE id = 'n1';
+         DELETE FROM notes WHERE id = 'n2';",
+    )?;
+    drop(other);
+
+    let vv = s.version_vector("default")?;
+    assert!(
+        vv.get(&s.site_id()) > before,
+        "external writes got a db_version"
+    );
+    let changes: Vec<_> = s
+        .changes_since("default", &Default::default())?
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flat_map(|b| b.changes)
+        .collect();
+    let n1: Vec<_> = changes
+        .iter()
+        .filter(|c| c.pk == vec![Value::Text("n1".into())])
+        .collect();
+    assert!(n1.iter().any(
+        |c| c.column.as_deref() == Some("body") && c.value == Value::Text("hello again".into())
+    ));
+    let n2: Vec<_> = changes
+        .iter()
+        .filter(|c| c.pk == vec![Value::Text("n2".into())])
+        .collect();
+    assert_eq!(n2.len(), 1, "a deleted row travels as its tombstone only");
+    assert!(!n2[0].alive());
+    Ok(())
+}
+
+#[test]
+fn db_version_is_per_transaction_and_persists() -> R {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("a.db");
+    let mut s = Store::init(&p)?;
+    docs(&mut s, 2);
+    let v0 = s.version_vector("default")?.get(&s.site_id());
+    s.put_many(
+        "docs",
+        &[
+            Record::new("a", vec![1.0, 1.0]),
+            Record::new("b", vec![2.0, 2.0]),
+        ],
+    )?;
+    let v1 = s.version_vector("default")?.get(&s.site_id());
+    assert_eq!(v1, v0 + 1, "one transaction, one db_version");
+    s.put("docs", &Record::new("c", vec![1.0, 1.0]))?;
+    drop(s);
+    let s = Store::open(&p)?;
+    assert_eq!(s.version_vector("default")?.get(&s.site_id()), v1 + 1);
+    Ok(())
+}
+
+#[test]
+fn agent_memory_preset() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut s = new_store(&dir, "a.db");
+    let tables = s.init_memory()?;
+    assert_eq!(
+        tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["episodes", "skills", "edges"]
+    );
+    assert!(tables.iter().all(|t| t.shard == "memory"));
+    assert!(s.init_memory().is_err());
+    s.execute_sql("INSERT INTO episodes(id, task, created) VALUES ('e1', 'plan a trip', 1)")?;
+    assert_eq!(s.count("episodes")?, 1);
+    Ok(())
+}
+
+#[test]
+fn sync_state_and_cursors_persist() -> R {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("a.db");
+    let mut s = Store::init(&p)?;
+    s.record_sync(10, 20, None)?;
+    s.record_sync(1, 2, Some("connection reset"))?;
+    s.set_peer_sent_cursor("peer-b", "default", "{}")?;
+    drop(s);
+    let s = Store::open(&p)?;
+    let st = s.sync_state()?;
+    assert_eq!(
+        (st.total_sent, st.total_received, st.sync_count),
+        (11, 22, 2)
+    );
+    assert_eq!(st.last_error.as_deref(), Some("connection reset"));
+    assert_eq!(s.peer_cursors()?.len(), 1);
+    Ok(())
+}

@@ -1,1 +1,23 @@
-fn main() {}
+//! The `quiver` command-line tool. Thin: it parses, calls the libraries, prints.
+
+mod args;
+mod bench;
+mod bench_search;
+mod commands;
+mod output;
+mod search_cmd;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    match commands::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -192,9 +192,12 @@ pub fn merge_cell(
             .collect(),
     );
     let versions = match strategy {
+        // Collapsing to the winner is safe for lww only: a write that later
+        // replaces the winner carries a greater stamp, so it would beat the
+        // dropped versions too. Under fww a dropped version could be the
+        // least again once the winner is replaced, so every one is kept.
         Strategy::Lww => vec![contenders[contenders.len() - 1].clone()],
-        Strategy::Fww => vec![contenders[0].clone()],
-        Strategy::Merge | Strategy::Manual => contenders.clone(),
+        Strategy::Fww | Strategy::Merge | Strategy::Manual => contenders.clone(),
         Strategy::LocalWins => sorted(remaining),
         Strategy::RemoteWins => vec![incoming],
     };
@@ -214,9 +217,12 @@ pub fn visible_value(versions: &[Version], strategy: Strategy, kind: ColumnKind)
         many => {
             let many = sorted(many.to_vec());
             let winner = || {
-                max_version(&many)
-                    .map(|v| v.value.clone())
-                    .unwrap_or(Value::Null)
+                let pick = if strategy == Strategy::Fww {
+                    many.first()
+                } else {
+                    max_version(&many)
+                };
+                pick.map(|v| v.value.clone()).unwrap_or(Value::Null)
             };
             if strategy != Strategy::Merge {
                 return winner();

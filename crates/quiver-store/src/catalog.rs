@@ -129,9 +129,8 @@ impl TableInfo {
     }
 }
 
-fn from_row(
-    r: &Row<'_>,
-) -> rusqlite::Result<(
+/// A `quiver_tables` row as read.
+type RawTable = (
     i64,
     String,
     String,
@@ -142,7 +141,9 @@ fn from_row(
     Option<i64>,
     Option<String>,
     i64,
-)> {
+);
+
+fn from_row(r: &Row<'_>) -> rusqlite::Result<RawTable> {
     Ok((
         r.get(0)?,
         r.get(1)?,
@@ -160,18 +161,7 @@ fn from_row(
 const SELECT: &str = "SELECT id, name, shard, strategy, kind, pk, columns, dim, metric, schema_version FROM quiver_tables";
 
 fn decode(
-    (id, name, shard, strategy, kind, pk, columns, dim, metric, schema_version): (
-        i64,
-        String,
-        String,
-        String,
-        String,
-        String,
-        String,
-        Option<i64>,
-        Option<String>,
-        i64,
-    ),
+    (id, name, shard, strategy, kind, pk, columns, dim, metric, schema_version): RawTable,
 ) -> Result<TableInfo> {
     let corrupt =
         |what: &str| StoreError::Corrupt(format!("quiver_tables row {name:?}: bad {what}"));

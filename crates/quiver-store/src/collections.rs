@@ -112,9 +112,9 @@ impl Record {
 pub const MAX_DIM: usize = 65_536;
 
 pub(crate) fn vector_blob(v: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * 4);
-    for x in v {
-        out.extend_from_slice(&x.to_le_bytes());
+    let mut out = vec![0u8; v.len() * 4];
+    for (c, x) in out.chunks_exact_mut(4).zip(v) {
+        c.copy_from_slice(&x.to_le_bytes());
     }
     out
 }
@@ -126,6 +126,9 @@ pub(crate) fn blob_vector(b: &[u8]) -> Vec<f32> {
 }
 
 pub(crate) fn check_finite(v: &[f32]) -> Result<()> {
+    if v.iter().fold(true, |ok, x| ok & x.is_finite()) {
+        return Ok(());
+    }
     match v.iter().position(|x| !x.is_finite()) {
         Some(index) => Err(StoreError::NotFinite {
             index,
@@ -147,7 +150,8 @@ pub(crate) fn check_metadata(text: &str) -> Result<()> {
     }
 }
 
-fn check_record(t: &TableInfo, r: &Record) -> Result<()> {
+/// Checks a record against a collection: dimension, finite numbers, object metadata.
+pub fn check_record(t: &TableInfo, r: &Record) -> Result<()> {
     let dim = t.dim.unwrap_or(0);
     if r.id.is_empty() {
         return Err(StoreError::InvalidValue("id must not be empty".into()));

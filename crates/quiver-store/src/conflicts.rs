@@ -141,6 +141,18 @@ pub(crate) fn close_open(
     Ok(())
 }
 
+/// Whether a cell still holds several versions (an open conflict is real).
+fn still_open(
+    conn: &Connection,
+    t: &TableInfo,
+    key: &Value,
+    pk: &[Value],
+    col: &str,
+) -> Result<bool> {
+    let state = rowstate::load(conn, &mut Sites::default(), t, key, pk)?;
+    Ok(state.cells.get(col).is_some_and(|v| v.len() > 1))
+}
+
 type Raw = (
     i64,
     i64,
@@ -191,6 +203,10 @@ impl Store {
                 continue;
             }
             let pk = pk_values(&key, t.pk.len()).unwrap_or_else(|| vec![key.clone()]);
+            if resolved.is_none() && !still_open(&self.conn, t, &key, &pk, &col)? {
+                // Replaced wholesale since (INSERT OR REPLACE starts a new life).
+                continue;
+            }
             out.push(Conflict {
                 id,
                 table: t.name.clone(),
@@ -241,6 +257,10 @@ impl Store {
         let mut sites = Sites::default();
         let state = rowstate::load(&self.conn, &mut sites, &t, &key, &pk)?;
         let versions = state.cells.get(&col).cloned().unwrap_or_default();
+        if versions.len() < 2 {
+            close_open(&self.conn, &t, &key, &col, "replaced by a local write")?;
+            return Err(StoreError::ConflictResolved { id });
+        }
         let (value, how) = match choice {
             Resolution::Keep(handle) => {
                 let matches: Vec<&Version> = versions

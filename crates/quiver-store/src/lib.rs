@@ -16,7 +16,8 @@ mod memory;
 mod names;
 mod rowstate;
 mod schema;
-mod sqlvalue;
+mod search;
+pub(crate) mod sqlvalue;
 mod status;
 mod sync_state;
 mod triggers;
@@ -30,15 +31,20 @@ use rusqlite::{Connection, OpenFlags};
 pub use apply::ApplyReport;
 pub use catalog::{ColumnInfo, TableInfo, TableKind};
 pub use changes::{ChangeStream, StreamLimits};
-pub use collections::{CollectionSpec, Metric, Record};
+pub use collections::{check_record, CollectionSpec, Metric, Record};
 pub use conflicts::{Conflict, ConflictVersion, Resolution};
 pub use error::{Result, StoreError};
 pub use events::StoreEvent;
 pub use memory::MEMORY_SHARD;
 pub use names::DEFAULT_SHARD;
 pub use schema::FORMAT_VERSION;
+pub use search::{Filter, Hit, SearchStats};
+pub use sqlvalue::to_json as value_to_json;
 pub use status::{ShardStatus, StoreStatus, TableStatus};
 pub use sync_state::{PeerCursor, SyncState};
+
+/// Column names and rows of a query.
+pub type SqlRows = (Vec<String>, Vec<Vec<quiver_core::Value>>);
 
 /// Milliseconds since the Unix epoch from the system clock.
 pub fn wall_ms() -> u64 {
@@ -55,6 +61,7 @@ pub struct Store {
     site: SiteId,
     clock: HlcClock,
     events: events::EventHub,
+    search: search::SearchCache,
 }
 
 impl Store {
@@ -132,12 +139,14 @@ impl Store {
         let floor: i64 = conn.query_row("SELECT hlc_floor FROM quiver_state", [], |r| r.get(0))?;
         // Register the pure-SQL helpers nothing depends on; triggers use only
         // built-in SQL so that any SQLite client can write.
+        let search = search::SearchCache::attach(&conn);
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
             site,
             clock: HlcClock::new(Hlc::from_i64(floor), DEFAULT_MAX_DRIFT_MS),
             events: events::EventHub::default(),
+            search,
         };
         store.close_open_version()?;
         Ok(store)
@@ -225,5 +234,29 @@ impl Store {
     /// replicated tables are tracked by the triggers.
     pub fn execute_sql(&mut self, sql: &str) -> Result<()> {
         self.local_write(|tx| Ok(tx.execute_batch(sql)?))
+    }
+
+    /// Runs SQL: a single read-only statement returns its column names and
+    /// rows; anything else runs as a local write and returns `None`.
+    pub fn run_sql(&mut self, sql: &str) -> Result<Option<SqlRows>> {
+        let query = {
+            let stmt = self.conn.prepare(sql)?;
+            stmt.readonly() && stmt.column_count() > 0
+        };
+        if !query {
+            self.execute_sql(sql)?;
+            return Ok(None);
+        }
+        let mut stmt = self.conn.prepare(sql)?;
+        let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
+        let n = names.len();
+        let rows = stmt
+            .query_map([], |r| {
+                (0..n)
+                    .map(|i| r.get_ref(i).map(sqlvalue::from_ref))
+                    .collect()
+            })?
+            .collect::<rusqlite::Result<Vec<Vec<_>>>>()?;
+        Ok(Some((names, rows)))
     }
 }

@@ -39,10 +39,17 @@ pub fn check(name: &str) -> Result<()> {
 /// A shard name: same rules, plus '-' and '.' allowed after the first character.
 pub fn check_shard(name: &str) -> Result<()> {
     let plain: String = name.replace(['-', '.'], "_");
-    check(&plain).map_err(|_| StoreError::InvalidName {
-        name: name.to_string(),
-        reason: "a shard name uses letters, digits, '_', '-' and '.', starting with a letter",
-    })
+    let starts_well = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !starts_well || check(&plain).is_err() {
+        return Err(StoreError::InvalidName {
+            name: name.to_string(),
+            reason: "a shard name uses letters, digits, '_', '-' and '.', starting with a letter",
+        });
+    }
+    Ok(())
 }
 
 /// Quotes an identifier for SQL text. Only used on names that passed

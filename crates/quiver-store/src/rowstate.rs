@@ -157,6 +157,7 @@ pub(crate) fn read_user_row(
     Ok(row)
 }
 
+type SiblingRow = (String, i64, i64, i64, i64, Option<String>, Value);
 type ClockRow = (String, i64, i64, i64, i64, Option<String>, Option<String>);
 
 /// Loads the state of row `pk` (clock key `key`).
@@ -203,9 +204,11 @@ pub(crate) fn load(
     let existence = state
         .existence
         .clone()
-        .unwrap_or_else(|| unreachable_existence());
+        .unwrap_or_else(unreachable_existence);
+    // Versions of an older life of the row (left by INSERT OR REPLACE) are dead.
+    explicit.retain(|_, v| v.cl == existence.cl);
     let mut siblings: BTreeMap<String, Vec<Version>> = BTreeMap::new();
-    let rows: Vec<(String, i64, i64, i64, i64, Option<String>, Value)> = conn
+    let rows: Vec<SiblingRow> = conn
         .prepare_cached(
             "SELECT col, site, dbv, hlc, cl, ctx, value FROM quiver_siblings WHERE tbl = ?1 AND pk = ?2",
         )?
@@ -214,6 +217,9 @@ pub(crate) fn load(
         })?
         .collect::<rusqlite::Result<_>>()?;
     for (col, site, dbv, hlc, cl, ctx, value) in rows {
+        if cl as u64 != existence.cl {
+            continue;
+        }
         siblings.entry(col).or_default().push(Version {
             dot: Dot::new(sites.id(conn, site)?, dbv as u64),
             hlc: Hlc::from_i64(hlc),

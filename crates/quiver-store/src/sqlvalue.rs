@@ -56,7 +56,7 @@ pub(crate) fn pk_values(key: &Value, arity: usize) -> Option<Vec<Value>> {
     arr.into_iter().map(|j| from_json_scalar(&j)).collect()
 }
 
-pub(crate) fn to_json(v: &Value) -> serde_json::Value {
+pub fn to_json(v: &Value) -> serde_json::Value {
     match v {
         Value::Null => serde_json::Value::Null,
         Value::Integer(i) => (*i).into(),

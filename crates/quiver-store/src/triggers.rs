@@ -38,18 +38,22 @@ pub(crate) fn pk_expr(prefix: &str, pk: &[ColumnInfo]) -> String {
     }
 }
 
+/// An insert starts a new life of the row: a fresh row gets causal length 1,
+/// a re-insert after delete the next odd length, and `INSERT OR REPLACE`
+/// over a live row (SQLite's delete-then-insert) skips to the next odd
+/// length too. Cell versions of older lives are then ignored by their causal
+/// length, so the hot insert path needs no cleanup statements.
 fn insert_body(tid: i64, pk: &str) -> String {
+    // One read of quiver_state gives the capture flag, the db_version and
+    // the clock floor.
     format!(
         "INSERT INTO quiver_clock(tbl, pk, col, site, dbv, hlc, cl, ctx, know)
-           VALUES ({tid}, {pk}, '', 0, {DBV}, {HLC}, 1, NULL, NULL)
+           SELECT {tid}, {pk}, '', 0, s.dbv, max(s.hlc_floor, {NOW_MS} << 16), 1, NULL, NULL
+           FROM quiver_state s WHERE s.applying = 0
            ON CONFLICT(tbl, pk, col) DO UPDATE SET
-             cl = cl + 1 - (cl % 2), ctx = {KNOW},
+             cl = cl + 1 + (cl % 2), ctx = {KNOW},
              know = json_set({KNOW}, '$.\"0\"', excluded.dbv),
-             site = 0, dbv = excluded.dbv, hlc = excluded.hlc;
-         DELETE FROM quiver_clock WHERE tbl = {tid} AND pk = {pk} AND col <> '';
-         DELETE FROM quiver_siblings WHERE tbl = {tid} AND pk = {pk};
-         UPDATE quiver_conflicts SET resolved_at = {NOW_MS}, resolution = 'replaced by a local write'
-           WHERE tbl = {tid} AND pk = {pk} AND resolved_at IS NULL;"
+             site = 0, dbv = excluded.dbv, hlc = excluded.hlc;"
     )
 }
 
@@ -109,7 +113,7 @@ pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" AND ");
     let mut sql = format!(
-        "CREATE TRIGGER {ins} AFTER INSERT ON {q} WHEN {CAPTURING} BEGIN {ib} END;
+        "CREATE TRIGGER {ins} AFTER INSERT ON {q} BEGIN {ib} END;
          CREATE TRIGGER {del} AFTER DELETE ON {q} WHEN {CAPTURING} BEGIN {db} END;
          CREATE TRIGGER {rekey} AFTER UPDATE ON {q} WHEN {CAPTURING} AND NOT ({same_key}) BEGIN {db} {ib} END;",
         ins = quote(&format!("quiver_ins_{}", t.name)),

@@ -64,7 +64,7 @@ fn lww_and_fww_pick_by_hlc_then_site() {
     let a = ver(1, 1, 10, int(1), &[]);
     let b = ver(2, 1, 20, int(2), &[]);
     let lww = merge_cell(
-        &[a.clone()],
+        std::slice::from_ref(&a),
         b.clone(),
         &VersionVector::new(),
         Strategy::Lww,
@@ -72,7 +72,7 @@ fn lww_and_fww_pick_by_hlc_then_site() {
     );
     assert_eq!((lww.verdict, lww.visible), (Verdict::Concurrent, int(2)));
     let fww = merge_cell(
-        &[a.clone()],
+        std::slice::from_ref(&a),
         b.clone(),
         &VersionVector::new(),
         Strategy::Fww,
@@ -92,11 +92,37 @@ fn lww_and_fww_pick_by_hlc_then_site() {
 }
 
 #[test]
+fn fww_keeps_losers_so_a_later_replacement_does_not_resurrect_the_wrong_winner() {
+    // a (older) and b are concurrent: fww shows a. Then c replaces b only:
+    // a is still concurrent with c and, being older, still wins.
+    let b = ver(2, 1, 10, int(2), &[]);
+    let a = ver(1, 1, 20, int(1), &[]);
+    let held = merge_cell(
+        std::slice::from_ref(&b),
+        a,
+        &VersionVector::new(),
+        Strategy::Fww,
+        ColumnKind::Other,
+    );
+    assert_eq!(held.visible, int(2));
+    let c = ver(2, 2, 30, int(3), &[(2, 1)]);
+    let out = merge_cell(
+        &held.versions,
+        c,
+        &VersionVector::new(),
+        Strategy::Fww,
+        ColumnKind::Other,
+    );
+    assert_eq!(out.verdict, Verdict::Concurrent);
+    assert_eq!(out.visible, int(1));
+}
+
+#[test]
 fn local_and_remote_wins() {
     let a = ver(1, 1, 10, int(1), &[]);
     let b = ver(2, 1, 5, int(2), &[]);
     let local = merge_cell(
-        &[a.clone()],
+        std::slice::from_ref(&a),
         b.clone(),
         &VersionVector::new(),
         Strategy::LocalWins,

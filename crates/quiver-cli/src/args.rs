@@ -1,0 +1,200 @@
+//! Raw command-line arguments (clap derive). Validation happens in the
+//! command handlers, which turn them into library calls.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "quiver",
+    version,
+    about = "Multi-master sync for SQLite vectors and agent memory"
+)]
+pub struct Cli {
+    /// The store file.
+    #[arg(long, global = true, default_value = "./quiver.db", env = "QUIVER_DB")]
+    pub db: PathBuf,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new store.
+    Init {
+        /// A human name for this node.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Create, list and drop vector collections.
+    #[command(subcommand)]
+    Collection(CollectionCmd),
+    /// Insert or replace a record.
+    Put {
+        collection: String,
+        id: String,
+        /// The vector as a JSON array, e.g. '[0.1, 0.2]'.
+        #[arg(long)]
+        vector: String,
+        /// Metadata as a JSON object.
+        #[arg(long)]
+        meta: Option<String>,
+        #[arg(long)]
+        content: Option<String>,
+    },
+    /// Show a record.
+    Get { collection: String, id: String },
+    /// Delete a record.
+    Delete { collection: String, id: String },
+    /// Import records from a JSON-lines file ({"id","vector","metadata","content"} a line).
+    Import {
+        collection: String,
+        file: PathBuf,
+        /// Records per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
+    /// Print the visible rows of a collection or table as JSON lines, sorted by key.
+    Export {
+        collection: String,
+        /// Write to a file instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Run SQL on the store; writes to replicated tables are tracked.
+    Sql { sql: String },
+    /// Register tables for replication.
+    #[command(subcommand)]
+    Table(TableCmd),
+    /// Agent memory (episodes, skills, edges).
+    #[command(subcommand)]
+    Memory(MemoryCmd),
+    /// List and resolve conflicts.
+    #[command(subcommand)]
+    Conflicts(ConflictsCmd),
+    /// k-nearest-neighbour search in a collection.
+    Search(SearchArgs),
+    /// Site id, shards, tables with row counts, version vectors.
+    Status,
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    pub collection: String,
+    /// The query vector as a JSON array.
+    #[arg(long)]
+    pub vector: String,
+    /// Number of neighbours.
+    #[arg(short, long, default_value_t = 10)]
+    pub k: usize,
+    /// Metadata filter as JSON, e.g. '{"lang": "en", "year": {"$gte": 2020}}'.
+    #[arg(long)]
+    pub filter: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchSearchArgs {
+    /// Collection to query (in --db); without it a synthetic one is made.
+    #[arg(long)]
+    pub collection: Option<String>,
+    /// Vectors in the synthetic collection.
+    #[arg(long, default_value_t = 100_000)]
+    pub n: usize,
+    #[arg(long, default_value_t = 384)]
+    pub dim: usize,
+    #[arg(short, long, default_value_t = 10)]
+    pub k: usize,
+    /// Number of queries to time.
+    #[arg(long, default_value_t = 100)]
+    pub queries: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CollectionCmd {
+    /// Create a collection.
+    Create {
+        name: String,
+        #[arg(long)]
+        dim: usize,
+        /// cosine, l2 or dot.
+        #[arg(long, default_value = "cosine")]
+        metric: String,
+        /// lww, fww, merge, manual, local-wins or remote-wins.
+        #[arg(long, default_value = "lww")]
+        strategy: String,
+        #[arg(long, default_value = "default")]
+        shard: String,
+    },
+    /// List collections.
+    List,
+    /// Drop a collection on this replica.
+    Drop { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TableCmd {
+    /// Register an existing table (it needs an explicit, globally unique PRIMARY KEY).
+    Add {
+        table: String,
+        #[arg(long, default_value = "default")]
+        shard: String,
+        #[arg(long, default_value = "lww")]
+        strategy: String,
+    },
+    /// List replicated tables and collections.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemoryCmd {
+    /// Create the agent-memory tables in the `memory` shard.
+    Init,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConflictsCmd {
+    /// List open conflicts.
+    List {
+        #[arg(long)]
+        shard: Option<String>,
+        /// Include resolved conflicts.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Resolve an open conflict.
+    Resolve(ResolveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    pub id: i64,
+    /// Keep a recorded version (its site:db_version handle, or a unique prefix).
+    #[arg(long, conflicts_with = "value", required_unless_present = "value")]
+    pub keep: Option<String>,
+    /// Write a new value (JSON: a number array for vectors, an object for metadata).
+    #[arg(long)]
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Insert N vectors through quiverdb and through plain SQLite; report the ratio.
+    Write {
+        #[arg(long, default_value_t = 10_000)]
+        n: usize,
+        #[arg(long, default_value_t = 384)]
+        dim: usize,
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
+    /// k-NN queries per second: quiverdb's search against a plain scalar loop.
+    Search(BenchSearchArgs),
+}

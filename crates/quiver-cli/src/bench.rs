@@ -1,0 +1,117 @@
+//! `quiver bench`: measured as ratios against a baseline in the same process.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use quiver_store::{CollectionSpec, Record, Store};
+use rusqlite::{params, Connection};
+
+/// A small deterministic generator, so both sides insert the same rows.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+/// `n` records of `dim` dimensions with random UUID-like ids and ~100-byte metadata.
+pub fn records(n: usize, dim: usize, seed: u64) -> Vec<Record> {
+    let mut g = XorShift(seed | 1);
+    (0..n)
+        .map(|i| {
+            let id = format!("{:016x}{:016x}", g.next(), g.next());
+            let mut r = Record::new(&id, (0..dim).map(|_| g.unit()).collect());
+            r.metadata = serde_json::json!({
+                "source": "bench", "index": i, "tags": ["alpha", "beta"],
+                "score": (g.unit() * 1000.0).round() / 1000.0, "text": "lorem ipsum dolor sit amet"
+            });
+            r
+        })
+        .collect()
+}
+
+fn plain_insert(path: &std::path::Path, rows: &[Record], batch: usize) -> Result<f64> {
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "cache_size", -65536)?;
+    conn.execute_batch(
+        "CREATE TABLE docs(id TEXT PRIMARY KEY NOT NULL, vector BLOB NOT NULL, metadata TEXT NOT NULL, content TEXT)",
+    )?;
+    let start = Instant::now();
+    for chunk in rows.chunks(batch) {
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO docs(id, vector, metadata, content) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET vector = excluded.vector, metadata = excluded.metadata, content = excluded.content",
+            )?;
+            for r in chunk {
+                let blob: Vec<u8> = r.vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+                stmt.execute(params![r.id, blob, r.metadata.to_string(), r.content])?;
+            }
+        }
+        tx.commit()?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn quiver_insert(path: &std::path::Path, rows: &[Record], dim: usize, batch: usize) -> Result<f64> {
+    let mut s = Store::init(path)?;
+    s.create_collection(&CollectionSpec::new("docs", dim))?;
+    let start = Instant::now();
+    for chunk in rows.chunks(batch) {
+        s.put_many("docs", chunk)?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+pub fn write(n: usize, dim: usize, batch: usize, json: bool) -> Result<()> {
+    let batch = batch.max(1);
+    let rows = records(n, dim, 0x5eed);
+    let dir = tempfile::tempdir()?;
+    // Alternate the two sides and keep each side's best of two runs.
+    let mut plain = f64::MAX;
+    let mut quiver = f64::MAX;
+    for round in 0..2 {
+        plain = plain.min(plain_insert(
+            &dir.path().join(format!("plain{round}.db")),
+            &rows,
+            batch,
+        )?);
+        quiver = quiver.min(quiver_insert(
+            &dir.path().join(format!("quiver{round}.db")),
+            &rows,
+            dim,
+            batch,
+        )?);
+    }
+    let ratio = quiver / plain;
+    if json {
+        crate::output::json(&serde_json::json!({
+            "bench": "write", "n": n, "dim": dim, "batch": batch,
+            "quiver_s": quiver, "plain_sqlite_s": plain, "ratio": ratio,
+            "quiver_rows_per_s": n as f64 / quiver, "plain_rows_per_s": n as f64 / plain,
+        }))?;
+    } else {
+        println!("insert {n} x {dim}-dim vectors, {batch} per transaction, random ids");
+        println!(
+            "  plain SQLite  {plain:>8.3} s  {:>9.0} rows/s",
+            n as f64 / plain
+        );
+        println!(
+            "  quiverdb      {quiver:>8.3} s  {:>9.0} rows/s",
+            n as f64 / quiver
+        );
+        println!("  ratio         {ratio:>8.2}x (change tracking cost)");
+    }
+    Ok(())
+}

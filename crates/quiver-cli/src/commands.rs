@@ -1,0 +1,432 @@
+//! One handler per command: validate the raw arguments, call the store, print.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
+
+use anyhow::{anyhow, bail, Context, Result};
+use quiver_core::{ColumnKind, Strategy, Value};
+use quiver_store::{check_record, CollectionSpec, Record, Resolution, Store};
+
+use crate::args::{BenchCmd, Cli, CollectionCmd, Command, ConflictsCmd, MemoryCmd, TableCmd};
+use crate::output::{self, cell};
+
+pub fn run(cli: Cli) -> Result<()> {
+    let json = cli.json;
+    let db = cli.db.clone();
+    let open = || Store::open(&db).with_context(|| format!("opening {}", db.display()));
+    match cli.command {
+        Command::Init { name } => {
+            let mut s = Store::init(&db)?;
+            if let Some(n) = name {
+                s.set_node_name(&n)?;
+            }
+            if json {
+                output::json(&serde_json::json!({"path": db, "site_id": s.site_id().to_hex()}))?;
+            } else {
+                println!("initialised {} (site {})", db.display(), s.site_id());
+            }
+        }
+        Command::Collection(c) => collection(open()?, c, json)?,
+        Command::Put {
+            collection,
+            id,
+            vector,
+            meta,
+            content,
+        } => {
+            let mut s = open()?;
+            let mut r = Record::new(&id, parse_vector(&vector)?);
+            if let Some(m) = meta {
+                r.metadata = serde_json::from_str(&m)
+                    .map_err(|e| anyhow!("--meta is not valid JSON: {e}"))?;
+            }
+            r.content = content;
+            s.put(&collection, &r)?;
+            if !json {
+                println!("put {collection}/{id}");
+            }
+        }
+        Command::Get { collection, id } => {
+            let s = open()?;
+            match s.get(&collection, &id)? {
+                Some(r) if json => output::json(&r)?,
+                Some(r) => {
+                    println!("id:       {}", r.id);
+                    println!("vector:   {}", serde_json::to_string(&r.vector)?);
+                    println!("metadata: {}", r.metadata);
+                    println!("content:  {}", r.content.as_deref().unwrap_or("-"));
+                }
+                None => bail!("no record {id:?} in collection {collection:?}"),
+            }
+        }
+        Command::Delete { collection, id } => {
+            let mut s = open()?;
+            if !s.delete(&collection, &id)? {
+                bail!("no record {id:?} in collection {collection:?}");
+            }
+            if !json {
+                println!("deleted {collection}/{id}");
+            }
+        }
+        Command::Import {
+            collection,
+            file,
+            batch,
+        } => import(open()?, &collection, &file, batch.max(1), json)?,
+        Command::Export { collection, out } => {
+            let s = open()?;
+            let n = match out {
+                Some(path) => {
+                    let mut w = BufWriter::new(
+                        File::create(&path)
+                            .with_context(|| format!("creating {}", path.display()))?,
+                    );
+                    let n = s.export(&collection, &mut w)?;
+                    w.flush()?;
+                    n
+                }
+                None => {
+                    let stdout = std::io::stdout();
+                    let mut w = BufWriter::new(stdout.lock());
+                    let n = s.export(&collection, &mut w)?;
+                    w.flush()?;
+                    n
+                }
+            };
+            if std::io::stderr().is_terminal() {
+                eprintln!("exported {n} rows");
+            }
+        }
+        Command::Sql { sql } => {
+            let mut s = open()?;
+            match s.run_sql(&sql)? {
+                Some((names, rows)) if json => {
+                    let out: Vec<serde_json::Map<String, serde_json::Value>> = rows
+                        .iter()
+                        .map(|r| {
+                            names
+                                .iter()
+                                .cloned()
+                                .zip(r.iter().map(quiver_store::value_to_json))
+                                .collect()
+                        })
+                        .collect();
+                    output::json(&out)?;
+                }
+                Some((names, rows)) => {
+                    let headers: Vec<&str> = names.iter().map(String::as_str).collect();
+                    let rows: Vec<Vec<String>> =
+                        rows.iter().map(|r| r.iter().map(cell).collect()).collect();
+                    output::table(&headers, &rows);
+                }
+                None if !json => println!("ok"),
+                None => output::json(&serde_json::json!({"ok": true}))?,
+            }
+        }
+        Command::Table(TableCmd::Add {
+            table,
+            shard,
+            strategy,
+        }) => {
+            let mut s = open()?;
+            let t = s.add_table(&table, &shard, parse_strategy(&strategy)?)?;
+            if json {
+                output::json(&t)?;
+            } else {
+                println!(
+                    "replicating table {} in shard {} ({})",
+                    t.name, t.shard, t.strategy
+                );
+            }
+        }
+        Command::Table(TableCmd::List) => list_tables(&open()?, json, false)?,
+        Command::Memory(MemoryCmd::Init) => {
+            let mut s = open()?;
+            let tables = s.init_memory()?;
+            if json {
+                output::json(&tables)?;
+            } else {
+                println!("created agent memory (episodes, skills, edges) in shard memory");
+            }
+        }
+        Command::Conflicts(c) => conflicts(open()?, c, json)?,
+        Command::Search(a) => crate::search_cmd::run(&open()?, a, json)?,
+        Command::Status => status(&open()?, json)?,
+        Command::Bench(BenchCmd::Write { n, dim, batch }) => {
+            crate::bench::write(n, dim, batch, json)?
+        }
+        Command::Bench(BenchCmd::Search(a)) => crate::bench_search::run(&db, a, json)?,
+    }
+    Ok(())
+}
+
+fn parse_strategy(s: &str) -> Result<Strategy> {
+    Ok(s.parse::<Strategy>()?)
+}
+
+fn parse_vector(s: &str) -> Result<Vec<f32>> {
+    serde_json::from_str::<Vec<f32>>(s)
+        .map_err(|e| anyhow!("--vector must be a JSON array of numbers, e.g. '[0.1, 0.2]': {e}"))
+}
+
+fn collection(mut s: Store, c: CollectionCmd, json: bool) -> Result<()> {
+    match c {
+        CollectionCmd::Create {
+            name,
+            dim,
+            metric,
+            strategy,
+            shard,
+        } => {
+            let spec = CollectionSpec {
+                name,
+                dim,
+                metric: metric.parse()?,
+                strategy: parse_strategy(&strategy)?,
+                shard,
+            };
+            let t = s.create_collection(&spec)?;
+            if json {
+                output::json(&t)?;
+            } else {
+                println!(
+                    "created collection {} (dim {}, {}, {}, shard {})",
+                    t.name, dim, spec.metric, t.strategy, t.shard
+                );
+            }
+        }
+        CollectionCmd::List => list_tables(&s, json, true)?,
+        CollectionCmd::Drop { name } => {
+            s.drop_collection(&name)?;
+            if !json {
+                println!("dropped collection {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn list_tables(s: &Store, json: bool, collections_only: bool) -> Result<()> {
+    let tables: Vec<_> = s
+        .tables()?
+        .into_iter()
+        .filter(|t| !collections_only || t.kind == quiver_store::TableKind::Collection)
+        .collect();
+    if json {
+        let out: Vec<serde_json::Value> = tables
+            .iter()
+            .map(|t| {
+                let mut v = serde_json::to_value(t).unwrap_or_default();
+                v["rows"] = s.count(&t.name).unwrap_or(0).into();
+                v
+            })
+            .collect();
+        return output::json(&out);
+    }
+    let rows: Vec<Vec<String>> = tables
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                format!("{:?}", t.kind).to_lowercase(),
+                t.shard.clone(),
+                t.strategy.to_string(),
+                t.dim.map_or("-".into(), |d| d.to_string()),
+                t.metric.clone().unwrap_or_else(|| "-".into()),
+                s.count(&t.name).map(|n| n.to_string()).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        &["name", "kind", "shard", "strategy", "dim", "metric", "rows"],
+        &rows,
+    );
+    Ok(())
+}
+
+fn import(
+    mut s: Store,
+    coll: &str,
+    path: &std::path::Path,
+    batch: usize,
+    json: bool,
+) -> Result<()> {
+    let info = s.collection(coll)?;
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = if std::io::stderr().is_terminal() && !json {
+        let b = indicatif::ProgressBar::new(size);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let mut records = Vec::with_capacity(batch);
+    let mut written = 0usize;
+    let mut read = 0u64;
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading line {}", i + 1))?;
+        read += line.len() as u64 + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r = Record::from_json(&line)
+            .and_then(|r| check_record(&info, &r).map(|_| r))
+            .map_err(|e| {
+                anyhow!(
+                    "line {}: {e}; {written} records were imported before it, none of its batch",
+                    i + 1
+                )
+            })?;
+        records.push(r);
+        if records.len() == batch {
+            written += s.put_many(coll, &records)?;
+            records.clear();
+            if let Some(b) = &bar {
+                b.set_position(read);
+                b.set_message(format!("{written} records"));
+            }
+        }
+    }
+    written += s.put_many(coll, &records)?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if json {
+        output::json(&serde_json::json!({"imported": written}))?;
+    } else {
+        println!("imported {written} records into {coll}");
+    }
+    Ok(())
+}
+
+fn conflicts(mut s: Store, c: ConflictsCmd, json: bool) -> Result<()> {
+    match c {
+        ConflictsCmd::List { shard, all } => {
+            let list = if all {
+                s.conflicts(shard.as_deref())?
+            } else {
+                s.get_unresolved_conflicts(shard.as_deref())?
+            };
+            if json {
+                return output::json(&list);
+            }
+            if list.is_empty() {
+                println!("no {}conflicts", if all { "" } else { "open " });
+            }
+            for c in list {
+                println!(
+                    "#{} {}.{} [{}] ({}){}",
+                    c.id,
+                    c.table,
+                    c.column,
+                    c.pk,
+                    c.strategy,
+                    c.resolution
+                        .map(|r| format!(" resolved: {r}"))
+                        .unwrap_or_default()
+                );
+                for v in c.versions {
+                    println!(
+                        "    {} hlc {} {}{}",
+                        v.version,
+                        v.hlc,
+                        v.value,
+                        if v.kept { " (kept)" } else { "" }
+                    );
+                }
+            }
+        }
+        ConflictsCmd::Resolve(a) => {
+            let choice = match (a.keep, a.value) {
+                (Some(k), _) => Resolution::Keep(k),
+                (None, Some(v)) => Resolution::Value(value_for(&s, a.id, &v)?),
+                (None, None) => bail!("give --keep VERSION or --value VALUE"),
+            };
+            s.resolve(a.id, choice)?;
+            if !json {
+                println!("resolved conflict {}", a.id);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Turns a `--value` argument into the value of the conflicted column.
+fn value_for(s: &Store, id: i64, text: &str) -> Result<Value> {
+    let c = s
+        .conflicts(None)?
+        .into_iter()
+        .find(|c| c.id == id)
+        .ok_or_else(|| anyhow!("conflict {id} does not exist"))?;
+    let t = s.table(&c.table)?;
+    let col = t
+        .column(&c.column)
+        .ok_or_else(|| anyhow!("column {} is gone", c.column))?;
+    let j: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| anyhow!("--value is not valid JSON: {e}"))?;
+    Ok(match (t.column_kind(col), j) {
+        (ColumnKind::Vector, j) => {
+            let v: Vec<f32> = serde_json::from_value(j)
+                .map_err(|e| anyhow!("--value must be a number array: {e}"))?;
+            Value::Blob(v.iter().flat_map(|f| f.to_le_bytes()).collect())
+        }
+        (ColumnKind::JsonObject, j @ serde_json::Value::Object(_)) => Value::Text(j.to_string()),
+        (ColumnKind::JsonObject, _) => bail!("--value must be a JSON object for {}", c.column),
+        (_, serde_json::Value::Null) => Value::Null,
+        (_, serde_json::Value::String(s)) => Value::Text(s),
+        (_, serde_json::Value::Number(n)) => match n.as_i64() {
+            Some(i) => Value::Integer(i),
+            None => Value::Real(n.as_f64().unwrap_or_default()),
+        },
+        (_, serde_json::Value::Bool(b)) => Value::Integer(b as i64),
+        (_, other) => Value::Text(other.to_string()),
+    })
+}
+
+fn status(s: &Store, json: bool) -> Result<()> {
+    let st = s.status()?;
+    if json {
+        return output::json(&st);
+    }
+    println!("store      {}", st.path);
+    println!("site       {}", st.site_id);
+    if let Some(n) = &st.node_name {
+        println!("node       {n}");
+    }
+    println!("db_version {}", st.db_version);
+    println!("conflicts  {} open", st.open_conflicts);
+    println!(
+        "syncs      {} (sent {}, received {}){}",
+        st.sync.sync_count,
+        st.sync.total_sent,
+        st.sync.total_received,
+        st.sync
+            .last_error
+            .as_ref()
+            .map(|e| format!(", last error: {e}"))
+            .unwrap_or_default()
+    );
+    for sh in &st.shards {
+        println!("\nshard {}", sh.name);
+        for (site, v) in &sh.version_vector {
+            println!("  vv  {site} = {v}");
+        }
+        for t in &sh.tables {
+            println!(
+                "  {:<20} {:<10} {:>8} rows  {}{}",
+                t.name,
+                format!("{:?}", t.kind).to_lowercase(),
+                t.rows,
+                t.strategy,
+                t.dim
+                    .map(|d| format!("  dim {d} {}", t.metric.as_deref().unwrap_or("")))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}

@@ -43,6 +43,7 @@ fn plain_insert(path: &std::path::Path, rows: &[Record], batch: usize) -> Result
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "cache_size", -65536)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 10000)?;
     conn.execute_batch(
         "CREATE TABLE docs(id TEXT PRIMARY KEY NOT NULL, vector BLOB NOT NULL, metadata TEXT NOT NULL, content TEXT)",
     )?;

@@ -29,6 +29,22 @@ pub enum Command {
         /// A human name for this node.
         #[arg(long)]
         name: Option<String>,
+        /// Extra names or addresses for the TLS certificate (localhost and
+        /// the loopback addresses are always included).
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+    },
+    /// Serve this store to peers over QUIC.
+    Serve(ServeArgs),
+    /// Sync with a server: both directions, shard by shard.
+    Sync(SyncArgs),
+    /// Measure the round trip to a server.
+    Ping {
+        addr: String,
+        #[arg(long, env = "QUIVER_TOKEN")]
+        token: Option<String>,
+        #[command(flatten)]
+        trust: TrustArgs,
     },
     /// Create, list and drop vector collections.
     #[command(subcommand)]
@@ -83,6 +99,56 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    pub listen: String,
+    /// Token clients must present.
+    #[arg(long, env = "QUIVER_TOKEN")]
+    pub token: Option<String>,
+    /// Certificate (PEM); default: the one `quiver init` made beside the store.
+    #[arg(long)]
+    pub cert: Option<std::path::PathBuf>,
+    /// Private key (PEM); default: the one `quiver init` made beside the store.
+    #[arg(long)]
+    pub key: Option<std::path::PathBuf>,
+}
+
+/// How to trust the server's certificate (verification is on by default).
+#[derive(Debug, Args, Clone)]
+pub struct TrustArgs {
+    /// Trust certificates signed by (or equal to) the certificates in this PEM file.
+    #[arg(long, conflicts_with_all = ["pin", "insecure"])]
+    pub ca: Option<std::path::PathBuf>,
+    /// Trust exactly the certificate with this SHA-256 fingerprint.
+    #[arg(long, conflicts_with = "insecure")]
+    pub pin: Option<String>,
+    /// Do not verify the server at all (encrypted, not authenticated).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// The server, HOST:PORT.
+    pub addr: String,
+    /// Shards to sync (repeatable); default: every shard either side holds.
+    #[arg(long = "shard")]
+    pub shards: Vec<String>,
+    /// Limit the sync to these tables (comma-separated), e.g. the memory
+    /// shard's episodes,skills,edges.
+    #[arg(long, value_delimiter = ',')]
+    pub tables: Vec<String>,
+    #[arg(long, env = "QUIVER_TOKEN")]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+    /// Retries of transient failures.
+    #[arg(long, default_value_t = 4)]
+    pub retries: u32,
 }
 
 #[derive(Debug, Args)]

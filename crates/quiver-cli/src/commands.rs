@@ -15,17 +15,25 @@ pub fn run(cli: Cli) -> Result<()> {
     let db = cli.db.clone();
     let open = || Store::open(&db).with_context(|| format!("opening {}", db.display()));
     match cli.command {
-        Command::Init { name } => {
+        Command::Init { name, sans } => {
             let mut s = Store::init(&db)?;
             if let Some(n) = name {
                 s.set_node_name(&n)?;
             }
+            let fp = quiver_sync::tls::create_identity(&db, &sans)?;
+            let (cert, _) = quiver_sync::tls::identity_paths(&db);
             if json {
-                output::json(&serde_json::json!({"path": db, "site_id": s.site_id().to_hex()}))?;
+                output::json(&serde_json::json!({
+                    "path": db, "site_id": s.site_id().to_hex(), "certificate": cert, "fingerprint": fp
+                }))?;
             } else {
                 println!("initialised {} (site {})", db.display(), s.site_id());
+                println!("certificate {} (SHA-256 {fp})", cert.display());
             }
         }
+        Command::Serve(a) => crate::net::serve(&db, a, json)?,
+        Command::Sync(a) => crate::net::sync(&db, a, json)?,
+        Command::Ping { addr, token, trust } => crate::net::ping(&db, &addr, token, &trust, json)?,
         Command::Collection(c) => collection(open()?, c, json)?,
         Command::Put {
             collection,

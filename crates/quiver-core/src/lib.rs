@@ -5,11 +5,13 @@
 
 mod change;
 mod error;
+pub mod frame;
 mod hlc;
 pub mod merge;
 mod site;
 mod value;
 mod version;
+pub mod wire;
 
 pub use change::{Change, ChangeBatch, Covered};
 pub use error::CoreError;

@@ -16,6 +16,7 @@ use crate::{CoreError, Dot, Hlc, Value, VersionVector};
 
 /// How concurrent versions of a cell are resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     /// Greatest `(hlc, site)` wins.
     #[default]

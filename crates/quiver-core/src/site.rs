@@ -1,12 +1,12 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::CoreError;
 
 /// The identity of one replica: 16 random bytes made when a store is created.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SiteId(pub [u8; 16]);
 
 impl SiteId {
@@ -66,6 +66,53 @@ impl FromStr for SiteId {
     }
 }
 
+/// Hex text in human-readable formats (JSON, where it can be a map key),
+/// 16 raw bytes on the wire.
+impl Serialize for SiteId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_hex())
+        } else {
+            s.serialize_bytes(&self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SiteId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = SiteId;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a site id (16 bytes or 32 hex characters)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SiteId, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<SiteId, E> {
+                SiteId::from_slice(v).ok_or_else(|| E::invalid_length(v.len(), &self))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<SiteId, A::Error> {
+                let mut out = [0u8; 16];
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = a
+                        .next_element()?
+                        .ok_or_else(|| de::Error::invalid_length(i, &self))?;
+                }
+                if a.next_element::<u8>()?.is_some() {
+                    return Err(de::Error::invalid_length(17, &self));
+                }
+                Ok(SiteId(out))
+            }
+        }
+        if d.is_human_readable() {
+            d.deserialize_str(V)
+        } else {
+            d.deserialize_bytes(V)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +122,17 @@ mod tests {
         let id = SiteId([0xab; 16]);
         assert_eq!(id.to_string(), "ab".repeat(16));
         assert_eq!(id.to_string().parse::<SiteId>().unwrap(), id);
+    }
+
+    #[test]
+    fn serializes_as_hex_in_json_and_bytes_in_msgpack() {
+        let id = SiteId([0x0f; 16]);
+        let j = serde_json::to_string(&id).unwrap();
+        assert_eq!(j, format!("\"{}\"", "0f".repeat(16)));
+        assert_eq!(serde_json::from_str::<SiteId>(&j).unwrap(), id);
+        let m = rmp_serde::to_vec(&id).unwrap();
+        assert_eq!(m.len(), 18, "bin8 header + 16 bytes");
+        assert_eq!(rmp_serde::from_slice::<SiteId>(&m).unwrap(), id);
     }
 
     #[test]

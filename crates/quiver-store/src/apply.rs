@@ -242,7 +242,9 @@ fn apply_row(
             t.column_kind(col),
         );
         tally(out.verdict, report);
-        if out.verdict == Verdict::Concurrent {
+        // Concurrent versions that agree on the value are no conflict to report.
+        let disagree = out.contenders.windows(2).any(|w| w[0].value != w[1].value);
+        if out.verdict == Verdict::Concurrent && disagree {
             conflicted.push((
                 col_name.to_string(),
                 out.contenders.clone(),

@@ -314,6 +314,62 @@ impl Store {
         self.local_write(|tx| register(tx, name, shard, strategy, TableKind::Table, None, None))
     }
 
+    /// Creates and registers a plain replicated table from column
+    /// definitions (as a replica does when a peer brings a shard it lacks).
+    /// The SQL is built here from checked names and types, never taken from
+    /// the peer.
+    pub fn create_table(
+        &mut self,
+        name: &str,
+        shard: &str,
+        strategy: Strategy,
+        pk: &[ColumnInfo],
+        columns: &[ColumnInfo],
+    ) -> Result<TableInfo> {
+        names::check(name)?;
+        if pk.is_empty() {
+            return Err(StoreError::TableRefused {
+                table: name.to_string(),
+                reason: "no primary key columns given".into(),
+            });
+        }
+        let mut defs = Vec::new();
+        for c in pk.iter().chain(columns) {
+            names::check(&c.name)?;
+            let t = &c.decl_type;
+            if t.len() > 64
+                || !t
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || " _(),".contains(ch))
+            {
+                return Err(StoreError::TableRefused {
+                    table: name.to_string(),
+                    reason: format!("column {:?} has an unsupported type {t:?}", c.name),
+                });
+            }
+            defs.push(format!(
+                "{} {}{}",
+                quote(&c.name),
+                t,
+                if c.not_null { " NOT NULL" } else { "" }
+            ));
+        }
+        let keys = pk
+            .iter()
+            .map(|c| quote(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let ddl = format!(
+            "CREATE TABLE {}({}, PRIMARY KEY ({keys}))",
+            quote(name),
+            defs.join(", ")
+        );
+        self.local_write(|tx| {
+            tx.execute_batch(&ddl)?;
+            register(tx, name, shard, strategy, TableKind::Table, None, None)
+        })
+    }
+
     /// Every replicated table and collection.
     pub fn tables(&self) -> Result<Vec<TableInfo>> {
         load_all(&self.conn)

@@ -1,1 +1,21 @@
-//! Networked sync engine of quiverdb.
+//! The networked sync engine of quiverdb: QUIC (quinn) with TLS 1.3
+//! (rustls), a handshake with token auth, one bidirectional stream per
+//! shard carrying both directions, a store actor so async code never blocks
+//! on SQLite, a client with retries, and a server.
+
+mod actor;
+mod client;
+mod error;
+pub mod framed;
+mod protocol;
+mod schema;
+mod server;
+pub mod tls;
+pub mod transport;
+
+pub use actor::StoreHandle;
+pub use client::{Client, ClientOptions, PingResult, SyncResult, SyncSpec};
+pub use error::{Result, SyncError};
+pub use protocol::{Progress, ProgressFn, ShardResult};
+pub use server::{Server, ServerOptions};
+pub use tls::{Identity, Trust};

@@ -1,0 +1,207 @@
+//! `quiver serve`, `quiver sync`, `quiver ping`: the networked commands.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use quiver_store::Store;
+use quiver_sync::{
+    Client, ClientOptions, Identity, Progress, Server, ServerOptions, StoreHandle, SyncSpec, Trust,
+};
+
+use crate::args::{ServeArgs, SyncArgs, TrustArgs};
+use crate::output;
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Logs to standard error; `QUIVER_LOG` (or `RUST_LOG`) sets the filter.
+pub fn init_logging(default: &str) {
+    let filter = std::env::var("QUIVER_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| default.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn node_name(store: &Store) -> Result<String> {
+    Ok(store
+        .node_name()?
+        .unwrap_or_else(|| format!("node-{}", &store.site_id().to_hex()[..8])))
+}
+
+fn trust(t: &TrustArgs) -> Trust {
+    match (&t.ca, &t.pin, t.insecure) {
+        (Some(ca), _, _) => Trust::Ca(ca.clone()),
+        (None, Some(pin), _) => Trust::Pin(pin.clone()),
+        (None, None, true) => Trust::Insecure,
+        (None, None, false) => Trust::Verify,
+    }
+}
+
+pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
+    init_logging("info");
+    let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
+    let node = node_name(&store)?;
+    let (cert_default, key_default) = quiver_sync::tls::identity_paths(db);
+    let id = Identity::load(
+        &a.cert.unwrap_or(cert_default),
+        &a.key.unwrap_or(key_default),
+    )?;
+    let listen = a.listen.parse().map_err(|e| {
+        anyhow!(
+            "--listen {:?} is not an address like 127.0.0.1:4433: {e}",
+            a.listen
+        )
+    })?;
+    let opts = ServerOptions {
+        listen,
+        token: a.token,
+        node: node.clone(),
+        ..Default::default()
+    };
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let server = Server::bind(StoreHandle::spawn(store), &id, opts)?;
+        let addr = server.local_addr()?;
+        if json {
+            output::json(&serde_json::json!({"listening": addr.to_string(), "node": node, "fingerprint": id.fingerprint()}))?;
+        } else {
+            println!("listening on {addr} as {node}");
+            println!("certificate SHA-256 {}", id.fingerprint());
+        }
+        std::io::stdout().flush()?;
+        let token = server.shutdown_token();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            token.cancel();
+        });
+        server.run().await?;
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
+    init_logging("warn");
+    let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
+    let opts = ClientOptions {
+        trust: trust(&a.trust),
+        token: a.token,
+        node: node_name(&store)?,
+        retries: a.retries,
+        ..Default::default()
+    };
+    let spec = SyncSpec {
+        shards: a.shards,
+        tables: a.tables,
+    };
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(std::time::Duration::from_millis(100));
+        b
+    });
+    let progress = bar.clone().map(|b| {
+        Arc::new(move |p: Progress| {
+            b.set_message(match p {
+                Progress::Connecting { addr } => format!("connecting to {addr}"),
+                Progress::Handshaking => "handshaking".into(),
+                Progress::Pulling { shard, changes } => {
+                    format!("{shard}: received {changes} changes")
+                }
+                Progress::Pushing { shard, changes } => format!("{shard}: sent {changes} changes"),
+                Progress::Applying { shard, applied } => format!("{shard}: applied {applied}"),
+                Progress::Done => "done".into(),
+            })
+        }) as quiver_sync::ProgressFn
+    });
+    let rt = runtime()?;
+    let result = rt.block_on(async move {
+        let mut client = Client::new(StoreHandle::spawn(store), opts);
+        let r = client.sync(&a.addr, &spec, progress).await;
+        client.close().await;
+        r
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let r = result?;
+    if json {
+        return output::json(&r);
+    }
+    println!(
+        "synced with {} in {} ms: sent {} changes, received {} ({} applied), {} conflicts ({} resolved, {} open)",
+        r.peer_node, r.duration_ms, r.changes_sent, r.changes_received, r.applied, r.conflicts_detected, r.conflicts_resolved, r.conflicts_open
+    );
+    for s in &r.shards {
+        println!(
+            "  {:<12} sent {:>7}  received {:>7}  applied {:>7}  bytes out {:>9} in {:>9}{}",
+            s.shard,
+            s.changes_sent,
+            s.changes_received,
+            s.local.applied,
+            s.bytes_sent,
+            s.bytes_received,
+            if s.tables_created.is_empty() {
+                String::new()
+            } else {
+                format!("  created {}", s.tables_created.join(", "))
+            }
+        );
+    }
+    Ok(())
+}
+
+pub fn ping(db: &Path, addr: &str, token: Option<String>, t: &TrustArgs, json: bool) -> Result<()> {
+    init_logging("warn");
+    let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
+    let opts = ClientOptions {
+        trust: trust(t),
+        token,
+        node: node_name(&store)?,
+        retries: 0,
+        ..Default::default()
+    };
+    let rt = runtime()?;
+    let r = rt.block_on(async move {
+        let mut client = Client::new(StoreHandle::spawn(store), opts);
+        let r = client.ping(addr).await;
+        client.close().await;
+        r
+    })?;
+    if json {
+        return output::json(&r);
+    }
+    println!(
+        "pong from {}: {:.2} ms (connect {:.2} ms, QUIC rtt {:.2} ms)",
+        r.peer_node, r.rtt_ms, r.connect_ms, r.quic_rtt_ms
+    );
+    Ok(())
+}

@@ -1,0 +1,92 @@
+#![allow(dead_code)]
+//! Real `quiver` processes on loopback.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_quiver")
+}
+
+pub fn run(db: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .output()
+        .expect("run quiver")
+}
+
+pub fn ok(db: &Path, args: &[&str]) -> String {
+    let out = run(db, args);
+    assert!(
+        out.status.success(),
+        "quiver {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn err(db: &Path, args: &[&str]) -> String {
+    let out = run(db, args);
+    assert!(!out.status.success(), "quiver {args:?} should fail");
+    let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!e.contains("panicked"), "{e}");
+    e
+}
+
+/// A store in a folder of its own.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+}
+
+impl Node {
+    pub fn new(name: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join(format!("{name}.db"));
+        ok(&db, &["init", "--name", name]);
+        Node { dir, db }
+    }
+
+    pub fn q(&self, args: &[&str]) -> String {
+        ok(&self.db, args)
+    }
+
+    pub fn export(&self, table: &str) -> String {
+        self.q(&["export", table])
+    }
+
+    pub fn serve(&self, extra: &[&str]) -> Served {
+        let mut child = Command::new(bin())
+            .arg("--db")
+            .arg(&self.db)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        let addr = first.split_whitespace().nth(2).unwrap().to_string();
+        let second = lines.next().unwrap().unwrap();
+        let fp = second.split_whitespace().nth(2).unwrap().to_string();
+        Served { child, addr, fp }
+    }
+}
+
+/// A running `quiver serve`, killed when dropped.
+pub struct Served {
+    pub child: Child,
+    pub addr: String,
+    pub fp: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

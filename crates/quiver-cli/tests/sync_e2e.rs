@@ -1,0 +1,146 @@
+//! Sync over real QUIC between real `quiver` processes on loopback.
+
+mod common;
+
+use common::{err, Node};
+
+fn sync_json(n: &Node, addr: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--json", "sync", addr];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&n.q(&args)).unwrap()
+}
+
+#[test]
+fn two_way_sync_with_concurrent_conflicting_writes() {
+    let a = Node::new("a");
+    let b = Node::new("b");
+    for n in [&a, &b] {
+        n.q(&["collection", "create", "docs", "--dim", "3"]);
+    }
+    a.q(&["put", "docs", "only-a", "--vector", "[1,1,1]"]);
+    a.q(&[
+        "put",
+        "docs",
+        "both",
+        "--vector",
+        "[1,2,3]",
+        "--meta",
+        r#"{"by":"a"}"#,
+    ]);
+    b.q(&["put", "docs", "only-b", "--vector", "[2,2,2]"]);
+    b.q(&[
+        "put",
+        "docs",
+        "both",
+        "--vector",
+        "[3,2,1]",
+        "--meta",
+        r#"{"by":"b"}"#,
+    ]);
+    let s = a.serve(&["--token", "t0k"]);
+    let r = sync_json(&b, &s.addr, &["--token", "t0k", "--pin", &s.fp]);
+    assert!(r["conflicts_detected"].as_u64().unwrap() >= 2, "{r}");
+    assert_eq!(a.export("docs"), b.export("docs"));
+    assert_eq!(a.export("docs").lines().count(), 3);
+    // Nothing moves on a second sync.
+    let again = sync_json(&b, &s.addr, &["--token", "t0k", "--pin", &s.fp]);
+    assert_eq!(again["changes_received"], 0, "{again}");
+    assert_eq!(again["changes_sent"], 0, "{again}");
+    let st: serde_json::Value = serde_json::from_str(&b.q(&["--json", "status"])).unwrap();
+    assert_eq!(st["sync"]["sync_count"], 2);
+}
+
+#[test]
+fn fresh_replica_bootstraps_from_nothing_and_relays() {
+    let a = Node::new("a");
+    a.q(&[
+        "collection",
+        "create",
+        "docs",
+        "--dim",
+        "2",
+        "--strategy",
+        "merge",
+        "--metric",
+        "l2",
+    ]);
+    a.q(&["memory", "init"]);
+    a.q(&["put", "docs", "x", "--vector", "[1,2]"]);
+    a.q(&[
+        "sql",
+        "INSERT INTO episodes(id, task, created) VALUES ('e1', 'plan', 1)",
+    ]);
+    let sa = a.serve(&[]);
+    let b = Node::new("b");
+    let r = sync_json(&b, &sa.addr, &["--pin", &sa.fp, "--shard", "default"]);
+    assert_eq!(
+        r["shards"][0]["tables_created"],
+        serde_json::json!(["docs"])
+    );
+    assert_eq!(b.export("docs"), a.export("docs"));
+    let t: serde_json::Value =
+        serde_json::from_str(&b.q(&["--json", "collection", "list"])).unwrap();
+    assert_eq!(t[0]["strategy"], "merge");
+    assert_eq!(t[0]["metric"], "l2");
+    // Only the shard asked for came over.
+    assert!(err(&b.db, &["export", "episodes"]).contains("not a replicated table"));
+    // A table-limited sync of the memory shard.
+    sync_json(
+        &b,
+        &sa.addr,
+        &["--pin", &sa.fp, "--shard", "memory", "--tables", "episodes"],
+    );
+    assert_eq!(b.export("episodes"), a.export("episodes"));
+    // Relay: C learns A's rows from B.
+    let sb = b.serve(&[]);
+    let c = Node::new("c");
+    sync_json(&c, &sb.addr, &["--pin", &sb.fp]);
+    assert_eq!(c.export("docs"), a.export("docs"));
+    assert_eq!(c.export("episodes"), a.export("episodes"));
+}
+
+#[test]
+fn wrong_token_and_untrusted_certificates_are_refused_before_data_moves() {
+    let a = Node::new("a");
+    a.q(&["collection", "create", "docs", "--dim", "2"]);
+    a.q(&["put", "docs", "x", "--vector", "[1,2]"]);
+    let s = a.serve(&["--token", "right"]);
+    let b = Node::new("b");
+    let e = err(
+        &b.db,
+        &["sync", &s.addr, "--pin", &s.fp, "--token", "wrong"],
+    );
+    assert!(e.contains("invalid token"), "{e}");
+    let e = err(&b.db, &["sync", &s.addr, "--pin", &s.fp]);
+    assert!(e.contains("token is required"), "{e}");
+    let e = err(&b.db, &["sync", &s.addr, "--token", "right"]);
+    assert!(
+        e.contains("not trusted") && e.contains(&s.fp) && e.contains("--pin"),
+        "{e}"
+    );
+    let e = err(
+        &b.db,
+        &[
+            "sync",
+            &s.addr,
+            "--token",
+            "right",
+            "--pin",
+            &"0".repeat(64),
+        ],
+    );
+    assert!(e.contains("does not match the pinned"), "{e}");
+    // Nothing arrived anywhere.
+    assert!(err(&b.db, &["export", "docs"]).contains("not a replicated table"));
+    // Trust by CA file (the server's own self-signed certificate) works.
+    let cert = format!("{}.cert.pem", a.db.display());
+    b.q(&["sync", &s.addr, "--token", "right", "--ca", &cert]);
+    assert_eq!(b.export("docs"), a.export("docs"));
+    // Insecure, when asked for, works too.
+    let c = Node::new("c");
+    c.q(&["sync", &s.addr, "--token", "right", "--insecure"]);
+    let ping: serde_json::Value =
+        serde_json::from_str(&c.q(&["--json", "ping", &s.addr, "--token", "right", "--insecure"]))
+            .unwrap();
+    assert!(ping["rtt_ms"].as_f64().unwrap() > 0.0);
+}

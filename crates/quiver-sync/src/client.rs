@@ -1,0 +1,483 @@
+//! The client: connects (reusing a live connection, with 0-RTT on
+//! reconnect), handshakes, syncs shards concurrently, retries transient
+//! failures with exponential backoff and jitter, and pings.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use quiver_core::frame::{HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT};
+use quiver_core::wire::{
+    Hello, Message, ShardInfo, SyncRequest, Welcome, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+};
+use quiver_store::StreamLimits;
+use serde::Serialize;
+
+use crate::actor::StoreHandle;
+use crate::framed::{FrameReader, FrameWriter};
+use crate::protocol::{exchange, their_versions, Peer, Progress, ProgressFn, ShardResult};
+use crate::schema::{ensure_tables, schema_version, shard_defs};
+use crate::tls::{SeenFingerprint, Trust};
+use crate::transport::{client_endpoint, TransportLimits};
+use crate::{Result, SyncError};
+
+/// How a client connects and retries.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub trust: Trust,
+    pub token: Option<String>,
+    pub node: String,
+    pub connect_timeout: Duration,
+    /// Retries after the first attempt, for transient failures only.
+    pub retries: u32,
+    pub limits: TransportLimits,
+    pub max_frame: u32,
+    pub compression: bool,
+    pub stream: StreamLimits,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            trust: Trust::Verify,
+            token: None,
+            node: "quiver".into(),
+            connect_timeout: Duration::from_secs(5),
+            retries: 4,
+            limits: TransportLimits::default(),
+            max_frame: DEFAULT_MAX_FRAME,
+            compression: true,
+            stream: StreamLimits::default(),
+        }
+    }
+}
+
+/// What to sync.
+#[derive(Debug, Clone, Default)]
+pub struct SyncSpec {
+    /// Shards to sync (empty: every shard either side holds).
+    pub shards: Vec<String>,
+    /// Tables to limit the sync to (empty: whole shards).
+    pub tables: Vec<String>,
+}
+
+/// The outcome of a sync.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SyncResult {
+    pub peer_node: String,
+    pub peer_site: String,
+    pub shards: Vec<ShardResult>,
+    pub changes_sent: u64,
+    pub changes_received: u64,
+    pub applied: u64,
+    pub conflicts_detected: u64,
+    pub conflicts_resolved: u64,
+    pub conflicts_open: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+    pub attempts: u32,
+    pub zero_rtt: bool,
+}
+
+/// The outcome of a ping.
+#[derive(Debug, Clone, Serialize)]
+pub struct PingResult {
+    pub peer_node: String,
+    pub rtt_ms: f64,
+    pub connect_ms: f64,
+    pub quic_rtt_ms: f64,
+}
+
+struct Link {
+    conn: quinn::Connection,
+    welcome: Welcome,
+    control: (FrameReader, FrameWriter),
+    zero_rtt: bool,
+    connect_ms: f64,
+}
+
+/// A sync client over one store.
+pub struct Client {
+    handle: StoreHandle,
+    opts: ClientOptions,
+    endpoint: Option<(quinn::Endpoint, SeenFingerprint)>,
+    links: HashMap<SocketAddr, Link>,
+}
+
+/// Resolves `host:port` and gives the TLS server name.
+async fn resolve(addr: &str) -> Result<(SocketAddr, String)> {
+    let bad = |reason: String| SyncError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
+    let (host, _) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected HOST:PORT, e.g. 127.0.0.1:4433".into()))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let sock = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| bad(e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("the name resolved to no address".into()))?;
+    Ok((sock, host))
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = 200u64.saturating_mul(1 << attempt.min(5)).min(5_000);
+    let jitter = rand::random::<f64>() + 0.5;
+    Duration::from_millis((base as f64 * jitter) as u64)
+}
+
+impl Client {
+    pub fn new(handle: StoreHandle, opts: ClientOptions) -> Client {
+        Client {
+            handle,
+            opts,
+            endpoint: None,
+            links: HashMap::new(),
+        }
+    }
+
+    fn untrusted(&self, seen: &SeenFingerprint, e: &quinn::ConnectionError) -> Option<SyncError> {
+        let fp = seen.lock().ok()?.clone()?;
+        let text = e.to_string();
+        if !(text.contains("certificate")
+            || text.contains("UnknownIssuer")
+            || text.contains("crypto"))
+        {
+            return None;
+        }
+        Some(SyncError::Untrusted(match &self.opts.trust {
+            Trust::Pin(p) => format!(
+                "the server's certificate (SHA-256 {fp}) does not match the pinned fingerprint {p}; \
+                 check the address, or pin the new certificate if it was replaced on purpose"
+            ),
+            _ => format!(
+                "the server's certificate is not trusted (SHA-256 fingerprint {fp}). If this is the \
+                 server you expect, trust it with --pin {fp} (or --ca FILE holding its certificate); \
+                 --insecure skips verification"
+            ),
+        }))
+    }
+
+    async fn connect(&mut self, addr: &str, progress: &Option<ProgressFn>) -> Result<SocketAddr> {
+        let (sock, server_name) = resolve(addr).await?;
+        if let Some(link) = self.links.get(&sock) {
+            if link.conn.close_reason().is_none() {
+                return Ok(sock);
+            }
+            self.links.remove(&sock);
+        }
+        if let Some(p) = progress {
+            p(Progress::Connecting {
+                addr: addr.to_string(),
+            });
+        }
+        if self.endpoint.is_none() {
+            self.endpoint = Some(client_endpoint(sock, &self.opts.trust, &self.opts.limits)?);
+        }
+        let Some((endpoint, seen)) = &self.endpoint else {
+            return Err(SyncError::Tls("no client endpoint".into()));
+        };
+        let seen = seen.clone();
+        let started = Instant::now();
+        let connecting = endpoint
+            .connect(sock, &server_name)
+            .map_err(|e| SyncError::Connect {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        // 0-RTT when a session ticket allows it: the hello is idempotent.
+        let (conn, zero_rtt) = match connecting.into_0rtt() {
+            Ok((conn, _accepted)) => (conn, true),
+            Err(connecting) => {
+                match tokio::time::timeout(self.opts.connect_timeout, connecting).await {
+                    Ok(Ok(c)) => (c, false),
+                    Ok(Err(e)) => {
+                        return Err(self.untrusted(&seen, &e).unwrap_or(SyncError::Connect {
+                            addr: addr.to_string(),
+                            reason: e.to_string(),
+                        }))
+                    }
+                    Err(_) => return Err(SyncError::Timeout(format!("connecting to {addr}"))),
+                }
+            }
+        };
+        if let Some(p) = progress {
+            p(Progress::Handshaking);
+        }
+        let hs = async {
+            let (send, recv) = conn.open_bi().await?;
+            let mut reader = FrameReader::new(recv, HANDSHAKE_MAX_FRAME, false);
+            let mut writer = FrameWriter::new(send, false);
+            let shards = self
+                .handle
+                .call(|s| -> Result<Vec<ShardInfo>> {
+                    let mut out = Vec::new();
+                    for name in s.shards()? {
+                        let tables = s.shard_tables(&name)?;
+                        out.push(ShardInfo {
+                            schema_version: schema_version(&tables),
+                            name,
+                        });
+                    }
+                    Ok(out)
+                })
+                .await??;
+            writer
+                .send(&Message::Hello(Hello {
+                    protocol: PROTOCOL_VERSION,
+                    site: self.handle.site_id(),
+                    node: self.opts.node.clone(),
+                    token: self.opts.token.clone(),
+                    shards,
+                    max_frame: self.opts.max_frame,
+                    compression: self.opts.compression,
+                }))
+                .await?;
+            match reader.expect("the server's welcome").await? {
+                Message::Welcome(w) => Ok((w, reader, writer)),
+                other => Err(SyncError::Protocol(format!(
+                    "expected welcome, got {}",
+                    other.kind().1
+                ))),
+            }
+        };
+        let (welcome, reader, writer) =
+            match tokio::time::timeout(self.opts.connect_timeout, hs).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(SyncError::Connection(c))) => {
+                    let e = quinn::ConnectionError::LocallyClosed;
+                    return Err(self
+                        .untrusted(&seen, &conn.close_reason().unwrap_or(e))
+                        .unwrap_or(SyncError::Connection(c)));
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(SyncError::Timeout(format!("handshaking with {addr}"))),
+            };
+        if welcome.protocol != PROTOCOL_VERSION {
+            return Err(SyncError::Protocol(format!(
+                "server speaks protocol {}, this client speaks {PROTOCOL_VERSION}",
+                welcome.protocol
+            )));
+        }
+        let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.links.insert(
+            sock,
+            Link {
+                conn,
+                welcome,
+                control: (reader, writer),
+                zero_rtt,
+                connect_ms,
+            },
+        );
+        Ok(sock)
+    }
+
+    /// Syncs with the server at `addr`, retrying transient failures.
+    pub async fn sync(
+        &mut self,
+        addr: &str,
+        spec: &SyncSpec,
+        progress: Option<ProgressFn>,
+    ) -> Result<SyncResult> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.sync_once(addr, spec, &progress).await {
+                Ok(mut r) => {
+                    r.attempts = attempt;
+                    let (sent, received) = (r.changes_sent, r.changes_received);
+                    self.handle
+                        .call(move |s| s.record_sync(sent, received, None))
+                        .await??;
+                    if let Some(p) = &progress {
+                        p(Progress::Done);
+                    }
+                    return Ok(r);
+                }
+                Err(e) if e.is_transient() && attempt <= self.opts.retries => {
+                    let wait = match &e {
+                        SyncError::Peer {
+                            retry_after_ms: Some(ms),
+                            ..
+                        } => Duration::from_millis(*ms),
+                        _ => backoff(attempt - 1),
+                    };
+                    tracing::warn!("sync with {addr} failed ({e}); retrying in {wait:?}");
+                    if let Ok((sock, _)) = resolve(addr).await {
+                        self.links.remove(&sock);
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    let _ = self
+                        .handle
+                        .call(move |s| s.record_sync(0, 0, Some(&msg)))
+                        .await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn sync_once(
+        &mut self,
+        addr: &str,
+        spec: &SyncSpec,
+        progress: &Option<ProgressFn>,
+    ) -> Result<SyncResult> {
+        let started = Instant::now();
+        let sock = self.connect(addr, progress).await?;
+        let link = self
+            .links
+            .get(&sock)
+            .ok_or_else(|| SyncError::Connection("link vanished".into()))?;
+        let (max_frame, compression) = (link.welcome.max_frame as usize, link.welcome.compression);
+        let max_frame = max_frame.clamp(HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT);
+        let shards: Vec<String> = if spec.shards.is_empty() {
+            let mine = self.handle.call(|s| s.shards()).await??;
+            let mut all: Vec<String> = mine
+                .into_iter()
+                .chain(link.welcome.shards.iter().map(|s| s.name.clone()))
+                .collect();
+            all.sort();
+            all.dedup();
+            all
+        } else {
+            spec.shards.clone()
+        };
+        let peer = Peer {
+            name: link.welcome.node.clone(),
+            may_push: true,
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for shard in shards {
+            let conn = link.conn.clone();
+            let handle = self.handle.clone();
+            let peer = peer.clone();
+            let tables = spec.tables.clone();
+            let progress = progress.clone();
+            let stream = self.opts.stream;
+            tasks.spawn(async move {
+                let (send, recv) = conn.open_bi().await?;
+                let mut reader = FrameReader::new(recv, max_frame, compression);
+                let mut writer = FrameWriter::new(send, compression);
+                let sh = shard.clone();
+                let (versions, schema) = handle
+                    .call(move |s| -> Result<_> {
+                        Ok((s.table_versions(&sh)?, shard_defs(s, &sh)?))
+                    })
+                    .await??;
+                let want_schema = schema.is_empty();
+                let versions: Vec<_> = versions
+                    .into_iter()
+                    .filter(|(t, _)| tables.is_empty() || tables.contains(t))
+                    .collect();
+                writer
+                    .send(&Message::SyncRequest(SyncRequest {
+                        shard: shard.clone(),
+                        tables: tables.clone(),
+                        versions,
+                        want_schema,
+                        schema,
+                    }))
+                    .await?;
+                let reply = match reader.expect("the sync reply").await? {
+                    Message::SyncReply(r) => r,
+                    other => {
+                        return Err(SyncError::Protocol(format!(
+                            "expected a sync reply, got {}",
+                            other.kind().1
+                        )))
+                    }
+                };
+                let sh = shard.clone();
+                let defs = reply.schema.clone();
+                let created = handle.call(move |s| ensure_tables(s, &sh, &defs)).await??;
+                let names: Vec<String> = reply.schema.iter().map(|d| d.name.clone()).collect();
+                let theirs = their_versions(&names, &reply.versions, &tables);
+                let mut r = exchange(
+                    &handle, peer, &shard, &tables, theirs, reader, writer, stream, progress,
+                )
+                .await?;
+                r.tables_created = created;
+                Ok::<_, SyncError>(r)
+            });
+        }
+        let mut result = SyncResult {
+            peer_node: link.welcome.node.clone(),
+            peer_site: link.welcome.site.to_hex(),
+            zero_rtt: link.zero_rtt,
+            ..Default::default()
+        };
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined.map_err(|e| SyncError::Protocol(e.to_string()))? {
+                Ok(r) => result.shards.push(r),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        result.shards.sort_by(|a, b| a.shard.cmp(&b.shard));
+        for s in &result.shards {
+            result.changes_sent += s.changes_sent;
+            result.changes_received += s.changes_received;
+            result.applied += s.local.applied;
+            result.conflicts_detected += s.local.conflicts_detected + s.remote.conflicts_detected;
+            result.conflicts_resolved += s.local.conflicts_resolved + s.remote.conflicts_resolved;
+            result.conflicts_open += s.local.conflicts_open + s.remote.conflicts_open;
+            result.bytes_sent += s.bytes_sent;
+            result.bytes_received += s.bytes_received;
+        }
+        result.duration_ms = started.elapsed().as_millis() as u64;
+        Ok(result)
+    }
+
+    /// Measures the round trip of a ping over the handshaken connection.
+    pub async fn ping(&mut self, addr: &str) -> Result<PingResult> {
+        let sock = self.connect(addr, &None).await?;
+        let link = self
+            .links
+            .get_mut(&sock)
+            .ok_or_else(|| SyncError::Connection("link vanished".into()))?;
+        let nonce: u64 = rand::random();
+        let started = Instant::now();
+        link.control.1.send(&Message::Ping(nonce)).await?;
+        match link.control.0.expect("pong").await? {
+            Message::Pong(n) if n == nonce => {}
+            other => {
+                return Err(SyncError::Protocol(format!(
+                    "expected pong, got {}",
+                    other.kind().1
+                )))
+            }
+        }
+        Ok(PingResult {
+            peer_node: link.welcome.node.clone(),
+            rtt_ms: started.elapsed().as_secs_f64() * 1000.0,
+            connect_ms: link.connect_ms,
+            quic_rtt_ms: link.conn.rtt().as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// Closes every connection politely.
+    pub async fn close(&mut self) {
+        for (_, link) in self.links.drain() {
+            link.conn.close(0u32.into(), b"done");
+        }
+        if let Some((ep, _)) = &self.endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+        }
+    }
+}

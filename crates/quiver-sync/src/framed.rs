@@ -1,0 +1,138 @@
+//! Messages over QUIC streams: one frame per message, read with the
+//! negotiated limit so a hostile length never allocates.
+
+use quinn::{ReadExactError, RecvStream, SendStream};
+use quiver_core::frame::{open_body, parse_header, HEADER_LEN};
+use quiver_core::wire::{ErrorCode, ErrorMsg, Message};
+
+use crate::{Result, SyncError};
+
+/// Reads messages from a stream.
+pub struct FrameReader {
+    recv: RecvStream,
+    pub max_frame: usize,
+    pub compression: bool,
+    pub bytes: u64,
+}
+
+impl FrameReader {
+    pub fn new(recv: RecvStream, max_frame: usize, compression: bool) -> Self {
+        FrameReader {
+            recv,
+            max_frame,
+            compression,
+            bytes: 0,
+        }
+    }
+
+    /// The next message, or `None` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<Message>> {
+        let mut h = [0u8; HEADER_LEN];
+        match self.recv.read_exact(&mut h).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(ReadExactError::FinishedEarly(n)) => {
+                return Err(SyncError::Protocol(format!(
+                    "stream ended inside a frame header ({n} bytes)"
+                )))
+            }
+            Err(ReadExactError::ReadError(e)) => return Err(e.into()),
+        }
+        let header = parse_header(&h, self.max_frame).map_err(|e| SyncError::Wire(e.into()))?;
+        let mut body = vec![0u8; header.len];
+        match self.recv.read_exact(&mut body).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(n)) => {
+                return Err(SyncError::Protocol(format!(
+                    "stream ended inside a frame ({n} of {} bytes)",
+                    header.len
+                )))
+            }
+            Err(ReadExactError::ReadError(e)) => return Err(e.into()),
+        }
+        self.bytes += (HEADER_LEN + header.len) as u64;
+        let frame = open_body(&header, body, self.max_frame, self.compression)
+            .map_err(|e| SyncError::Wire(e.into()))?;
+        Ok(Some(Message::decode(&frame)?))
+    }
+
+    /// The next message, which must exist.
+    pub async fn expect(&mut self, what: &str) -> Result<Message> {
+        match self.next().await? {
+            Some(Message::Error(e)) | Some(Message::Refused(e)) => Err(peer_error(e)),
+            Some(m) => Ok(m),
+            None => Err(SyncError::Protocol(format!(
+                "stream ended while waiting for {what}"
+            ))),
+        }
+    }
+
+    /// Stops reading, telling the peer why.
+    pub fn stop(&mut self, code: u32) {
+        let _ = self.recv.stop(code.into());
+    }
+}
+
+/// Turns an error message from the peer into an error.
+pub fn peer_error(e: ErrorMsg) -> SyncError {
+    match e.code {
+        ErrorCode::Unauthorized | ErrorCode::Protocol | ErrorCode::Forbidden => {
+            SyncError::Refused {
+                code: e.code,
+                message: e.message,
+            }
+        }
+        code => SyncError::Peer {
+            code,
+            message: e.message,
+            retry_after_ms: e.retry_after_ms,
+        },
+    }
+}
+
+/// Writes messages to a stream.
+pub struct FrameWriter {
+    send: SendStream,
+    pub compression: bool,
+    pub bytes: u64,
+}
+
+impl FrameWriter {
+    pub fn new(send: SendStream, compression: bool) -> Self {
+        FrameWriter {
+            send,
+            compression,
+            bytes: 0,
+        }
+    }
+
+    pub async fn send(&mut self, m: &Message) -> Result<()> {
+        let bytes = m.encode(self.compression)?;
+        self.bytes += bytes.len() as u64;
+        self.send.write_all(&bytes).await?;
+        Ok(())
+    }
+
+    /// Sends raw bytes (tests of misbehaving peers use this).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.send.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Sends an error and ends the stream.
+    pub async fn fail(&mut self, code: ErrorCode, message: String) {
+        let _ = self
+            .send(&Message::Error(ErrorMsg {
+                code,
+                message,
+                retry_after_ms: None,
+            }))
+            .await;
+        let _ = self.send.finish();
+    }
+
+    pub fn finish(&mut self) -> Result<()> {
+        self.send.finish()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,351 @@
+//! One shard's exchange on its own bidirectional stream, the same for both
+//! ends once the request and reply are through: each side streams the
+//! batches the other lacks (read from its own read-only connection, so
+//! sending never waits for applying) while it applies the other's batches
+//! one transaction each, then both report what they applied.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use quiver_core::wire::{Done, ErrorCode, ErrorMsg, Message, Report};
+use quiver_core::{ChangeBatch, VersionVector};
+use quiver_store::{ApplyReport, Store, StoreError, StreamLimits};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::actor::StoreHandle;
+use crate::framed::{peer_error, FrameReader, FrameWriter};
+use crate::{Result, SyncError};
+
+/// What one shard's exchange did, from this side's point of view.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShardResult {
+    pub shard: String,
+    pub changes_sent: u64,
+    pub changes_received: u64,
+    pub batches_sent: u64,
+    pub batches_received: u64,
+    /// What this side applied of the peer's changes.
+    pub local: ApplyReport,
+    /// What the peer reported it applied of ours.
+    pub remote: Report,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Tables this side created from the peer's definitions.
+    pub tables_created: Vec<String>,
+}
+
+/// Progress of a sync, reported as it happens.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Progress {
+    Connecting { addr: String },
+    Handshaking,
+    Pulling { shard: String, changes: u64 },
+    Pushing { shard: String, changes: u64 },
+    Applying { shard: String, applied: u64 },
+    Done,
+}
+
+/// Receives progress reports.
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// How the exchange treats the peer.
+#[derive(Clone)]
+pub(crate) struct Peer {
+    pub name: String,
+    /// Whether the peer may write (read-only tokens may not).
+    pub may_push: bool,
+}
+
+fn to_report(r: &ApplyReport) -> Report {
+    Report {
+        applied: r.applied,
+        duplicates: r.duplicates,
+        stale: r.stale,
+        conflicts_detected: r.conflicts_detected,
+        conflicts_resolved: r.conflicts_resolved,
+        conflicts_open: r.conflicts_open,
+    }
+}
+
+/// The last message a side sends on a shard stream.
+enum Final {
+    Report(Report),
+    Error(ErrorMsg),
+}
+
+/// The versions the peer holds of each table to send, restricted to the
+/// table filter; tables the peer did not list start from nothing.
+pub(crate) fn their_versions(
+    mine: &[String],
+    theirs: &[(String, VersionVector)],
+    filter: &[String],
+) -> BTreeMap<String, VersionVector> {
+    mine.iter()
+        .filter(|t| filter.is_empty() || filter.contains(t))
+        .map(|t| {
+            let vv = theirs
+                .iter()
+                .find(|(n, _)| n == t)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            (t.clone(), vv)
+        })
+        .collect()
+}
+
+/// Checks an incoming batch against the stream it arrived on.
+fn check_batch(
+    b: &ChangeBatch,
+    shard: &str,
+    filter: &[String],
+    peer: &Peer,
+) -> std::result::Result<(), ErrorMsg> {
+    let bad = |code, message| {
+        Err(ErrorMsg {
+            code,
+            message,
+            retry_after_ms: None,
+        })
+    };
+    if b.shard != shard {
+        return bad(
+            ErrorCode::BadBatch,
+            format!(
+                "batch for shard {:?} on the stream of shard {shard:?}",
+                b.shard
+            ),
+        );
+    }
+    if !peer.may_push && !b.changes.is_empty() {
+        return bad(
+            ErrorCode::Forbidden,
+            "this token is read-only: pushed changes are refused".into(),
+        );
+    }
+    if !filter.is_empty() {
+        if let Some(c) = b.changes.iter().find(|c| !filter.contains(&c.table)) {
+            return bad(
+                ErrorCode::BadBatch,
+                format!("batch names table {:?} outside this sync's tables", c.table),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs the exchange of one shard.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn exchange(
+    handle: &StoreHandle,
+    peer: Peer,
+    shard: &str,
+    filter: &[String],
+    theirs: BTreeMap<String, VersionVector>,
+    mut reader: FrameReader,
+    mut writer: FrameWriter,
+    limits: StreamLimits,
+    progress: Option<ProgressFn>,
+) -> Result<ShardResult> {
+    let mut result = ShardResult {
+        shard: shard.to_string(),
+        ..Default::default()
+    };
+    // Producer: a read-only connection streams what the peer lacks.
+    let (batch_tx, mut batch_rx) = mpsc::channel::<Result<ChangeBatch>>(2);
+    let path = handle.path().to_path_buf();
+    let shard_name = shard.to_string();
+    let producer = tokio::task::spawn_blocking(move || {
+        let store = match Store::open(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = batch_tx.blocking_send(Err(e.into()));
+                return;
+            }
+        };
+        let stream = match store.changes_since_tables(&shard_name, &theirs, limits) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = batch_tx.blocking_send(Err(e.into()));
+                return;
+            }
+        };
+        for b in stream {
+            if batch_tx.blocking_send(b.map_err(SyncError::from)).is_err() {
+                return;
+            }
+        }
+    });
+    // Sender: batches, then Done, then the final report (or an error).
+    let (final_tx, mut final_rx) = oneshot::channel::<Final>();
+    let send_progress = progress.clone();
+    let send_shard = shard.to_string();
+    let sender = tokio::spawn(async move {
+        let (mut batches, mut changes) = (0u64, 0u64);
+        // A report that arrives while batches are still going out waits
+        // for them; an error cuts the stream short.
+        let mut held: Option<Final> = None;
+        let mut final_seen = false;
+        loop {
+            tokio::select! {
+                biased;
+                f = &mut final_rx, if !final_seen => {
+                    final_seen = true;
+                    match f {
+                        Ok(Final::Error(e)) => {
+                            writer.send(&Message::Error(e)).await?;
+                            let _ = writer.finish();
+                            return Ok::<_, SyncError>((batches, changes, writer.bytes, false));
+                        }
+                        Ok(report) => held = Some(report),
+                        Err(_) => {
+                            let _ = writer.finish();
+                            return Ok((batches, changes, writer.bytes, false));
+                        }
+                    }
+                }
+                b = batch_rx.recv() => match b {
+                    Some(Ok(b)) => {
+                        batches += 1;
+                        changes += b.changes.len() as u64;
+                        writer.send(&Message::Batch(b)).await?;
+                        if let Some(p) = &send_progress {
+                            p(Progress::Pushing { shard: send_shard.clone(), changes });
+                        }
+                    }
+                    Some(Err(e)) => {
+                        writer.fail(ErrorCode::Internal, format!("reading changes: {e}")).await;
+                        return Err(e);
+                    }
+                    None => break,
+                }
+            }
+        }
+        writer
+            .send(&Message::Done(Done { batches, changes }))
+            .await?;
+        let last = match held {
+            Some(f) => Some(f),
+            None if !final_seen => final_rx.await.ok(),
+            None => None,
+        };
+        match last {
+            Some(Final::Report(r)) => writer.send(&Message::Report(r)).await?,
+            Some(Final::Error(e)) => writer.send(&Message::Error(e)).await?,
+            None => {}
+        }
+        let _ = writer.finish();
+        Ok((batches, changes, writer.bytes, true))
+    });
+    // Receiver: apply each batch in its own transaction as it arrives.
+    let outcome: Result<()> = async {
+        loop {
+            match reader.next().await? {
+                Some(Message::Batch(b)) => {
+                    if let Err(e) = check_batch(&b, shard, filter, &peer) {
+                        return Err(SyncError::Rejected {
+                            code: e.code,
+                            message: e.message,
+                        });
+                    }
+                    result.batches_received += 1;
+                    result.changes_received += b.changes.len() as u64;
+                    if let Some(p) = &progress {
+                        p(Progress::Pulling {
+                            shard: shard.to_string(),
+                            changes: result.changes_received,
+                        });
+                    }
+                    let name = peer.name.clone();
+                    let applied = handle.call(move |s| s.apply_from(&b, Some(&name))).await?;
+                    match applied {
+                        Ok(r) => {
+                            result.local.add(&r);
+                            if let Some(p) = &progress {
+                                p(Progress::Applying {
+                                    shard: shard.to_string(),
+                                    applied: result.local.applied,
+                                });
+                            }
+                        }
+                        Err(e) => return Err(SyncError::Store(e)),
+                    }
+                }
+                Some(Message::Done(_)) => return Ok(()),
+                Some(Message::Error(e)) => return Err(peer_error(e)),
+                Some(other) => {
+                    return Err(SyncError::Protocol(format!(
+                        "unexpected {} message on a shard stream",
+                        other.kind().1
+                    )))
+                }
+                None => {
+                    return Err(SyncError::Protocol(
+                        "the peer ended the shard stream before it was done".into(),
+                    ))
+                }
+            }
+        }
+    }
+    .await;
+    match outcome {
+        Ok(()) => {
+            let _ = final_tx.send(Final::Report(to_report(&result.local)));
+        }
+        Err(e) => {
+            let msg = match &e {
+                SyncError::Peer { .. } | SyncError::Refused { .. } => None,
+                other => Some(ErrorMsg {
+                    code: error_code(other),
+                    message: other.to_string(),
+                    retry_after_ms: None,
+                }),
+            };
+            if let Some(m) = msg {
+                let _ = final_tx.send(Final::Error(m));
+            }
+            reader.stop(1);
+            let _ = sender.await;
+            producer.abort();
+            return Err(e);
+        }
+    }
+    let remote = match reader.next().await? {
+        Some(Message::Report(r)) => r,
+        Some(Message::Error(e)) => return Err(peer_error(e)),
+        Some(other) => {
+            return Err(SyncError::Protocol(format!(
+                "expected the peer's report, got {}",
+                other.kind().1
+            )))
+        }
+        None => {
+            return Err(SyncError::Protocol(
+                "the peer ended the shard stream without its report".into(),
+            ))
+        }
+    };
+    let (batches, changes, bytes_sent, _) = sender
+        .await
+        .map_err(|e| SyncError::Protocol(e.to_string()))??;
+    let _ = producer.await;
+    result.remote = remote;
+    result.batches_sent = batches;
+    result.changes_sent = changes;
+    result.bytes_sent = bytes_sent;
+    result.bytes_received = reader.bytes;
+    Ok(result)
+}
+
+/// The wire code for a local failure.
+fn error_code(e: &SyncError) -> ErrorCode {
+    match e {
+        SyncError::Wire(_) => ErrorCode::BadFrame,
+        SyncError::Protocol(_) => ErrorCode::Protocol,
+        SyncError::Store(StoreError::BatchRefused(_) | StoreError::Core(_)) => ErrorCode::BadBatch,
+        SyncError::Rejected { code, .. } => *code,
+        SyncError::Refused { code, .. } | SyncError::Peer { code, .. } => *code,
+        _ => ErrorCode::Internal,
+    }
+}

@@ -1,0 +1,114 @@
+//! Table definitions exchanged at the start of a shard's stream, so a
+//! replica lacking a table (or a whole shard) creates it before data flows.
+
+use quiver_core::wire::{ColumnDef, TableDef};
+use quiver_store::{CollectionSpec, ColumnInfo, Store, TableInfo, TableKind};
+
+use crate::{Result, SyncError};
+
+fn col_def(c: &ColumnInfo) -> ColumnDef {
+    ColumnDef {
+        name: c.name.clone(),
+        decl_type: c.decl_type.clone(),
+        not_null: c.not_null,
+    }
+}
+
+fn col_info(c: &ColumnDef) -> ColumnInfo {
+    ColumnInfo {
+        name: c.name.clone(),
+        decl_type: c.decl_type.clone(),
+        not_null: c.not_null,
+    }
+}
+
+/// The wire definition of a table.
+pub fn def_of(t: &TableInfo) -> TableDef {
+    TableDef {
+        name: t.name.clone(),
+        kind: match t.kind {
+            TableKind::Table => "table".into(),
+            TableKind::Collection => "collection".into(),
+        },
+        strategy: t.strategy.to_string(),
+        pk: t.pk.iter().map(col_def).collect(),
+        columns: t.columns.iter().map(col_def).collect(),
+        dim: t.dim.map(|d| d as u32),
+        metric: t.metric.clone(),
+    }
+}
+
+/// The definitions of a shard's tables.
+pub fn shard_defs(store: &Store, shard: &str) -> Result<Vec<TableDef>> {
+    Ok(store.shard_tables(shard)?.iter().map(def_of).collect())
+}
+
+/// The shard's schema version, as stated in the handshake.
+pub fn schema_version(tables: &[TableInfo]) -> u64 {
+    tables
+        .iter()
+        .map(|t| t.schema_version as u64)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Creates the tables of `defs` that the store lacks; refuses a table that
+/// exists with a different shape.
+pub fn ensure_tables(store: &mut Store, shard: &str, defs: &[TableDef]) -> Result<Vec<String>> {
+    let mut created = Vec::new();
+    for d in defs {
+        let mismatch = |why: String| {
+            SyncError::Protocol(format!(
+                "schema of table {:?} differs from the peer's: {why}",
+                d.name
+            ))
+        };
+        match store.table(&d.name) {
+            Ok(t) => {
+                let mine = def_of(&t);
+                if t.shard != shard {
+                    return Err(mismatch(format!("here it belongs to shard {:?}", t.shard)));
+                }
+                if mine.kind != d.kind
+                    || mine.pk != d.pk
+                    || mine.columns != d.columns
+                    || mine.dim != d.dim
+                {
+                    return Err(mismatch(format!("here {mine:?}, there {d:?}")));
+                }
+                if mine.strategy != d.strategy {
+                    return Err(mismatch(format!(
+                        "strategy {} here, {} there",
+                        mine.strategy, d.strategy
+                    )));
+                }
+            }
+            Err(quiver_store::StoreError::NoSuchTable(_)) => {
+                let strategy = d
+                    .strategy
+                    .parse()
+                    .map_err(|e| SyncError::Protocol(format!("{e}")))?;
+                if d.kind == "collection" {
+                    let dim = d
+                        .dim
+                        .ok_or_else(|| mismatch("collection without a dimension".into()))?
+                        as usize;
+                    store.create_collection(&CollectionSpec {
+                        name: d.name.clone(),
+                        dim,
+                        metric: d.metric.as_deref().unwrap_or("cosine").parse()?,
+                        strategy,
+                        shard: shard.to_string(),
+                    })?;
+                } else {
+                    let pk: Vec<ColumnInfo> = d.pk.iter().map(col_info).collect();
+                    let cols: Vec<ColumnInfo> = d.columns.iter().map(col_info).collect();
+                    store.create_table(&d.name, shard, strategy, &pk, &cols)?;
+                }
+                created.push(d.name.clone());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(created)
+}

@@ -1,0 +1,352 @@
+//! The server: accepts connections, checks the handshake (nothing else is
+//! read before the token passes), then serves one shard per stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quiver_core::frame::{HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT};
+use quiver_core::wire::{
+    constant_time_eq, ErrorCode, ErrorMsg, Message, ShardInfo, SyncReply, Welcome,
+    DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+};
+use quiver_store::StreamLimits;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::actor::StoreHandle;
+use crate::framed::{FrameReader, FrameWriter};
+use crate::protocol::{exchange, their_versions, Peer};
+use crate::schema::{ensure_tables, schema_version, shard_defs};
+use crate::tls::Identity;
+use crate::transport::{server_endpoint, TransportLimits};
+use crate::{Result, SyncError};
+
+/// How a server runs.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub listen: SocketAddr,
+    /// Required from clients when set.
+    pub token: Option<String>,
+    pub node: String,
+    pub limits: TransportLimits,
+    pub max_frame: u32,
+    pub compression: bool,
+    pub stream: StreamLimits,
+    /// How long a client may take to complete the handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            token: None,
+            node: "quiver".into(),
+            limits: TransportLimits::default(),
+            max_frame: DEFAULT_MAX_FRAME,
+            compression: true,
+            stream: StreamLimits::default(),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A bound server.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    ctx: Arc<Ctx>,
+}
+
+struct Ctx {
+    handle: StoreHandle,
+    opts: ServerOptions,
+    shutdown: CancellationToken,
+}
+
+/// Codes a connection is closed with.
+pub(crate) const CLOSE_REFUSED: u32 = 1;
+pub(crate) const CLOSE_SHUTDOWN: u32 = 2;
+
+impl Server {
+    /// Binds the endpoint (inside a tokio runtime).
+    pub fn bind(handle: StoreHandle, id: &Identity, opts: ServerOptions) -> Result<Server> {
+        let endpoint = server_endpoint(opts.listen, id, &opts.limits)?;
+        Ok(Server {
+            endpoint,
+            ctx: Arc::new(Ctx {
+                handle,
+                opts,
+                shutdown: CancellationToken::new(),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Cancelling it stops the server.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.ctx.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled.
+    pub async fn run(self) -> Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = self.ctx.shutdown.cancelled() => break,
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        let ctx = self.ctx.clone();
+                        let remote = incoming.remote_address();
+                        tasks.spawn(async move {
+                            if let Err(e) = serve_connection(incoming, ctx).await {
+                                debug!(%remote, "connection ended: {e}");
+                            }
+                        }.instrument(tracing::info_span!("conn", %remote)));
+                    }
+                    None => break,
+                },
+            }
+        }
+        self.endpoint
+            .close(CLOSE_SHUTDOWN.into(), b"server shutting down");
+        // Let in-flight batches commit or roll back, within a bound.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        Ok(())
+    }
+}
+
+async fn refuse(
+    writer: &mut FrameWriter,
+    conn: &quinn::Connection,
+    code: ErrorCode,
+    message: String,
+) -> SyncError {
+    warn!("refusing connection: {message}");
+    let _ = writer
+        .send(&Message::Refused(ErrorMsg {
+            code,
+            message: message.clone(),
+            retry_after_ms: None,
+        }))
+        .await;
+    let _ = writer.finish();
+    // Give the refusal time to arrive before closing.
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    conn.close(CLOSE_REFUSED.into(), b"refused");
+    SyncError::Refused { code, message }
+}
+
+async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
+    let connecting = incoming.accept()?;
+    let conn = match connecting.into_0rtt() {
+        Ok((conn, _)) => conn,
+        Err(connecting) => connecting.await?,
+    };
+    let (send, recv) = tokio::time::timeout(ctx.opts.handshake_timeout, conn.accept_bi())
+        .await
+        .map_err(|_| SyncError::Timeout("waiting for the handshake".into()))??;
+    let mut reader = FrameReader::new(recv, HANDSHAKE_MAX_FRAME, false);
+    let mut writer = FrameWriter::new(send, false);
+    let hello = match tokio::time::timeout(ctx.opts.handshake_timeout, reader.next()).await {
+        Ok(Ok(Some(Message::Hello(h)))) => h,
+        Ok(Ok(Some(other))) => {
+            return Err(refuse(
+                &mut writer,
+                &conn,
+                ErrorCode::Protocol,
+                format!("expected hello, got {}", other.kind().1),
+            )
+            .await)
+        }
+        Ok(Ok(None)) => return Err(SyncError::Protocol("client closed before hello".into())),
+        Ok(Err(e)) => {
+            return Err(refuse(
+                &mut writer,
+                &conn,
+                ErrorCode::Protocol,
+                format!("bad hello: {e}"),
+            )
+            .await)
+        }
+        Err(_) => {
+            return Err(refuse(
+                &mut writer,
+                &conn,
+                ErrorCode::Protocol,
+                "no hello in time".into(),
+            )
+            .await)
+        }
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        let m = format!(
+            "protocol version {} is not supported: this server speaks version {PROTOCOL_VERSION}",
+            hello.protocol
+        );
+        return Err(refuse(&mut writer, &conn, ErrorCode::Protocol, m).await);
+    }
+    if let Some(expected) = &ctx.opts.token {
+        let given = hello.token.as_deref().unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            let m = if hello.token.is_none() {
+                "a token is required"
+            } else {
+                "invalid token"
+            };
+            return Err(refuse(&mut writer, &conn, ErrorCode::Unauthorized, m.into()).await);
+        }
+    }
+    let max_frame = hello
+        .max_frame
+        .min(ctx.opts.max_frame)
+        .clamp(HANDSHAKE_MAX_FRAME as u32, MAX_FRAME_LIMIT as u32) as usize;
+    let compression = hello.compression && ctx.opts.compression;
+    let shards = ctx
+        .handle
+        .call(|s| -> Result<Vec<ShardInfo>> {
+            let mut out = Vec::new();
+            for name in s.shards()? {
+                let tables = s.shard_tables(&name)?;
+                out.push(ShardInfo {
+                    schema_version: schema_version(&tables),
+                    name,
+                });
+            }
+            Ok(out)
+        })
+        .await??;
+    writer
+        .send(&Message::Welcome(Welcome {
+            protocol: PROTOCOL_VERSION,
+            site: ctx.handle.site_id(),
+            node: ctx.opts.node.clone(),
+            shards,
+            max_frame: max_frame as u32,
+            compression,
+        }))
+        .await?;
+    info!(node = %hello.node, site = %hello.site, "peer connected");
+    let peer = Peer {
+        name: hello.node.clone(),
+        may_push: true,
+    };
+    // The handshake stream stays open for pings.
+    tokio::spawn(async move {
+        while let Ok(Some(Message::Ping(n))) = reader.next().await {
+            if writer.send(&Message::Pong(n)).await.is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => {
+                conn.close(CLOSE_SHUTDOWN.into(), b"server shutting down");
+                return Ok(());
+            }
+            stream = conn.accept_bi() => {
+                let (send, recv) = match stream {
+                    Ok(s) => s,
+                    Err(e) => return Err(e.into()),
+                };
+                let ctx = ctx.clone();
+                let peer = peer.clone();
+                tokio::spawn(async move {
+                    let reader = FrameReader::new(recv, max_frame, compression);
+                    let writer = FrameWriter::new(send, compression);
+                    match serve_shard(ctx, peer, reader, writer).await {
+                        Ok(r) => info!(shard = %r.shard, sent = r.changes_sent, received = r.changes_received, "shard synced"),
+                        Err(e) => warn!("shard stream failed: {e}"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn serve_shard(
+    ctx: Arc<Ctx>,
+    peer: Peer,
+    mut reader: FrameReader,
+    mut writer: FrameWriter,
+) -> Result<crate::ShardResult> {
+    let req = match reader.expect("a sync request").await? {
+        Message::SyncRequest(r) => r,
+        other => {
+            let m = format!("expected a sync request, got {}", other.kind().1);
+            writer.fail(ErrorCode::Protocol, m.clone()).await;
+            return Err(SyncError::Protocol(m));
+        }
+    };
+    let shard = req.shard.clone();
+    let schema = req.schema.clone();
+    let may_push = peer.may_push;
+    let prepared = ctx
+        .handle
+        .call(move |s| -> Result<_> {
+            if may_push && !schema.is_empty() {
+                ensure_tables(s, &shard, &schema)?;
+            }
+            let defs = shard_defs(s, &shard)?;
+            let versions = s.table_versions(&shard)?;
+            Ok((defs, versions))
+        })
+        .await?;
+    let (defs, versions) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            writer.fail(ErrorCode::Protocol, e.to_string()).await;
+            return Err(e);
+        }
+    };
+    if defs.is_empty() {
+        let m = format!("this server holds no shard {:?}", req.shard);
+        writer.fail(ErrorCode::UnknownShard, m.clone()).await;
+        return Err(SyncError::Peer {
+            code: ErrorCode::UnknownShard,
+            message: m,
+            retry_after_ms: None,
+        });
+    }
+    if let Some(t) = req
+        .tables
+        .iter()
+        .find(|t| !defs.iter().any(|d| &d.name == *t))
+    {
+        let m = format!("shard {:?} has no table {t:?}", req.shard);
+        writer.fail(ErrorCode::UnknownShard, m.clone()).await;
+        return Err(SyncError::Protocol(m));
+    }
+    let names: Vec<String> = defs.iter().map(|d| d.name.clone()).collect();
+    let mine: Vec<(String, _)> = versions
+        .into_iter()
+        .filter(|(t, _)| req.tables.is_empty() || req.tables.contains(t))
+        .collect();
+    writer
+        .send(&Message::SyncReply(SyncReply {
+            versions: mine,
+            schema: defs,
+        }))
+        .await?;
+    let theirs = their_versions(&names, &req.versions, &req.tables);
+    exchange(
+        &ctx.handle,
+        peer,
+        &req.shard,
+        &req.tables,
+        theirs,
+        reader,
+        writer,
+        ctx.opts.stream,
+        None,
+    )
+    .await
+}

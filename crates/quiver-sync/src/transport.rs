@@ -1,0 +1,83 @@
+//! QUIC endpoints with deliberate transport settings.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+
+use crate::tls::{self, Identity, SeenFingerprint, Trust};
+use crate::{Result, SyncError};
+
+/// Transport limits shared by both ends.
+#[derive(Debug, Clone)]
+pub struct TransportLimits {
+    /// A silent connection is closed after this long.
+    pub idle_timeout: Duration,
+    /// Keep-alive pings keep a quiet link open (well under the idle timeout).
+    pub keep_alive: Duration,
+    /// Concurrent bidirectional streams a peer may open (one per shard, plus control).
+    pub max_streams: u32,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            max_streams: 64,
+        }
+    }
+}
+
+fn transport(limits: &TransportLimits) -> Result<Arc<quinn::TransportConfig>> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        limits
+            .idle_timeout
+            .try_into()
+            .map_err(|_| SyncError::Tls("idle timeout too large".into()))?,
+    ));
+    t.keep_alive_interval(Some(limits.keep_alive));
+    t.max_concurrent_bidi_streams(limits.max_streams.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Room for a few large batches in flight per stream and connection.
+    t.stream_receive_window((8u32 << 20).into());
+    t.receive_window((32u32 << 20).into());
+    t.send_window(32 << 20);
+    Ok(Arc::new(t))
+}
+
+/// A server endpoint bound to `addr`.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    id: &Identity,
+    limits: &TransportLimits,
+) -> Result<quinn::Endpoint> {
+    let crypto = QuicServerConfig::try_from(tls::server_crypto(id)?)
+        .map_err(|e| SyncError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport(limits)?);
+    Ok(quinn::Endpoint::server(cfg, addr)?)
+}
+
+/// A client endpoint on an ephemeral port of the right address family.
+pub fn client_endpoint(
+    for_addr: SocketAddr,
+    trust: &Trust,
+    limits: &TransportLimits,
+) -> Result<(quinn::Endpoint, SeenFingerprint)> {
+    let (crypto, seen) = tls::client_crypto(trust)?;
+    let crypto = QuicClientConfig::try_from(crypto).map_err(|e| SyncError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport(limits)?);
+    let bind: SocketAddr = if for_addr.is_ipv6() {
+        "[::]:0".parse()
+    } else {
+        "0.0.0.0:0".parse()
+    }
+    .map_err(|_| SyncError::Tls("bad bind address".into()))?;
+    let mut ep = quinn::Endpoint::client(bind)?;
+    ep.set_default_client_config(cfg);
+    Ok((ep, seen))
+}

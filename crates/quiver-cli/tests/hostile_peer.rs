@@ -1,0 +1,145 @@
+//! A peer that passes the handshake and then misbehaves: a corrupt frame,
+//! an oversize frame, a batch for an unknown table. Each gets a clear error
+//! on its stream, nothing is applied, and the server keeps serving.
+
+mod common;
+
+use common::Node;
+use quiver_core::frame::encode;
+use quiver_core::wire::{ErrorCode, Hello, Message, SyncRequest, PROTOCOL_VERSION};
+use quiver_core::{Change, ChangeBatch, Hlc, SiteId, Value};
+use quiver_sync::framed::{FrameReader, FrameWriter};
+use quiver_sync::transport::{client_endpoint, TransportLimits};
+use quiver_sync::Trust;
+
+enum Attack {
+    CorruptFrame,
+    OversizeFrame,
+    UnknownTable,
+}
+
+/// Handshakes, opens the shard stream, attacks, and returns the error code
+/// the server answered with.
+async fn attack(addr: &str, how: Attack) -> ErrorCode {
+    let sock: std::net::SocketAddr = addr.parse().unwrap();
+    let (ep, _) = client_endpoint(sock, &Trust::Insecure, &TransportLimits::default()).unwrap();
+    let conn = ep.connect(sock, "localhost").unwrap().await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let (mut r, mut w) = (
+        FrameReader::new(recv, 1 << 20, false),
+        FrameWriter::new(send, false),
+    );
+    w.send(&Message::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        site: SiteId([7; 16]),
+        node: "mallory".into(),
+        token: None,
+        shards: vec![],
+        max_frame: 1 << 20,
+        compression: false,
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(r.next().await.unwrap(), Some(Message::Welcome(_))));
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let (mut r, mut w) = (
+        FrameReader::new(recv, 1 << 20, false),
+        FrameWriter::new(send, false),
+    );
+    w.send(&Message::SyncRequest(SyncRequest {
+        shard: "default".into(),
+        tables: vec![],
+        versions: vec![],
+        want_schema: false,
+        schema: vec![],
+    }))
+    .await
+    .unwrap();
+    match how {
+        Attack::CorruptFrame => {
+            let mut f = encode(6, &[0x90, 0x91, 0x92], false);
+            let n = f.len();
+            f[n - 1] ^= 0x55;
+            w.send_raw(&f).await.unwrap();
+        }
+        Attack::OversizeFrame => {
+            let mut h = (512u32 << 20).to_be_bytes().to_vec();
+            h.extend([6, 0, 0, 0, 0, 0]);
+            w.send_raw(&h).await.unwrap();
+        }
+        Attack::UnknownTable => {
+            let change = |col: Option<&str>| Change {
+                table: if col.is_some() {
+                    "docs".into()
+                } else {
+                    "nope".into()
+                },
+                pk: vec![Value::Text("evil".into())],
+                column: col.map(Into::into),
+                value: if col.is_some() {
+                    Value::Blob(vec![0; 8])
+                } else {
+                    Value::Null
+                },
+                hlc: Hlc::new(1, 0),
+                site: SiteId([7; 16]),
+                db_version: 1,
+                cl: 1,
+                replaces: Default::default(),
+            };
+            // A valid row for docs, then a change for a table that does not exist.
+            let mut good = change(Some("vector"));
+            good.column = None;
+            good.value = Value::Null;
+            let batch = ChangeBatch {
+                shard: "default".into(),
+                changes: vec![good, change(Some("vector")), change(None)],
+                covered: vec![],
+            };
+            w.send(&Message::Batch(batch)).await.unwrap();
+        }
+    }
+    // Read what the server says until its error (its own batches may come first).
+    loop {
+        match r.next().await {
+            Ok(Some(Message::Error(e))) => {
+                assert!(!e.message.is_empty());
+                return e.code;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the server closed the stream without saying why"),
+            Err(e) => panic!("reading the server's answer: {e}"),
+        }
+    }
+}
+
+#[test]
+fn misbehaving_peers_get_clear_errors_and_change_nothing() {
+    let a = Node::new("a");
+    a.q(&["collection", "create", "docs", "--dim", "2"]);
+    a.q(&["put", "docs", "x", "--vector", "[1,2]"]);
+    let before = a.export("docs");
+    let s = a.serve(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(
+        rt.block_on(attack(&s.addr, Attack::CorruptFrame)),
+        ErrorCode::BadFrame
+    );
+    assert_eq!(
+        rt.block_on(attack(&s.addr, Attack::OversizeFrame)),
+        ErrorCode::BadFrame
+    );
+    assert_eq!(
+        rt.block_on(attack(&s.addr, Attack::UnknownTable)),
+        ErrorCode::BadBatch
+    );
+    assert_eq!(
+        a.export("docs"),
+        before,
+        "nothing of the hostile batches was applied"
+    );
+    // The server still serves honest peers.
+    let b = Node::new("b");
+    b.q(&["sync", &s.addr, "--pin", &s.fp]);
+    assert_eq!(b.export("docs"), before);
+}

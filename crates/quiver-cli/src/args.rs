@@ -96,6 +96,12 @@ pub enum Command {
     Search(SearchArgs),
     /// Site id, shards, tables with row counts, version vectors.
     Status,
+    /// Three replicas syncing over QUIC on loopback, with conflicts; exits 0 if they converge.
+    Demo {
+        /// Rows each replica writes.
+        #[arg(long, default_value_t = 500)]
+        rows: usize,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),

@@ -160,6 +160,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Conflicts(c) => conflicts(open()?, c, json)?,
         Command::Search(a) => crate::search_cmd::run(&open()?, a, json)?,
         Command::Status => status(&open()?, json)?,
+        Command::Demo { rows } => crate::demo::run(rows, json)?,
         Command::Bench(BenchCmd::Write { n, dim, batch }) => {
             crate::bench::write(n, dim, batch, json)?
         }

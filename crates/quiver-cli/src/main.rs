@@ -4,6 +4,7 @@ mod args;
 mod bench;
 mod bench_search;
 mod commands;
+mod demo;
 mod net;
 mod output;
 mod search_cmd;

@@ -215,3 +215,19 @@ fn bench_write_prints_the_ratio() {
     }
     assert_eq!(v["n"], 300);
 }
+
+#[test]
+fn demo_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(
+        &dir.path().join("unused.db"),
+        &["--json", "demo", "--rows", "60"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["converged"], true, "{out}");
+    assert!(
+        v["conflicts"].as_u64().unwrap() > 0,
+        "the demo makes conflicting writes: {out}"
+    );
+    assert_eq!(v["rows"], 3 * 60 + 6 + 1);
+}

@@ -77,7 +77,10 @@ pub struct SyncResult {
     pub bytes_received: u64,
     pub duration_ms: u64,
     pub attempts: u32,
+    /// Whether the connection was resumed with 0-RTT.
     pub zero_rtt: bool,
+    /// Whether an open connection from an earlier sync was reused.
+    pub connection_reused: bool,
 }
 
 /// The outcome of a ping.
@@ -164,11 +167,17 @@ impl Client {
         }))
     }
 
-    async fn connect(&mut self, addr: &str, progress: &Option<ProgressFn>) -> Result<SocketAddr> {
+    /// Connects (or reuses a live connection); returns the address and
+    /// whether the connection was reused.
+    async fn connect(
+        &mut self,
+        addr: &str,
+        progress: &Option<ProgressFn>,
+    ) -> Result<(SocketAddr, bool)> {
         let (sock, server_name) = resolve(addr).await?;
         if let Some(link) = self.links.get(&sock) {
             if link.conn.close_reason().is_none() {
-                return Ok(sock);
+                return Ok((sock, true));
             }
             self.links.remove(&sock);
         }
@@ -276,7 +285,7 @@ impl Client {
                 connect_ms,
             },
         );
-        Ok(sock)
+        Ok((sock, false))
     }
 
     /// Syncs with the server at `addr`, retrying transient failures.
@@ -334,7 +343,7 @@ impl Client {
         progress: &Option<ProgressFn>,
     ) -> Result<SyncResult> {
         let started = Instant::now();
-        let sock = self.connect(addr, progress).await?;
+        let (sock, reused) = self.connect(addr, progress).await?;
         let link = self
             .links
             .get(&sock)
@@ -414,7 +423,8 @@ impl Client {
         let mut result = SyncResult {
             peer_node: link.welcome.node.clone(),
             peer_site: link.welcome.site.to_hex(),
-            zero_rtt: link.zero_rtt,
+            zero_rtt: link.zero_rtt && !reused,
+            connection_reused: reused,
             ..Default::default()
         };
         let mut first_error = None;
@@ -446,7 +456,7 @@ impl Client {
 
     /// Measures the round trip of a ping over the handshaken connection.
     pub async fn ping(&mut self, addr: &str) -> Result<PingResult> {
-        let sock = self.connect(addr, &None).await?;
+        let (sock, _) = self.connect(addr, &None).await?;
         let link = self
             .links
             .get_mut(&sock)

@@ -1,0 +1,189 @@
+//! The library's client and server in one process, over real QUIC on loopback.
+
+use std::time::{Duration, Instant};
+
+use quiver_core::wire::ErrorCode;
+use quiver_store::{CollectionSpec, Record, Store};
+use quiver_sync::tls::{create_identity, identity_paths};
+use quiver_sync::{
+    Client, ClientOptions, Identity, Server, ServerOptions, StoreHandle, SyncError, SyncSpec, Trust,
+};
+
+struct Side {
+    _dir: tempfile::TempDir,
+    handle: StoreHandle,
+    id: Identity,
+    fp: String,
+}
+
+fn side(name: &str, rows: usize) -> Side {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join(format!("{name}.db"));
+    let mut s = Store::init(&db).unwrap();
+    s.create_collection(&CollectionSpec::new("docs", 2))
+        .unwrap();
+    let recs: Vec<Record> = (0..rows)
+        .map(|i| Record::new(&format!("{name}{i}"), vec![i as f32, 1.0]))
+        .collect();
+    s.put_many("docs", &recs).unwrap();
+    let fp = create_identity(&db, &[]).unwrap();
+    let (c, k) = identity_paths(&db);
+    Side {
+        handle: StoreHandle::spawn(s),
+        id: Identity::load(&c, &k).unwrap(),
+        fp,
+        _dir: dir,
+    }
+}
+
+fn serve(
+    s: &Side,
+    listen: &str,
+    token: Option<&str>,
+) -> (String, tokio_util::sync::CancellationToken) {
+    let opts = ServerOptions {
+        listen: listen.parse().unwrap(),
+        token: token.map(Into::into),
+        node: "server".into(),
+        ..Default::default()
+    };
+    let server = Server::bind(s.handle.clone(), &s.id, opts).unwrap();
+    let addr = server.local_addr().unwrap().to_string();
+    let stop = server.shutdown_token();
+    tokio::spawn(server.run());
+    (addr, stop)
+}
+
+async fn count(h: &StoreHandle) -> u64 {
+    h.call(|s| s.count("docs")).await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuses_connections_and_resumes_with_0rtt() {
+    let a = side("a", 10);
+    let b = side("b", 5);
+    let (addr, _stop) = serve(&a, "127.0.0.1:0", None);
+    let mut client = Client::new(
+        b.handle.clone(),
+        ClientOptions {
+            trust: Trust::Pin(a.fp.clone()),
+            ..Default::default()
+        },
+    );
+    let first = client
+        .sync(&addr, &SyncSpec::default(), None)
+        .await
+        .unwrap();
+    assert_eq!((first.changes_received, first.changes_sent), (40, 20));
+    assert!(!first.connection_reused);
+    assert_eq!(count(&a.handle).await, 15);
+    assert_eq!(count(&b.handle).await, 15);
+    let second = client
+        .sync(&addr, &SyncSpec::default(), None)
+        .await
+        .unwrap();
+    assert!(second.connection_reused, "the open connection is reused");
+    assert_eq!(second.changes_received + second.changes_sent, 0);
+    let ping = client.ping(&addr).await.unwrap();
+    assert!(ping.rtt_ms > 0.0);
+    // A fresh connection after closing resumes the TLS session with 0-RTT.
+    client.close().await;
+    let third = client
+        .sync(&addr, &SyncSpec::default(), None)
+        .await
+        .unwrap();
+    assert!(!third.connection_reused);
+    assert!(third.zero_rtt, "reconnect used 0-RTT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_transient_failures_with_backoff_until_the_server_is_back() {
+    let a = side("a", 3);
+    let b = side("b", 0);
+    // Find a free port, then leave it closed for a while.
+    let (addr, stop) = serve(&a, "127.0.0.1:0", None);
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut client = Client::new(
+        b.handle.clone(),
+        ClientOptions {
+            trust: Trust::Pin(a.fp.clone()),
+            connect_timeout: Duration::from_millis(300),
+            retries: 6,
+            ..Default::default()
+        },
+    );
+    let restart_addr = addr.clone();
+    let a_handle = a.handle.clone();
+    let a_id = Identity::load(
+        &identity_paths(&a.handle.path().to_path_buf()).0,
+        &identity_paths(a.handle.path()).1,
+    )
+    .unwrap();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let opts = ServerOptions {
+            listen: restart_addr.parse().unwrap(),
+            ..Default::default()
+        };
+        let server = Server::bind(a_handle, &a_id, opts).unwrap();
+        server.run().await.unwrap();
+    });
+    let r = client
+        .sync(&addr, &SyncSpec::default(), None)
+        .await
+        .unwrap();
+    assert!(r.attempts > 1, "it retried ({} attempts)", r.attempts);
+    assert_eq!(count(&b.handle).await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn does_not_retry_refusals() {
+    let a = side("a", 1);
+    let b = side("b", 0);
+    let (addr, _stop) = serve(&a, "127.0.0.1:0", Some("secret"));
+    let mut client = Client::new(
+        b.handle.clone(),
+        ClientOptions {
+            trust: Trust::Pin(a.fp.clone()),
+            token: Some("guess".into()),
+            retries: 5,
+            ..Default::default()
+        },
+    );
+    let t = Instant::now();
+    let e = client
+        .sync(&addr, &SyncSpec::default(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SyncError::Refused {
+                code: ErrorCode::Unauthorized,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "no backoff on a refusal"
+    );
+    let state = b.handle.call(|s| s.sync_state()).await.unwrap().unwrap();
+    assert!(state.last_error.unwrap().contains("invalid token"));
+    // An untrusted certificate is not retried either.
+    let mut client = Client::new(
+        b.handle.clone(),
+        ClientOptions {
+            token: Some("secret".into()),
+            retries: 5,
+            ..Default::default()
+        },
+    );
+    let e = client
+        .sync(&addr, &SyncSpec::default(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SyncError::Untrusted(_)), "{e}");
+}

@@ -116,7 +116,7 @@ async fn retries_transient_failures_with_backoff_until_the_server_is_back() {
     let restart_addr = addr.clone();
     let a_handle = a.handle.clone();
     let a_id = Identity::load(
-        &identity_paths(&a.handle.path().to_path_buf()).0,
+        &identity_paths(a.handle.path()).0,
         &identity_paths(a.handle.path()).1,
     )
     .unwrap();

@@ -113,6 +113,36 @@ async fn attack(addr: &str, how: Attack) -> ErrorCode {
     }
 }
 
+/// A client speaking another protocol version is refused with both named.
+async fn future_client(addr: &str) -> String {
+    let sock: std::net::SocketAddr = addr.parse().unwrap();
+    let (ep, _) = client_endpoint(sock, &Trust::Insecure, &TransportLimits::default()).unwrap();
+    let conn = ep.connect(sock, "localhost").unwrap().await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let (mut r, mut w) = (
+        FrameReader::new(recv, 1 << 20, false),
+        FrameWriter::new(send, false),
+    );
+    w.send(&Message::Hello(Hello {
+        protocol: 99,
+        site: SiteId([8; 16]),
+        node: "from-the-future".into(),
+        token: None,
+        shards: vec![],
+        max_frame: 1 << 20,
+        compression: false,
+    }))
+    .await
+    .unwrap();
+    match r.next().await.unwrap() {
+        Some(Message::Refused(e)) => {
+            assert_eq!(e.code, ErrorCode::Protocol);
+            e.message
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 #[test]
 fn misbehaving_peers_get_clear_errors_and_change_nothing() {
     let a = Node::new("a");
@@ -132,6 +162,11 @@ fn misbehaving_peers_get_clear_errors_and_change_nothing() {
     assert_eq!(
         rt.block_on(attack(&s.addr, Attack::UnknownTable)),
         ErrorCode::BadBatch
+    );
+    let m = rt.block_on(future_client(&s.addr));
+    assert!(
+        m.contains("99") && m.contains(&PROTOCOL_VERSION.to_string()),
+        "{m}"
     );
     assert_eq!(
         a.export("docs"),

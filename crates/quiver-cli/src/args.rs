@@ -121,6 +121,15 @@ pub struct ServeArgs {
     /// Private key (PEM); default: the one `quiver init` made beside the store.
     #[arg(long)]
     pub key: Option<std::path::PathBuf>,
+    /// Keep a live link to this peer, HOST:PORT or HOST:PORT@FINGERPRINT (repeatable).
+    #[arg(long = "peer", value_name = "ADDR[@PIN]")]
+    pub peers: Vec<String>,
+    /// Token to present to peers.
+    #[arg(long, env = "QUIVER_PEER_TOKEN")]
+    pub peer_token: Option<String>,
+    /// Do not verify peers' certificates (when no @PIN is given).
+    #[arg(long)]
+    pub peer_insecure: bool,
 }
 
 /// How to trust the server's certificate (verification is on by default).
@@ -155,6 +164,10 @@ pub struct SyncArgs {
     /// Retries of transient failures.
     #[arg(long, default_value_t = 4)]
     pub retries: u32,
+    /// Keep a live link after catching up: push and pull each change as it
+    /// commits, until interrupted.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 #[derive(Debug, Args)]

@@ -66,9 +66,20 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         node: node.clone(),
         ..Default::default()
     };
+    let mut peers = Vec::new();
+    for p in &a.peers {
+        let (addr, trust) = match p.split_once('@') {
+            Some((addr, pin)) => (addr.to_string(), Trust::Pin(pin.to_string())),
+            None if a.peer_insecure => (p.clone(), Trust::Insecure),
+            None => (p.clone(), Trust::Verify),
+        };
+        peers.push((addr, trust));
+    }
+    let peer_token = a.peer_token;
     let rt = runtime()?;
     rt.block_on(async move {
-        let server = Server::bind(StoreHandle::spawn(store), &id, opts)?;
+        let handle = StoreHandle::spawn(store);
+        let server = Server::bind(handle.clone(), &id, opts)?;
         let addr = server.local_addr()?;
         if json {
             output::json(&serde_json::json!({"listening": addr.to_string(), "node": node, "fingerprint": id.fingerprint()}))?;
@@ -78,9 +89,23 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         }
         std::io::stdout().flush()?;
         let token = server.shutdown_token();
+        // Live links to peers run until shutdown.
+        for (addr, trust) in peers {
+            let opts = ClientOptions { trust, token: peer_token.clone(), node: node.clone(), ..Default::default() };
+            let mut client = Client::new(handle.clone(), opts);
+            let stop = token.clone();
+            tokio::spawn(async move {
+                tracing::info!(%addr, "keeping a live link");
+                if let Err(e) = client.live(&addr, &SyncSpec::default(), stop, None).await {
+                    tracing::error!(%addr, "live link ended: {e}");
+                }
+                client.close().await;
+            });
+        }
+        let signal_token = token.clone();
         tokio::spawn(async move {
             shutdown_signal().await;
-            token.cancel();
+            signal_token.cancel();
         });
         server.run().await?;
         Ok::<_, anyhow::Error>(())
@@ -143,6 +168,12 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
         }) as quiver_sync::ProgressFn
     });
     let rt = runtime()?;
+    if a.watch {
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
+        return rt.block_on(watch_link(store, opts, a.addr, spec, json));
+    }
     let result = rt.block_on(async move {
         let mut client = Client::new(StoreHandle::spawn(store), opts);
         let r = client.sync(&a.addr, &spec, progress).await;
@@ -177,6 +208,40 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `quiver sync --watch`: a live link that prints each round until interrupted.
+async fn watch_link(
+    store: Store,
+    opts: ClientOptions,
+    addr: String,
+    spec: SyncSpec,
+    json: bool,
+) -> Result<()> {
+    let stop = quiver_sync::CancellationToken::new();
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal_stop.cancel();
+    });
+    let on_round: quiver_sync::RoundFn = Arc::new(move |r: &quiver_sync::SyncResult| {
+        if json {
+            let _ = output::json(r);
+        } else if r.changes_sent + r.changes_received > 0 {
+            println!(
+                "sent {} received {} applied {} conflicts {} ({} ms)",
+                r.changes_sent, r.changes_received, r.applied, r.conflicts_detected, r.duration_ms
+            );
+        }
+        let _ = std::io::stdout().flush();
+    });
+    let mut client = Client::new(StoreHandle::spawn(store), opts);
+    if !json {
+        println!("live link to {addr}; Ctrl-C to stop");
+    }
+    let r = client.live(&addr, &spec, stop, Some(on_round)).await;
+    client.close().await;
+    Ok(r?)
 }
 
 pub fn ping(db: &Path, addr: &str, token: Option<String>, t: &TrustArgs, json: bool) -> Result<()> {

@@ -147,6 +147,10 @@ pub enum Message {
     Ping(u64),
     Pong(u64),
     Error(ErrorMsg),
+    /// Opens a live stream: notify me when these shards change (empty: all).
+    Subscribe(Vec<String>),
+    /// Sent on a live stream: the sender has changes in these shards.
+    Notify(Vec<String>),
 }
 
 /// Why a message could not be decoded.
@@ -188,6 +192,8 @@ impl Message {
             Message::Ping(_) => (9, "ping"),
             Message::Pong(_) => (10, "pong"),
             Message::Error(_) => (11, "error"),
+            Message::Subscribe(_) => (12, "subscribe"),
+            Message::Notify(_) => (13, "notify"),
         }
     }
 
@@ -203,6 +209,7 @@ impl Message {
             Message::Done(m) => body(m)?,
             Message::Report(m) => body(m)?,
             Message::Ping(n) | Message::Pong(n) => body(n)?,
+            Message::Subscribe(s) | Message::Notify(s) => body(s)?,
         };
         Ok(frame::encode(self.kind().0, &b, compress))
     }
@@ -222,6 +229,8 @@ impl Message {
             9 => Message::Ping(parse("ping", b)?),
             10 => Message::Pong(parse("pong", b)?),
             11 => Message::Error(parse("error", b)?),
+            12 => Message::Subscribe(parse("subscribe", b)?),
+            13 => Message::Notify(parse("notify", b)?),
             k => return Err(WireError::UnknownKind(k)),
         })
     }
@@ -292,6 +301,8 @@ mod tests {
             }),
             Message::Report(Report::default()),
             Message::Ping(7),
+            Message::Subscribe(vec!["default".into()]),
+            Message::Notify(vec![]),
             Message::Error(ErrorMsg {
                 code: ErrorCode::BadBatch,
                 message: "x".into(),

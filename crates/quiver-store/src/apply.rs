@@ -184,6 +184,10 @@ impl Store {
         }
         tx.execute("UPDATE quiver_state SET applying = 0", [])?;
         tx.commit()?;
+        if report.applied > 0 {
+            self.changes += 1;
+        }
+        self.revision = self.read_revision()?;
         for e in events {
             self.events.emit(e);
         }

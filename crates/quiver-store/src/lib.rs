@@ -61,6 +61,11 @@ pub struct Store {
     site: SiteId,
     clock: HlcClock,
     events: events::EventHub,
+    /// Moves when this store's data changes in a way peers should hear of.
+    changes: u64,
+    /// The store's revision as last seen by this handle, to tell other
+    /// processes' commits from our own.
+    revision: (i64, f64),
     search: search::SearchCache,
 }
 
@@ -146,9 +151,12 @@ impl Store {
             site,
             clock: HlcClock::new(Hlc::from_i64(floor), DEFAULT_MAX_DRIFT_MS),
             events: events::EventHub::default(),
+            changes: 0,
+            revision: (0, 0.0),
             search,
         };
         store.close_open_version()?;
+        store.revision = store.read_revision()?;
         Ok(store)
     }
 
@@ -212,10 +220,45 @@ impl Store {
             [stamp.as_i64()],
         )?;
         let out = f(&tx)?;
-        triggers::close_open_version(&tx)?;
+        let sealed = triggers::close_open_version(&tx)?;
         tx.commit()?;
+        if sealed {
+            self.changes += 1;
+        }
+        self.revision = self.read_revision()?;
         self.events.emit_local_commit();
         Ok(out)
+    }
+
+    /// Local versions sealed and remote versions received, in one value.
+    fn read_revision(&self) -> Result<(i64, f64)> {
+        Ok(self.conn.query_row(
+            "SELECT (SELECT dbv FROM quiver_state), (SELECT total(dbv) FROM quiver_vv)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
+    }
+
+    /// Notices what other connections committed: seals their captured
+    /// writes and moves the change counter if the store gained versions
+    /// (local writes, or remote changes applied by another process).
+    pub fn notice_external_changes(&mut self) -> Result<bool> {
+        self.close_open_version()?;
+        let now = self.read_revision()?;
+        if now != self.revision {
+            self.revision = now;
+            self.changes += 1;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// A counter that moves whenever this store gains changes its peers
+    /// lack: a local write, a remote change that took effect, or writes by
+    /// another process sealed by [`Store::close_open_version`]. Live sync
+    /// watches it.
+    pub fn change_counter(&self) -> u64 {
+        self.changes
     }
 
     /// Gives every change captured since the last close (for instance by
@@ -227,6 +270,10 @@ impl Store {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let closed = triggers::close_open_version(&tx)?;
         tx.commit()?;
+        if closed {
+            self.changes += 1;
+            self.revision = self.read_revision()?;
+        }
         Ok(closed)
     }
 
@@ -258,5 +305,28 @@ impl Store {
             })?
             .collect::<rusqlite::Result<Vec<Vec<_>>>>()?;
         Ok(Some((names, rows)))
+    }
+}
+
+/// A read-only connection that tells when anyone commits to the store file
+/// (`PRAGMA data_version`), for noticing writes by other processes.
+pub struct FileWatcher {
+    conn: Connection,
+}
+
+impl FileWatcher {
+    pub fn open(path: impl AsRef<Path>) -> Result<FileWatcher> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        Ok(FileWatcher { conn })
+    }
+
+    /// Changes whenever another connection commits.
+    pub fn data_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quiver_core::frame::{HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT};
@@ -12,6 +13,7 @@ use quiver_core::wire::{
 };
 use quiver_store::StreamLimits;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::actor::StoreHandle;
 use crate::framed::{FrameReader, FrameWriter};
@@ -82,6 +84,9 @@ pub struct SyncResult {
     /// Whether an open connection from an earlier sync was reused.
     pub connection_reused: bool,
 }
+
+/// Called with the result of every round of a live link.
+pub type RoundFn = Arc<dyn Fn(&SyncResult) + Send + Sync>;
 
 /// The outcome of a ping.
 #[derive(Debug, Clone, Serialize)]
@@ -452,6 +457,122 @@ impl Client {
         }
         result.duration_ms = started.elapsed().as_millis() as u64;
         Ok(result)
+    }
+
+    /// Keeps a live link with the server at `addr` until `stop` is
+    /// cancelled: syncs, subscribes to the server's changes, and syncs again
+    /// whenever either side changes (the server's notification or this
+    /// store's change counter), so a write shows on the other side within
+    /// milliseconds. A dropped link reconnects with backoff and resumes from
+    /// the persisted cursor; refusals end the link with an error.
+    pub async fn live(
+        &mut self,
+        addr: &str,
+        spec: &SyncSpec,
+        stop: CancellationToken,
+        on_round: Option<RoundFn>,
+    ) -> Result<()> {
+        let mut failures = 0u32;
+        let mut local = self.handle.subscribe_changes();
+        loop {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            match self
+                .live_session(addr, spec, &stop, &mut local, &on_round, &mut failures)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if !e.is_transient() => {
+                    let msg = e.to_string();
+                    let _ = self
+                        .handle
+                        .call(move |s| s.record_sync(0, 0, Some(&msg)))
+                        .await;
+                    return Err(e);
+                }
+                Err(e) => {
+                    failures += 1;
+                    let wait = backoff(failures.min(6));
+                    tracing::warn!("live link to {addr} lost ({e}); reconnecting in {wait:?}");
+                    if let Ok((sock, _)) = resolve(addr).await {
+                        self.links.remove(&sock);
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn live_round(
+        &mut self,
+        addr: &str,
+        spec: &SyncSpec,
+        on_round: &Option<RoundFn>,
+    ) -> Result<()> {
+        let r = self.sync_once(addr, spec, &None).await?;
+        let (sent, received) = (r.changes_sent, r.changes_received);
+        if sent + received > 0 {
+            self.handle
+                .call(move |s| s.record_sync(sent, received, None))
+                .await??;
+        }
+        if let Some(f) = on_round {
+            f(&r);
+        }
+        Ok(())
+    }
+
+    async fn live_session(
+        &mut self,
+        addr: &str,
+        spec: &SyncSpec,
+        stop: &CancellationToken,
+        local: &mut tokio::sync::watch::Receiver<u64>,
+        on_round: &Option<RoundFn>,
+        failures: &mut u32,
+    ) -> Result<()> {
+        local.borrow_and_update();
+        self.live_round(addr, spec, on_round).await?;
+        *failures = 0;
+        let (sock, _) = self.connect(addr, &None).await?;
+        let link = self
+            .links
+            .get(&sock)
+            .ok_or_else(|| SyncError::Connection("link vanished".into()))?;
+        let max_frame =
+            (link.welcome.max_frame as usize).clamp(HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT);
+        let compression = link.welcome.compression;
+        let (send, recv) = link.conn.open_bi().await?;
+        let mut reader = FrameReader::new(recv, max_frame, compression);
+        let mut writer = FrameWriter::new(send, compression);
+        writer
+            .send(&Message::Subscribe(spec.shards.clone()))
+            .await?;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    let _ = writer.finish();
+                    return Ok(());
+                }
+                m = reader.next() => match m? {
+                    Some(Message::Notify(_)) => {}
+                    Some(Message::Error(e)) => return Err(crate::framed::peer_error(e)),
+                    Some(other) => {
+                        return Err(SyncError::Protocol(format!("unexpected {} on a live stream", other.kind().1)))
+                    }
+                    None => return Err(SyncError::Connection("the server ended the live stream".into())),
+                },
+                moved = local.changed() => if moved.is_err() { return Err(SyncError::StoreGone) },
+                // A slow safety net; changes normally arrive by notification.
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
+            local.borrow_and_update();
+            self.live_round(addr, spec, on_round).await?;
+        }
     }
 
     /// Measures the round trip of a ping over the handshaken connection.

@@ -14,8 +14,9 @@ pub mod tls;
 pub mod transport;
 
 pub use actor::StoreHandle;
-pub use client::{Client, ClientOptions, PingResult, SyncResult, SyncSpec};
+pub use client::{Client, ClientOptions, PingResult, RoundFn, SyncResult, SyncSpec};
 pub use error::{Result, SyncError};
 pub use protocol::{Progress, ProgressFn, ShardResult};
 pub use server::{Server, ServerOptions};
 pub use tls::{Identity, Trust};
+pub use tokio_util::sync::CancellationToken;

@@ -262,9 +262,15 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
                 tokio::spawn(async move {
                     let reader = FrameReader::new(recv, max_frame, compression);
                     let writer = FrameWriter::new(send, compression);
-                    match serve_shard(ctx, peer, reader, writer).await {
-                        Ok(r) => info!(shard = %r.shard, sent = r.changes_sent, received = r.changes_received, "shard synced"),
-                        Err(e) => warn!("shard stream failed: {e}"),
+                    match serve_stream(ctx, peer, reader, writer).await {
+                        Ok(Some(r)) => info!(
+                            shard = %r.shard,
+                            sent = r.changes_sent,
+                            received = r.changes_received,
+                            "shard synced"
+                        ),
+                        Ok(None) => debug!("live stream ended"),
+                        Err(e) => warn!("stream failed: {e}"),
                     }
                 });
             }
@@ -272,13 +278,53 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
     }
 }
 
-async fn serve_shard(
+/// A stream opens with a sync request (one shard's exchange) or a
+/// subscription (live notifications).
+async fn serve_stream(
     ctx: Arc<Ctx>,
     peer: Peer,
     mut reader: FrameReader,
     mut writer: FrameWriter,
+) -> Result<Option<crate::ShardResult>> {
+    match reader.expect("a sync request").await? {
+        Message::Subscribe(_) => {
+            notify_changes(&ctx, &mut reader, &mut writer).await;
+            Ok(None)
+        }
+        first => serve_shard(ctx, peer, first, reader, writer)
+            .await
+            .map(Some),
+    }
+}
+
+/// Tells a live peer each time this store gains changes, until the peer
+/// goes away or the server shuts down.
+async fn notify_changes(ctx: &Ctx, reader: &mut FrameReader, writer: &mut FrameWriter) {
+    let mut changes = ctx.handle.subscribe_changes();
+    changes.borrow_and_update();
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            // The peer closing its side ends the subscription.
+            end = reader.next() => if !matches!(end, Ok(Some(_))) { break },
+            moved = changes.changed() => {
+                if moved.is_err() || writer.send(&Message::Notify(Vec::new())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = writer.finish();
+}
+
+async fn serve_shard(
+    ctx: Arc<Ctx>,
+    peer: Peer,
+    first: Message,
+    reader: FrameReader,
+    mut writer: FrameWriter,
 ) -> Result<crate::ShardResult> {
-    let req = match reader.expect("a sync request").await? {
+    let req = match first {
         Message::SyncRequest(r) => r,
         other => {
             let m = format!("expected a sync request, got {}", other.kind().1);

@@ -1,0 +1,142 @@
+//! Live sync between real processes: `quiver sync --watch` and
+//! `quiver serve --peer`, writes from other processes (a Python script using
+//! the standard sqlite3 module), a link killed and restored, and five nodes
+//! in a line and in a ring.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, Node, Served};
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn has(n: &Node, table: &str, id: &str) -> bool {
+    n.export(table).contains(&format!("\"id\":\"{id}\""))
+}
+
+fn watch(n: &Node, s: &Served) -> Child {
+    Command::new(bin())
+        .arg("--db")
+        .arg(&n.db)
+        .args(["sync", &s.addr, "--pin", &s.fp, "--watch"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn python_insert(db: &std::path::Path, id: &str) {
+    let script = format!(
+        "import sqlite3\nc = sqlite3.connect({:?}, timeout=10)\nc.execute(\"INSERT INTO notes(id, body) VALUES (?, ?)\", ({id:?}, \"written by python\"))\nc.commit()\n",
+        db.to_str().unwrap()
+    );
+    let st = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .status()
+        .expect("python3");
+    assert!(st.success());
+}
+
+#[test]
+fn live_link_both_ways_with_foreign_writers_and_a_killed_link() {
+    let a = Node::new("a");
+    let b = Node::new("b");
+    for n in [&a, &b] {
+        n.q(&["collection", "create", "docs", "--dim", "2"]);
+        n.q(&["sql", "CREATE TABLE notes(id TEXT PRIMARY KEY, body TEXT)"]);
+        n.q(&["table", "add", "notes"]);
+    }
+    let s = a.serve(&[]);
+    let mut link = watch(&b, &s);
+    a.q(&["put", "docs", "a1", "--vector", "[1,1]"]);
+    wait_until("a1 on b", || has(&b, "docs", "a1"));
+    b.q(&["put", "docs", "b1", "--vector", "[2,2]"]);
+    wait_until("b1 on a", || has(&a, "docs", "b1"));
+    // An application in another language writes the served store's file.
+    python_insert(&a.db, "py1");
+    wait_until("python's row on b", || has(&b, "notes", "py1"));
+
+    // Cut the link hard, write on both sides, restore it.
+    link.kill().unwrap();
+    link.wait().unwrap();
+    a.q(&["put", "docs", "a2", "--vector", "[3,3]"]);
+    b.q(&["put", "docs", "b2", "--vector", "[4,4]"]);
+    let mut link = watch(&b, &s);
+    wait_until("convergence after the link came back", || {
+        a.export("docs") == b.export("docs") && a.export("docs").lines().count() == 4
+    });
+    assert_eq!(a.export("notes"), b.export("notes"));
+    link.kill().unwrap();
+    link.wait().unwrap();
+}
+
+/// Starts five daemons; node i keeps live links to the nodes `links(i)` names.
+fn topology(links: impl Fn(usize, &[Served]) -> Vec<String>) -> (Vec<Node>, Vec<Served>) {
+    let nodes: Vec<Node> = (0..5).map(|i| Node::new(&format!("n{i}"))).collect();
+    for n in &nodes {
+        n.q(&["collection", "create", "docs", "--dim", "2"]);
+    }
+    let mut served: Vec<Served> = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let peers = links(i, &served);
+        let mut args: Vec<String> = Vec::new();
+        for p in peers {
+            args.push("--peer".into());
+            args.push(p);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        served.push(n.serve(&refs));
+    }
+    (nodes, served)
+}
+
+fn peer(s: &Served) -> String {
+    format!("{}@{}", s.addr, s.fp)
+}
+
+#[test]
+fn five_nodes_in_a_line_and_in_a_ring_converge() {
+    // Line: n1 links to n0, n2 to n1, ...: a write at either end crosses four hops.
+    let (nodes, _served) = topology(|i, s| {
+        if i == 0 {
+            vec![]
+        } else {
+            vec![peer(&s[i - 1])]
+        }
+    });
+    nodes[0].q(&["put", "docs", "from-0", "--vector", "[0,0]"]);
+    nodes[4].q(&["put", "docs", "from-4", "--vector", "[4,4]"]);
+    nodes[2].q(&["put", "docs", "both", "--vector", "[2,2]"]);
+    nodes[3].q(&["put", "docs", "both", "--vector", "[3,3]"]);
+    wait_until("the line to converge", || {
+        let first = nodes[0].export("docs");
+        first.lines().count() == 3 && nodes.iter().all(|n| n.export("docs") == first)
+    });
+
+    // Ring: the last node also links to the first (it starts last, so it
+    // links to n0 and n3).
+    let (nodes, _served) = topology(|i, s| match i {
+        0 => vec![],
+        4 => vec![peer(&s[3]), peer(&s[0])],
+        _ => vec![peer(&s[i - 1])],
+    });
+    for (i, n) in nodes.iter().enumerate() {
+        n.q(&["put", "docs", &format!("r{i}"), "--vector", "[1,1]"]);
+    }
+    wait_until("the ring to converge", || {
+        let first = nodes[0].export("docs");
+        first.lines().count() == 5 && nodes.iter().all(|n| n.export("docs") == first)
+    });
+}

@@ -282,4 +282,13 @@ pub enum BenchCmd {
     },
     /// k-NN queries per second: quiverdb's search against a plain scalar loop.
     Search(BenchSearchArgs),
+    /// Write-to-visible latency across a live link (p50/p99).
+    Live {
+        /// Single writes to time.
+        #[arg(long, default_value_t = 1000)]
+        writes: usize,
+        /// Bursts of 100 writes to time.
+        #[arg(long, default_value_t = 20)]
+        bursts: usize,
+    },
 }

@@ -165,6 +165,9 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::bench::write(n, dim, batch, json)?
         }
         Command::Bench(BenchCmd::Search(a)) => crate::bench_search::run(&db, a, json)?,
+        Command::Bench(BenchCmd::Live { writes, bursts }) => {
+            crate::bench_live::run(writes, bursts, json)?
+        }
     }
     Ok(())
 }

@@ -1,14 +1,18 @@
 //! `quiver demo`: three replicas in a temporary folder, each serving over
-//! QUIC on loopback, writing at once (with conflicting writes to the same
-//! ids), syncing in a ring until nothing moves, and checking that all three
-//! hold identical data. Exits 0 only if they converged.
+//! QUIC on loopback with a live link to the next, writing at once (with
+//! conflicting writes to the same ids), showing what flows as it flows and
+//! how fast a write shows elsewhere, and checking that all three hold
+//! identical data. Exits 0 only if they converged.
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use quiver_store::{CollectionSpec, Record, Store};
 use quiver_sync::{
-    Client, ClientOptions, Identity, Server, ServerOptions, StoreHandle, SyncSpec, Trust,
+    CancellationToken, Client, ClientOptions, Identity, RoundFn, Server, ServerOptions,
+    StoreHandle, SyncSpec, Trust,
 };
 
 const NAMES: [&str; 3] = ["alpha", "beta", "gamma"];
@@ -36,6 +40,22 @@ async fn export(h: &StoreHandle) -> Result<String> {
         })
         .await??;
     Ok(out)
+}
+
+/// Waits until `id` shows on a replica, waking on its change counter.
+async fn wait_visible(h: &StoreHandle, id: &str) -> Result<()> {
+    let mut changes = h.subscribe_changes();
+    let t = Instant::now();
+    loop {
+        let probe = id.to_string();
+        if h.call(move |s| s.get("memories", &probe)).await??.is_some() {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(5) {
+            bail!("{id} did not arrive within 5 s");
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(20), changes.changed()).await;
+    }
 }
 
 pub fn run(rows: usize, json: bool) -> Result<()> {
@@ -126,49 +146,59 @@ async fn demo(rows: usize, json: bool) -> Result<()> {
         t.elapsed().as_millis()
     ));
 
-    // Sync in a ring until a whole round moves nothing.
-    let mut clients: Vec<Client> = replicas
-        .iter()
-        .map(|r| {
-            let opts = ClientOptions {
-                trust: Trust::Pin(
-                    replicas[(NAMES.iter().position(|n| *n == r.name).unwrap_or(0) + 1) % 3]
-                        .fp
-                        .clone(),
-                ),
-                node: r.name.into(),
-                ..Default::default()
-            };
-            Client::new(r.handle.clone(), opts)
-        })
-        .collect();
-    let mut total_conflicts = 0;
-    for round in 1..=4 {
-        let mut moved = 0;
-        for i in 0..3 {
-            let to = &replicas[(i + 1) % 3];
-            let t = Instant::now();
-            let r = clients[i]
-                .sync(&to.addr, &SyncSpec::default(), None)
-                .await?;
-            moved += r.changes_sent + r.changes_received;
-            total_conflicts += r.conflicts_detected;
-            say(format!(
-                "  round {round}: {:<6} <-> {:<6} sent {:>5} received {:>5} conflicts {:>3} ({} resolved) in {:>4} ms, {} bytes",
-                replicas[i].name,
-                to.name,
-                r.changes_sent,
-                r.changes_received,
-                r.conflicts_detected,
-                r.conflicts_resolved,
-                t.elapsed().as_millis(),
-                r.bytes_sent + r.bytes_received
-            ));
-        }
-        if moved == 0 {
+    // Live links in a ring: each replica follows the next one; every
+    // committed change is pushed as it commits.
+    let stop = CancellationToken::new();
+    let conflicts = Arc::new(AtomicU64::new(0));
+    let quiet = Arc::new(AtomicBool::new(json));
+    let mut links = Vec::new();
+    for (i, r) in replicas.iter().enumerate() {
+        let to = &replicas[(i + 1) % 3];
+        let opts = ClientOptions {
+            trust: Trust::Pin(to.fp.clone()),
+            node: r.name.into(),
+            ..Default::default()
+        };
+        let mut client = Client::new(r.handle.clone(), opts);
+        let (addr, stop, from, peer) = (to.addr.clone(), stop.clone(), r.name, to.name);
+        let counted = conflicts.clone();
+        let quiet = quiet.clone();
+        let on_round: RoundFn = Arc::new(move |res| {
+            counted.fetch_add(res.conflicts_detected, Ordering::Relaxed);
+            if res.changes_sent + res.changes_received > 0 && !quiet.load(Ordering::Relaxed) {
+                println!(
+                    "  live {from:<5} <-> {peer:<5} sent {:>5} received {:>5} conflicts {:>3} ({} resolved) in {:>3} ms",
+                    res.changes_sent, res.changes_received, res.conflicts_detected, res.conflicts_resolved, res.duration_ms
+                );
+            }
+        });
+        links.push(tokio::spawn(async move {
+            let r = client
+                .live(&addr, &SyncSpec::default(), stop, Some(on_round))
+                .await;
+            client.close().await;
+            r
+        }));
+    }
+    let t = Instant::now();
+    loop {
+        let e = [
+            export(&replicas[0].handle).await?,
+            export(&replicas[1].handle).await?,
+            export(&replicas[2].handle).await?,
+        ];
+        if e[0] == e[1] && e[1] == e[2] && e[0].lines().count() == 3 * rows + shared {
             break;
         }
+        if t.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    say(format!(
+        "  all writes reached every replica in {} ms",
+        t.elapsed().as_millis()
+    ));
 
     // How conflicts were resolved, as one replica recorded them.
     let sample = replicas[0].handle.call(|s| s.conflicts(None)).await??;
@@ -180,7 +210,7 @@ async fn demo(rows: usize, json: bool) -> Result<()> {
             .map(|v| v.version.clone())
             .unwrap_or_default();
         say(format!(
-            "  e.g. conflict on {}.{} [{}]: {} versions, {} kept {}",
+            "  e.g. conflict on {}.{} [{}]: {} versions, {}, kept {}",
             c.table,
             c.column,
             c.pk,
@@ -190,31 +220,34 @@ async fn demo(rows: usize, json: bool) -> Result<()> {
         ));
     }
 
-    // Write-to-visible latency through one sync.
-    let t = Instant::now();
-    replicas[0]
-        .handle
-        .call(|s| s.put("memories", &Record::new("latency-probe", vector(424242))))
-        .await??;
-    clients[0]
-        .sync(&replicas[1].addr, &SyncSpec::default(), None)
-        .await?;
-    let seen = replicas[1]
-        .handle
-        .call(|s| s.get("memories", "latency-probe"))
-        .await??;
-    let latency = t.elapsed().as_secs_f64() * 1000.0;
-    if seen.is_none() {
-        bail!("the probe written on alpha is not visible on beta after a sync");
+    // Write-to-visible latency over the live links.
+    quiet.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for probe in 0..20 {
+        let id = format!("probe-{probe:02}");
+        let rec = Record::new(&id, vector(424_242 + probe));
+        let t = Instant::now();
+        replicas[0]
+            .handle
+            .call(move |s| s.put("memories", &rec))
+            .await??;
+        for r in &replicas[1..] {
+            wait_visible(&r.handle, &id).await?;
+        }
+        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
     }
+    latencies.sort_by(f64::total_cmp);
+    let latency = latencies[latencies.len() / 2];
     say(format!(
-        "  write on alpha -> visible on beta after one sync: {latency:.1} ms"
+        "  write on alpha -> visible on beta and gamma: median {latency:.1} ms, worst {:.1} ms (20 probes)",
+        latencies[latencies.len() - 1]
     ));
-    for i in [1, 2] {
-        clients[i]
-            .sync(&replicas[(i + 1) % 3].addr, &SyncSpec::default(), None)
-            .await?;
+    stop.cancel();
+    for l in links {
+        l.await
+            .map_err(|e| anyhow::anyhow!("live link task: {e}"))??;
     }
+    let total_conflicts = conflicts.load(Ordering::Relaxed);
 
     let exports = [
         export(&replicas[0].handle).await?,
@@ -223,9 +256,6 @@ async fn demo(rows: usize, json: bool) -> Result<()> {
     ];
     let converged = exports[0] == exports[1] && exports[1] == exports[2];
     let n = exports[0].lines().count();
-    for c in &mut clients {
-        c.close().await;
-    }
     for s in servers {
         s.cancel();
     }

@@ -2,6 +2,7 @@
 
 mod args;
 mod bench;
+mod bench_live;
 mod bench_search;
 mod commands;
 mod demo;

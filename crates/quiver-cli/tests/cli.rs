@@ -229,5 +229,25 @@ fn demo_converges() {
         v["conflicts"].as_u64().unwrap() > 0,
         "the demo makes conflicting writes: {out}"
     );
-    assert_eq!(v["rows"], 3 * 60 + 6 + 1);
+    assert_eq!(
+        v["rows"],
+        3 * 60 + 6 + 20,
+        "rows, shared ids and latency probes: {out}"
+    );
+}
+
+#[test]
+fn bench_live_reports_percentiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(
+        &dir.path().join("unused.db"),
+        &["--json", "bench", "live", "--writes", "30", "--bursts", "2"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["p50_ms"].as_f64().unwrap() > 0.0, "{out}");
+    assert!(
+        v["p99_ms"].as_f64().unwrap() >= v["p50_ms"].as_f64().unwrap(),
+        "{out}"
+    );
+    assert_eq!(v["single_writes"]["n"], 30);
 }

@@ -12,6 +12,9 @@ use serde::Serialize;
 pub enum StoreEvent {
     /// A local transaction committed through this store handle.
     LocalCommit,
+    /// Another connection (another process) committed: new local writes
+    /// and/or remote changes it applied.
+    ExternalChange { local: bool, remote: bool },
     /// A remote change altered what a row shows.
     RemoteChange {
         table: String,

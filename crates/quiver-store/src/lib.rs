@@ -41,7 +41,7 @@ pub use schema::FORMAT_VERSION;
 pub use search::{Filter, Hit, SearchStats};
 pub use sqlvalue::to_json as value_to_json;
 pub use status::{ShardStatus, StoreStatus, TableStatus};
-pub use sync_state::{PeerCursor, SyncState};
+pub use sync_state::{PeerCursor, PeerRecord, SyncState};
 
 /// Column names and rows of a query.
 pub type SqlRows = (Vec<String>, Vec<Vec<quiver_core::Value>>);
@@ -246,8 +246,11 @@ impl Store {
         self.close_open_version()?;
         let now = self.read_revision()?;
         if now != self.revision {
+            let (local, remote) = (now.0 != self.revision.0, now.1 != self.revision.1);
             self.revision = now;
             self.changes += 1;
+            self.events
+                .emit(StoreEvent::ExternalChange { local, remote });
             return Ok(true);
         }
         Ok(false)

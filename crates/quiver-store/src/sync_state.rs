@@ -83,3 +83,103 @@ impl Store {
         Ok(rows)
     }
 }
+
+/// A peer in the registry the shard coordinator works from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    pub node: String,
+    pub addr: String,
+    pub shards: Vec<String>,
+    pub token: Option<String>,
+    /// SHA-256 fingerprint of the peer's certificate.
+    pub pin: Option<String>,
+    pub last_contact: Option<u64>,
+    /// `online`, `offline` or `degraded`.
+    pub status: String,
+    pub last_error: Option<String>,
+}
+
+impl PeerRecord {
+    pub fn new(node: &str, addr: &str, shards: Vec<String>) -> Self {
+        PeerRecord {
+            node: node.to_string(),
+            addr: addr.to_string(),
+            shards,
+            token: None,
+            pin: None,
+            last_contact: None,
+            status: "offline".into(),
+            last_error: None,
+        }
+    }
+}
+
+impl Store {
+    /// Adds or replaces a peer in the registry.
+    pub fn register_peer(&mut self, p: &PeerRecord) -> Result<()> {
+        if p.node.is_empty() || p.node.len() > 128 {
+            return Err(crate::StoreError::InvalidValue(
+                "a peer's node name must be 1 to 128 characters".into(),
+            ));
+        }
+        if !p.addr.contains(':') {
+            return Err(crate::StoreError::InvalidValue(format!(
+                "peer address {:?} must be HOST:PORT",
+                p.addr
+            )));
+        }
+        for s in &p.shards {
+            crate::names::check_shard(s)?;
+        }
+        let shards = serde_json::to_string(&p.shards)
+            .map_err(|e| crate::StoreError::Corrupt(e.to_string()))?;
+        self.conn.execute(
+            "INSERT INTO quiver_peers(node_id, addr, shards, token, pin, status) VALUES (?1, ?2, ?3, ?4, ?5, 'offline')
+             ON CONFLICT(node_id) DO UPDATE SET addr = excluded.addr, shards = excluded.shards,
+               token = excluded.token, pin = excluded.pin",
+            params![p.node, p.addr, shards, p.token, p.pin],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a peer; returns whether it was registered.
+    pub fn unregister_peer(&mut self, node: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM quiver_peers WHERE node_id = ?1", [node])?
+            > 0)
+    }
+
+    /// Every registered peer, by node name.
+    pub fn peers(&self) -> Result<Vec<PeerRecord>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT node_id, addr, shards, token, pin, last_contact, status, last_error FROM quiver_peers ORDER BY node_id",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                let shards: String = r.get(2)?;
+                Ok(PeerRecord {
+                    node: r.get(0)?,
+                    addr: r.get(1)?,
+                    shards: serde_json::from_str(&shards).unwrap_or_default(),
+                    token: r.get(3)?,
+                    pin: r.get(4)?,
+                    last_contact: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+                    status: r.get(6)?,
+                    last_error: r.get(7)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Records the outcome of contacting a peer.
+    pub fn set_peer_status(&mut self, node: &str, status: &str, error: Option<&str>) -> Result<()> {
+        let contact = (status != "offline").then(|| wall_ms() as i64);
+        self.conn.execute(
+            "UPDATE quiver_peers SET status = ?2, last_error = ?3, last_contact = coalesce(?4, last_contact) WHERE node_id = ?1",
+            params![node, status, error, contact],
+        )?;
+        Ok(())
+    }
+}

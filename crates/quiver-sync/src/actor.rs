@@ -9,8 +9,8 @@ use std::sync::{mpsc, Arc, Weak};
 use std::time::Duration;
 
 use quiver_core::SiteId;
-use quiver_store::{FileWatcher, Store};
-use tokio::sync::{oneshot, watch};
+use quiver_store::{FileWatcher, Store, StoreEvent};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::{Result, SyncError};
 
@@ -26,13 +26,17 @@ pub struct StoreHandle {
     path: PathBuf,
     site: SiteId,
     changes: watch::Receiver<u64>,
+    events: broadcast::Sender<StoreEvent>,
     _alive: Arc<()>,
 }
 
 impl StoreHandle {
     /// Moves the store onto its own thread and starts watching the file.
-    pub fn spawn(store: Store) -> StoreHandle {
+    pub fn spawn(mut store: Store) -> StoreHandle {
         let (tx, rx) = mpsc::channel::<Job>();
+        let store_events = store.subscribe();
+        let (events, _) = broadcast::channel(1024);
+        let events_tx = events.clone();
         let path = store.path().to_path_buf();
         let site = store.site_id();
         let (changes_tx, changes) = watch::channel(store.change_counter());
@@ -43,6 +47,9 @@ impl StoreHandle {
                 let mut last = store.change_counter();
                 while let Ok(job) = rx.recv() {
                     job(&mut store);
+                    for e in store_events.try_iter() {
+                        let _ = events_tx.send(e);
+                    }
                     let now = store.change_counter();
                     if now != last {
                         last = now;
@@ -60,6 +67,7 @@ impl StoreHandle {
             path,
             site,
             changes,
+            events,
             _alive: alive,
         }
     }
@@ -76,6 +84,11 @@ impl StoreHandle {
             }))
             .map_err(|_| SyncError::StoreGone)?;
         rx.await.map_err(|_| SyncError::StoreGone)
+    }
+
+    /// Store events (local commits, remote changes, conflicts) as they happen.
+    pub fn events(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
     }
 
     /// The store's change counter; `changed()` wakes on every move.

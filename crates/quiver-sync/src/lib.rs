@@ -5,6 +5,7 @@
 
 mod actor;
 mod client;
+mod coordinator;
 mod error;
 pub mod framed;
 mod protocol;
@@ -15,6 +16,7 @@ pub mod transport;
 
 pub use actor::StoreHandle;
 pub use client::{Client, ClientOptions, PingResult, RoundFn, SyncResult, SyncSpec};
+pub use coordinator::{CoordinatorOptions, CoordinatorStats, Event, ShardCoordinator};
 pub use error::{Result, SyncError};
 pub use protocol::{Progress, ProgressFn, ShardResult};
 pub use server::{Server, ServerOptions};

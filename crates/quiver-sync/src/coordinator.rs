@@ -1,0 +1,447 @@
+//! The shard coordinator: a peer registry kept in the store, syncs with
+//! every peer, a shard's peers or one peer with at most
+//! `max_concurrent_syncs` running at once, periodic auto-sync with jitter,
+//! health checks, statistics and events. A peer that is down is marked
+//! offline and retried with exponential backoff, not hammered.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quiver_store::{PeerRecord, StoreEvent};
+use serde::Serialize;
+use tokio::sync::{broadcast, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Client, ClientOptions, PingResult, Result, StoreHandle, SyncError, SyncResult, SyncSpec, Trust,
+};
+
+/// Something that happened, for subscribers (`quiver watch`, applications).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A change in the store (local commit, remote change, conflict).
+    Store {
+        change: StoreEvent,
+    },
+    PeerConnected {
+        node: String,
+    },
+    PeerDisconnected {
+        node: String,
+        error: String,
+    },
+    SyncStarted {
+        node: String,
+    },
+    SyncCompleted {
+        node: String,
+        changes_sent: u64,
+        changes_received: u64,
+        conflicts: u64,
+        duration_ms: u64,
+    },
+    SyncFailed {
+        node: String,
+        error: String,
+    },
+    /// A peer holds a shard at another schema version.
+    SchemaOutdated {
+        node: String,
+        shard: String,
+    },
+}
+
+/// How the coordinator works.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    pub max_concurrent_syncs: usize,
+    /// Options for each peer's client; trust and token come from the registry.
+    pub client: ClientOptions,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for CoordinatorOptions {
+    fn default() -> Self {
+        CoordinatorOptions {
+            max_concurrent_syncs: 4,
+            client: ClientOptions {
+                retries: 0,
+                connect_timeout: Duration::from_secs(3),
+                ..Default::default()
+            },
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Totals over the coordinator's life.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CoordinatorStats {
+    pub total_syncs: u64,
+    pub failures: u64,
+    pub avg_duration_ms: f64,
+    pub p95_duration_ms: f64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub conflicts: u64,
+    /// The most syncs that ran at once.
+    pub max_in_flight: usize,
+    /// Connection attempts per peer (retries included).
+    pub attempts: HashMap<String, u64>,
+}
+
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    next: Option<Instant>,
+}
+
+struct Inner {
+    handle: StoreHandle,
+    opts: CoordinatorOptions,
+    permits: Semaphore,
+    in_flight: AtomicUsize,
+    clients: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Client>>>>,
+    backoff: Mutex<HashMap<String, Backoff>>,
+    stats: Mutex<(CoordinatorStats, Vec<f64>)>,
+    events: broadcast::Sender<Event>,
+    auto: Mutex<Option<CancellationToken>>,
+}
+
+/// Coordinates syncs with many peers. Cheap to clone.
+#[derive(Clone)]
+pub struct ShardCoordinator {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind;
+    // carry on with it rather than poisoning the coordinator.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ShardCoordinator {
+    /// A coordinator over a store (inside a tokio runtime).
+    pub fn new(handle: StoreHandle, opts: CoordinatorOptions) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        let permits = Semaphore::new(opts.max_concurrent_syncs.max(1));
+        let inner = Arc::new(Inner {
+            handle: handle.clone(),
+            opts,
+            permits,
+            in_flight: AtomicUsize::new(0),
+            clients: Mutex::default(),
+            backoff: Mutex::default(),
+            stats: Mutex::default(),
+            events: events.clone(),
+            auto: Mutex::default(),
+        });
+        // Forward the store's own events.
+        let mut store_events = handle.events();
+        tokio::spawn(async move {
+            loop {
+                match store_events.recv().await {
+                    Ok(change) => {
+                        let _ = events.send(Event::Store { change });
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        ShardCoordinator { inner }
+    }
+
+    /// Receives every event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    pub async fn register_peer(&self, peer: PeerRecord) -> Result<()> {
+        self.inner
+            .handle
+            .call(move |s| s.register_peer(&peer))
+            .await??;
+        Ok(())
+    }
+
+    pub async fn unregister_peer(&self, node: &str) -> Result<bool> {
+        let n = node.to_string();
+        lock(&self.inner.clients).remove(node);
+        Ok(self
+            .inner
+            .handle
+            .call(move |s| s.unregister_peer(&n))
+            .await??)
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerRecord>> {
+        Ok(self.inner.handle.call(|s| s.peers()).await??)
+    }
+
+    fn client_for(&self, p: &PeerRecord) -> Arc<tokio::sync::Mutex<Client>> {
+        let mut clients = lock(&self.inner.clients);
+        clients
+            .entry(p.node.clone())
+            .or_insert_with(|| {
+                let mut opts = self.inner.opts.client.clone();
+                if let Some(pin) = &p.pin {
+                    opts.trust = Trust::Pin(pin.clone());
+                }
+                if p.token.is_some() {
+                    opts.token = p.token.clone();
+                }
+                Arc::new(tokio::sync::Mutex::new(Client::new(
+                    self.inner.handle.clone(),
+                    opts,
+                )))
+            })
+            .clone()
+    }
+
+    /// Whether a peer is waiting out its backoff.
+    fn backing_off(&self, node: &str) -> bool {
+        lock(&self.inner.backoff)
+            .get(node)
+            .and_then(|b| b.next)
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    async fn record(&self, p: &PeerRecord, outcome: &Result<SyncResult>) {
+        let (status, error) = match outcome {
+            Ok(_) => ("online", None),
+            Err(e) if e.is_transient() => ("offline", Some(e.to_string())),
+            Err(e) => ("degraded", Some(e.to_string())),
+        };
+        let previous = p.status.clone();
+        {
+            let mut b = lock(&self.inner.backoff);
+            let entry = b.entry(p.node.clone()).or_default();
+            if outcome.is_ok() {
+                *entry = Backoff::default();
+            } else {
+                entry.failures += 1;
+                let exp = self
+                    .inner
+                    .opts
+                    .backoff_base
+                    .saturating_mul(1 << entry.failures.min(16));
+                let jitter = 0.75 + rand::random::<f64>() * 0.5;
+                entry.next =
+                    Some(Instant::now() + exp.min(self.inner.opts.backoff_max).mul_f64(jitter));
+            }
+        }
+        let node = p.node.clone();
+        let err = error.clone();
+        let _ = self
+            .inner
+            .handle
+            .call(move |s| s.set_peer_status(&node, status, err.as_deref()))
+            .await;
+        let ev = match (previous.as_str(), status) {
+            (old, "online") if old != "online" => Some(Event::PeerConnected {
+                node: p.node.clone(),
+            }),
+            ("online", _) if status != "online" => Some(Event::PeerDisconnected {
+                node: p.node.clone(),
+                error: error.clone().unwrap_or_default(),
+            }),
+            _ => None,
+        };
+        if let Some(ev) = ev {
+            let _ = self.inner.events.send(ev);
+        }
+    }
+
+    async fn sync_peer(&self, p: PeerRecord, shards: Vec<String>) -> Result<SyncResult> {
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| SyncError::StoreGone)?;
+        let now = self.inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        {
+            let mut st = lock(&self.inner.stats);
+            st.0.max_in_flight = st.0.max_in_flight.max(now);
+            *st.0.attempts.entry(p.node.clone()).or_default() += 1;
+        }
+        let _ = self.inner.events.send(Event::SyncStarted {
+            node: p.node.clone(),
+        });
+        let started = Instant::now();
+        let client = self.client_for(&p);
+        let outcome = client
+            .lock()
+            .await
+            .sync(
+                &p.addr,
+                &SyncSpec {
+                    shards,
+                    tables: vec![],
+                },
+                None,
+            )
+            .await;
+        self.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        {
+            let mut st = lock(&self.inner.stats);
+            st.0.total_syncs += 1;
+            st.1.push(ms);
+            match &outcome {
+                Ok(r) => {
+                    st.0.bytes_sent += r.bytes_sent;
+                    st.0.bytes_received += r.bytes_received;
+                    st.0.conflicts += r.conflicts_detected;
+                }
+                Err(_) => st.0.failures += 1,
+            }
+        }
+        let _ = self.inner.events.send(match &outcome {
+            Ok(r) => Event::SyncCompleted {
+                node: p.node.clone(),
+                changes_sent: r.changes_sent,
+                changes_received: r.changes_received,
+                conflicts: r.conflicts_detected,
+                duration_ms: r.duration_ms,
+            },
+            Err(e) => Event::SyncFailed {
+                node: p.node.clone(),
+                error: e.to_string(),
+            },
+        });
+        self.record(&p, &outcome).await;
+        outcome
+    }
+
+    async fn sync_many(
+        &self,
+        peers: Vec<(PeerRecord, Vec<String>)>,
+    ) -> Vec<(String, Result<SyncResult>)> {
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut out = Vec::new();
+        for (p, shards) in peers {
+            if self.backing_off(&p.node) {
+                out.push((
+                    p.node.clone(),
+                    Err(SyncError::Timeout(format!(
+                        "peer {} is backing off after failures",
+                        p.node
+                    ))),
+                ));
+                continue;
+            }
+            let me = self.clone();
+            tasks.spawn(async move { (p.node.clone(), me.sync_peer(p, shards).await) });
+        }
+        while let Some(j) = tasks.join_next().await {
+            if let Ok(r) = j {
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Syncs every registered peer's shards (skipping peers in backoff).
+    pub async fn sync_all(&self) -> Result<Vec<(String, Result<SyncResult>)>> {
+        let peers = self.peers().await?;
+        Ok(self
+            .sync_many(
+                peers
+                    .into_iter()
+                    .map(|p| {
+                        let s = p.shards.clone();
+                        (p, s)
+                    })
+                    .collect(),
+            )
+            .await)
+    }
+
+    /// Syncs one shard with every peer that holds it.
+    pub async fn sync_shard(&self, shard: &str) -> Result<Vec<(String, Result<SyncResult>)>> {
+        let peers = self.peers().await?;
+        let wanted: Vec<_> = peers
+            .into_iter()
+            .filter(|p| p.shards.is_empty() || p.shards.iter().any(|s| s == shard))
+            .map(|p| (p, vec![shard.to_string()]))
+            .collect();
+        Ok(self.sync_many(wanted).await)
+    }
+
+    /// Syncs with one peer, by node name or address (backoff does not apply).
+    pub async fn sync_with_peer(&self, node_or_addr: &str) -> Result<SyncResult> {
+        let peers = self.peers().await?;
+        let p = peers
+            .into_iter()
+            .find(|p| p.node == node_or_addr || p.addr == node_or_addr)
+            .ok_or_else(|| SyncError::Connect {
+                addr: node_or_addr.to_string(),
+                reason: "not a registered peer".into(),
+            })?;
+        let shards = p.shards.clone();
+        self.sync_peer(p, shards).await
+    }
+
+    /// Syncs with every peer every `interval` (with ±20% jitter) until stopped.
+    pub fn start_auto_sync_all(&self, interval: Duration) {
+        let stop = CancellationToken::new();
+        if let Some(old) = lock(&self.inner.auto).replace(stop.clone()) {
+            old.cancel();
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let wait = interval.mul_f64(0.8 + rand::random::<f64>() * 0.4);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                if let Err(e) = me.sync_all().await {
+                    tracing::warn!("auto-sync: {e}");
+                }
+            }
+        });
+    }
+
+    pub fn stop_auto_sync_all(&self) {
+        if let Some(stop) = lock(&self.inner.auto).take() {
+            stop.cancel();
+        }
+    }
+
+    /// Pings every peer and records who answers.
+    pub async fn health_check(&self) -> Result<Vec<(String, Result<PingResult>)>> {
+        let mut out = Vec::new();
+        for p in self.peers().await? {
+            let client = self.client_for(&p);
+            let r = client.lock().await.ping(&p.addr).await;
+            let as_sync: Result<SyncResult> = match &r {
+                Ok(_) => Ok(SyncResult::default()),
+                Err(e) => Err(SyncError::Connection(e.to_string())),
+            };
+            self.record(&p, &as_sync).await;
+            out.push((p.node.clone(), r));
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> CoordinatorStats {
+        let st = lock(&self.inner.stats);
+        let mut s = st.0.clone();
+        let mut d = st.1.clone();
+        d.sort_by(f64::total_cmp);
+        if !d.is_empty() {
+            s.avg_duration_ms = d.iter().sum::<f64>() / d.len() as f64;
+            s.p95_duration_ms = d[((d.len() as f64 - 1.0) * 0.95).round() as usize];
+        }
+        s
+    }
+}

@@ -94,8 +94,16 @@ pub enum Command {
     Conflicts(ConflictsCmd),
     /// k-nearest-neighbour search in a collection.
     Search(SearchArgs),
-    /// Site id, shards, tables with row counts, version vectors.
+    /// Site id, shards, tables with row counts, version vectors, peers.
     Status,
+    /// The peer registry (`quiver serve` keeps live links to registered peers).
+    #[command(subcommand)]
+    Peers(PeersCmd),
+    /// Print store events (local and remote changes, conflicts) as JSON lines.
+    Watch {
+        #[arg(long)]
+        shard: Option<String>,
+    },
     /// Three replicas syncing over QUIC on loopback, with conflicts; exits 0 if they converge.
     Demo {
         /// Rows each replica writes.
@@ -235,6 +243,28 @@ pub enum TableCmd {
     },
     /// List replicated tables and collections.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeersCmd {
+    /// Register a peer.
+    Add {
+        node: String,
+        /// HOST:PORT.
+        addr: String,
+        /// Shards to sync with it (repeatable; default: all).
+        #[arg(long = "shard")]
+        shards: Vec<String>,
+        #[arg(long)]
+        token: Option<String>,
+        /// SHA-256 fingerprint of its certificate.
+        #[arg(long)]
+        pin: Option<String>,
+    },
+    /// List registered peers and their state.
+    List,
+    /// Remove a peer.
+    Remove { node: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,7 +7,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use quiver_core::{ColumnKind, Strategy, Value};
 use quiver_store::{check_record, CollectionSpec, Record, Resolution, Store};
 
-use crate::args::{BenchCmd, Cli, CollectionCmd, Command, ConflictsCmd, MemoryCmd, TableCmd};
+use crate::args::{
+    BenchCmd, Cli, CollectionCmd, Command, ConflictsCmd, MemoryCmd, PeersCmd, TableCmd,
+};
 use crate::output::{self, cell};
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -160,6 +162,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Conflicts(c) => conflicts(open()?, c, json)?,
         Command::Search(a) => crate::search_cmd::run(&open()?, a, json)?,
         Command::Status => status(&open()?, json)?,
+        Command::Peers(p) => peers(open()?, p, json)?,
+        Command::Watch { shard } => crate::net::watch(open()?, shard)?,
         Command::Demo { rows } => crate::demo::run(rows, json)?,
         Command::Bench(BenchCmd::Write { n, dim, batch }) => {
             crate::bench::write(n, dim, batch, json)?
@@ -399,10 +403,89 @@ fn value_for(s: &Store, id: i64, text: &str) -> Result<Value> {
     })
 }
 
+fn peers(mut s: Store, p: PeersCmd, json: bool) -> Result<()> {
+    match p {
+        PeersCmd::Add {
+            node,
+            addr,
+            shards,
+            token,
+            pin,
+        } => {
+            let mut rec = quiver_store::PeerRecord::new(&node, &addr, shards);
+            rec.token = token;
+            rec.pin = pin;
+            s.register_peer(&rec)?;
+            if !json {
+                println!("registered peer {node} at {addr}");
+            }
+        }
+        PeersCmd::List => {
+            let list = s.peers()?;
+            if json {
+                // Tokens are secrets: never printed.
+                let shown: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|p| {
+                        let mut v = serde_json::to_value(p).unwrap_or_default();
+                        v["token"] = serde_json::Value::Bool(p.token.is_some());
+                        v
+                    })
+                    .collect();
+                return output::json(&shown);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.node.clone(),
+                        p.addr.clone(),
+                        if p.shards.is_empty() {
+                            "all".into()
+                        } else {
+                            p.shards.join(",")
+                        },
+                        p.status.clone(),
+                        p.last_error.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            output::table(&["node", "addr", "shards", "status", "last error"], &rows);
+        }
+        PeersCmd::Remove { node } => {
+            if !s.unregister_peer(&node)? {
+                bail!("no peer {node:?} is registered");
+            }
+            if !json {
+                println!("removed peer {node}");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn status(s: &Store, json: bool) -> Result<()> {
     let st = s.status()?;
+    let peers = s.peers()?;
     if json {
-        return output::json(&st);
+        let mut v = serde_json::to_value(&st)?;
+        v["peers"] = peers
+            .iter()
+            .map(|p| serde_json::json!({"node": p.node, "addr": p.addr, "status": p.status, "last_contact": p.last_contact, "last_error": p.last_error}))
+            .collect();
+        return output::json(&v);
+    }
+    for p in &peers {
+        println!(
+            "peer       {} {} {}{}",
+            p.node,
+            p.addr,
+            p.status,
+            p.last_error
+                .as_ref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
     }
     println!("store      {}", st.path);
     println!("site       {}", st.site_id);

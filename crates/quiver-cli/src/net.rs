@@ -73,7 +73,16 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
             None if a.peer_insecure => (p.clone(), Trust::Insecure),
             None => (p.clone(), Trust::Verify),
         };
-        peers.push((addr, trust));
+        peers.push((addr, trust, None));
+    }
+    // Registered peers get live links too.
+    for p in store.peers()? {
+        let trust = match (&p.pin, a.peer_insecure) {
+            (Some(pin), _) => Trust::Pin(pin.clone()),
+            (None, true) => Trust::Insecure,
+            (None, false) => Trust::Verify,
+        };
+        peers.push((p.addr.clone(), trust, Some(p.node.clone())));
     }
     let peer_token = a.peer_token;
     let rt = runtime()?;
@@ -90,14 +99,30 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         std::io::stdout().flush()?;
         let token = server.shutdown_token();
         // Live links to peers run until shutdown.
-        for (addr, trust) in peers {
+        for (addr, trust, registered) in peers {
             let opts = ClientOptions { trust, token: peer_token.clone(), node: node.clone(), ..Default::default() };
             let mut client = Client::new(handle.clone(), opts);
             let stop = token.clone();
+            // A registry peer's state follows its link.
+            let on_round = registered.clone().map(|peer| {
+                let h = handle.clone();
+                let marked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                Arc::new(move |_: &quiver_sync::SyncResult| {
+                    if !marked.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        let (h, peer) = (h.clone(), peer.clone());
+                        tokio::spawn(async move { h.call(move |s| s.set_peer_status(&peer, "online", None)).await });
+                    }
+                }) as quiver_sync::RoundFn
+            });
+            let h = handle.clone();
             tokio::spawn(async move {
                 tracing::info!(%addr, "keeping a live link");
-                if let Err(e) = client.live(&addr, &SyncSpec::default(), stop, None).await {
+                if let Err(e) = client.live(&addr, &SyncSpec::default(), stop, on_round).await {
                     tracing::error!(%addr, "live link ended: {e}");
+                    if let Some(peer) = registered {
+                        let msg = e.to_string();
+                        let _ = h.call(move |s| s.set_peer_status(&peer, "degraded", Some(&msg))).await;
+                    }
                 }
                 client.close().await;
             });
@@ -242,6 +267,41 @@ async fn watch_link(
     let r = client.live(&addr, &spec, stop, Some(on_round)).await;
     client.close().await;
     Ok(r?)
+}
+
+/// `quiver watch`: store events as JSON lines, until interrupted.
+pub fn watch(store: Store, shard: Option<String>) -> Result<()> {
+    init_logging("warn");
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let handle = StoreHandle::spawn(store);
+        let mut events = handle.events();
+        let stop = quiver_sync::CancellationToken::new();
+        let s2 = stop.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            s2.cancel();
+        });
+        loop {
+            let e = tokio::select! {
+                _ = stop.cancelled() => break,
+                e = events.recv() => e,
+            };
+            match e {
+                Ok(quiver_store::StoreEvent::RemoteChange { shard: s, .. })
+                    if shard.as_ref().is_some_and(|w| *w != s) => {}
+                Ok(e) => {
+                    output::json(&e)?;
+                    std::io::stdout().flush()?;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    eprintln!("({n} events skipped)")
+                }
+                Err(_) => break,
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    })
 }
 
 pub fn ping(db: &Path, addr: &str, token: Option<String>, t: &TrustArgs, json: bool) -> Result<()> {

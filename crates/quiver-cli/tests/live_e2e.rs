@@ -140,3 +140,52 @@ fn five_nodes_in_a_line_and_in_a_ring_converge() {
         first.lines().count() == 5 && nodes.iter().all(|n| n.export("docs") == first)
     });
 }
+
+#[test]
+fn registered_peers_get_live_links_and_watch_prints_events() {
+    let a = Node::new("a");
+    let b = Node::new("b");
+    for n in [&a, &b] {
+        n.q(&["collection", "create", "docs", "--dim", "2"]);
+    }
+    let sa = a.serve(&[]);
+    b.q(&[
+        "peers", "add", "a", &sa.addr, "--pin", &sa.fp, "--shard", "default", "--token", "s3cret",
+    ]);
+    let list: serde_json::Value = serde_json::from_str(&b.q(&["--json", "peers", "list"])).unwrap();
+    assert_eq!(list[0]["node"], "a");
+    assert_eq!(list[0]["token"], true, "the token itself is never printed");
+    assert!(common::err(&b.db, &["peers", "add", "x", "no-port"]).contains("HOST:PORT"));
+
+    let mut watcher = Command::new(bin())
+        .arg("--db")
+        .arg(&b.db)
+        .arg("watch")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // a has no token configured, so the peer's token is simply not needed.
+    let _sb = b.serve(&[]);
+    a.q(&["put", "docs", "x", "--vector", "[1,2]"]);
+    wait_until("x on b through the registry peer's live link", || {
+        has(&b, "docs", "x")
+    });
+    wait_until("the peer shown online", || {
+        let st: serde_json::Value = serde_json::from_str(&b.q(&["--json", "status"])).unwrap();
+        st["peers"][0]["status"] == "online"
+    });
+    watcher.kill().unwrap();
+    let out = watcher.wait_with_output().unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        lines.contains("\"event\":\"external_change\"") && lines.contains("\"remote\":true"),
+        "{lines}"
+    );
+    b.q(&["peers", "remove", "a"]);
+    assert!(
+        b.q(&["peers", "list"]).lines().count() == 1,
+        "only the header is left"
+    );
+    assert!(common::err(&b.db, &["peers", "remove", "a"]).contains("no peer"));
+}

@@ -83,6 +83,8 @@ pub struct SyncResult {
     pub zero_rtt: bool,
     /// Whether an open connection from an earlier sync was reused.
     pub connection_reused: bool,
+    /// Shards both sides hold at different schema versions.
+    pub schema_outdated: Vec<String>,
 }
 
 /// Called with the result of every round of a live link.
@@ -100,6 +102,8 @@ pub struct PingResult {
 struct Link {
     conn: quinn::Connection,
     welcome: Welcome,
+    /// Our shards as stated in the hello.
+    ours: Vec<ShardInfo>,
     control: (FrameReader, FrameWriter),
     zero_rtt: bool,
     connect_ms: f64,
@@ -248,20 +252,20 @@ impl Client {
                     site: self.handle.site_id(),
                     node: self.opts.node.clone(),
                     token: self.opts.token.clone(),
-                    shards,
+                    shards: shards.clone(),
                     max_frame: self.opts.max_frame,
                     compression: self.opts.compression,
                 }))
                 .await?;
             match reader.expect("the server's welcome").await? {
-                Message::Welcome(w) => Ok((w, reader, writer)),
+                Message::Welcome(w) => Ok((w, reader, writer, shards)),
                 other => Err(SyncError::Protocol(format!(
                     "expected welcome, got {}",
                     other.kind().1
                 ))),
             }
         };
-        let (welcome, reader, writer) =
+        let (welcome, reader, writer, ours) =
             match tokio::time::timeout(self.opts.connect_timeout, hs).await {
                 Ok(Ok(x)) => x,
                 Ok(Err(SyncError::Connection(c))) => {
@@ -285,6 +289,7 @@ impl Client {
             Link {
                 conn,
                 welcome,
+                ours,
                 control: (reader, writer),
                 zero_rtt,
                 connect_ms,
@@ -429,6 +434,17 @@ impl Client {
             peer_node: link.welcome.node.clone(),
             peer_site: link.welcome.site.to_hex(),
             zero_rtt: link.zero_rtt && !reused,
+            schema_outdated: link
+                .ours
+                .iter()
+                .filter(|o| {
+                    link.welcome
+                        .shards
+                        .iter()
+                        .any(|t| t.name == o.name && t.schema_version != o.schema_version)
+                })
+                .map(|o| o.name.clone())
+                .collect(),
             connection_reused: reused,
             ..Default::default()
         };

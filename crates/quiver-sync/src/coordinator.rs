@@ -303,6 +303,14 @@ impl ShardCoordinator {
                 Err(_) => st.0.failures += 1,
             }
         }
+        if let Ok(r) = &outcome {
+            for shard in &r.schema_outdated {
+                let _ = self.inner.events.send(Event::SchemaOutdated {
+                    node: p.node.clone(),
+                    shard: shard.clone(),
+                });
+            }
+        }
         let _ = self.inner.events.send(match &outcome {
             Ok(r) => Event::SyncCompleted {
                 node: p.node.clone(),

@@ -181,3 +181,35 @@ async fn auto_sync_pulls_new_writes() {
     }
     c.stop_auto_sync_all();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_at_another_schema_version_is_reported() {
+    let up = node("up", 1, true);
+    up.handle
+        .call(|s| {
+            s.connection()
+                .execute("UPDATE quiver_tables SET schema_version = 2", [])
+                .map(|_| ())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let local = node("local", 0, false);
+    let c = ShardCoordinator::new(local.handle.clone(), CoordinatorOptions::default());
+    let mut events = c.subscribe();
+    c.register_peer(record("up", &up)).await.unwrap();
+    let r = c.sync_with_peer("up").await.unwrap();
+    assert_eq!(r.schema_outdated, vec!["default".to_string()]);
+    let mut found = false;
+    loop {
+        match events.try_recv() {
+            Ok(Event::SchemaOutdated { node, shard }) => {
+                assert_eq!((node.as_str(), shard.as_str()), ("up", "default"));
+                found = true;
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(found, "a schema_outdated event was sent");
+}

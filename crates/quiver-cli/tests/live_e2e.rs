@@ -25,15 +25,33 @@ fn has(n: &Node, table: &str, id: &str) -> bool {
     n.export(table).contains(&format!("\"id\":\"{id}\""))
 }
 
-fn watch(n: &Node, s: &Served) -> Child {
-    Command::new(bin())
-        .arg("--db")
-        .arg(&n.db)
-        .args(["sync", &s.addr, "--pin", &s.fp, "--watch"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+/// A child process killed when dropped, even if the test panics.
+struct Reaped(Child);
+
+impl Reaped {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn watch(n: &Node, s: &Served) -> Reaped {
+    Reaped(
+        Command::new(bin())
+            .arg("--db")
+            .arg(&n.db)
+            .args(["sync", &s.addr, "--pin", &s.fp, "--watch"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn python_insert(db: &std::path::Path, id: &str) {
@@ -69,8 +87,7 @@ fn live_link_both_ways_with_foreign_writers_and_a_killed_link() {
     wait_until("python's row on b", || has(&b, "notes", "py1"));
 
     // Cut the link hard, write on both sides, restore it.
-    link.kill().unwrap();
-    link.wait().unwrap();
+    link.kill();
     a.q(&["put", "docs", "a2", "--vector", "[3,3]"]);
     b.q(&["put", "docs", "b2", "--vector", "[4,4]"]);
     let mut link = watch(&b, &s);
@@ -78,8 +95,7 @@ fn live_link_both_ways_with_foreign_writers_and_a_killed_link() {
         a.export("docs") == b.export("docs") && a.export("docs").lines().count() == 4
     });
     assert_eq!(a.export("notes"), b.export("notes"));
-    link.kill().unwrap();
-    link.wait().unwrap();
+    link.kill();
 }
 
 /// Starts five daemons; node i keeps live links to the nodes `links(i)` names.

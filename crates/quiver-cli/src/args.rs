@@ -96,6 +96,9 @@ pub enum Command {
     Search(SearchArgs),
     /// Site id, shards, tables with row counts, version vectors, peers.
     Status,
+    /// Access tokens for `quiver serve`, scoped to shards and read-only or read-write.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// The peer registry (`quiver serve` keeps live links to registered peers).
     #[command(subcommand)]
     Peers(PeersCmd),
@@ -243,6 +246,25 @@ pub enum TableCmd {
     },
     /// List replicated tables and collections.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Make a token; it is printed once and stored only as a hash.
+    Create {
+        /// Shards it may see (repeatable; default: all).
+        #[arg(long = "shard")]
+        shards: Vec<String>,
+        /// Pull only: pushed changes are refused.
+        #[arg(long)]
+        read_only: bool,
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List tokens (their scope, never the tokens).
+    List,
+    /// Revoke a token by id.
+    Revoke { id: i64 },
 }
 
 #[derive(Debug, Subcommand)]

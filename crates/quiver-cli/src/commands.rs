@@ -8,7 +8,7 @@ use quiver_core::{ColumnKind, Strategy, Value};
 use quiver_store::{check_record, CollectionSpec, Record, Resolution, Store};
 
 use crate::args::{
-    BenchCmd, Cli, CollectionCmd, Command, ConflictsCmd, MemoryCmd, PeersCmd, TableCmd,
+    BenchCmd, Cli, CollectionCmd, Command, ConflictsCmd, MemoryCmd, PeersCmd, TableCmd, TokenCmd,
 };
 use crate::output::{self, cell};
 
@@ -163,6 +163,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Search(a) => crate::search_cmd::run(&open()?, a, json)?,
         Command::Status => status(&open()?, json)?,
         Command::Peers(p) => peers(open()?, p, json)?,
+        Command::Token(t) => token(open()?, t, json)?,
         Command::Watch { shard } => crate::net::watch(open()?, shard)?,
         Command::Demo { rows } => crate::demo::run(rows, json)?,
         Command::Bench(BenchCmd::Write { n, dim, batch }) => {
@@ -401,6 +402,80 @@ fn value_for(s: &Store, id: i64, text: &str) -> Result<Value> {
         (_, serde_json::Value::Bool(b)) => Value::Integer(b as i64),
         (_, other) => Value::Text(other.to_string()),
     })
+}
+
+fn token(mut s: Store, t: TokenCmd, json: bool) -> Result<()> {
+    match t {
+        TokenCmd::Create {
+            shards,
+            read_only,
+            label,
+        } => {
+            let token = quiver_sync::auth::generate_token();
+            let id = s.add_token(
+                &quiver_sync::auth::hash_token(&token),
+                &shards,
+                read_only,
+                label.as_deref(),
+            )?;
+            if json {
+                output::json(
+                    &serde_json::json!({"id": id, "token": token, "shards": shards, "read_only": read_only}),
+                )?;
+            } else {
+                println!("{token}");
+                eprintln!(
+                    "token {id}: {} on {} (shown once; only its hash is kept)",
+                    if read_only { "read-only" } else { "read-write" },
+                    if shards.is_empty() {
+                        "all shards".to_string()
+                    } else {
+                        shards.join(", ")
+                    }
+                );
+            }
+        }
+        TokenCmd::List => {
+            let list = s.tokens()?;
+            if json {
+                let shown: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|t| serde_json::json!({"id": t.id, "shards": t.shards, "read_only": t.read_only, "label": t.label, "created_at": t.created_at}))
+                    .collect();
+                return output::json(&shown);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.to_string(),
+                        if t.shards.is_empty() {
+                            "all".into()
+                        } else {
+                            t.shards.join(",")
+                        },
+                        if t.read_only {
+                            "read-only"
+                        } else {
+                            "read-write"
+                        }
+                        .into(),
+                        t.label.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            output::table(&["id", "shards", "access", "label"], &rows);
+        }
+        TokenCmd::Revoke { id } => {
+            if !s.revoke_token(id)? {
+                bail!("no token {id}");
+            }
+            if !json {
+                println!("revoked token {id}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn peers(mut s: Store, p: PeersCmd, json: bool) -> Result<()> {

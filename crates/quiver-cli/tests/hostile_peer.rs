@@ -16,11 +16,17 @@ enum Attack {
     CorruptFrame,
     OversizeFrame,
     UnknownTable,
+    /// A well-formed push (refused for a read-only token).
+    Push,
 }
 
 /// Handshakes, opens the shard stream, attacks, and returns the error code
 /// the server answered with.
 async fn attack(addr: &str, how: Attack) -> ErrorCode {
+    attack_with(addr, how, None).await
+}
+
+async fn attack_with(addr: &str, how: Attack, token: Option<String>) -> ErrorCode {
     let sock: std::net::SocketAddr = addr.parse().unwrap();
     let (ep, _) = client_endpoint(sock, &Trust::Insecure, &TransportLimits::default()).unwrap();
     let conn = ep.connect(sock, "localhost").unwrap().await.unwrap();
@@ -33,7 +39,7 @@ async fn attack(addr: &str, how: Attack) -> ErrorCode {
         protocol: PROTOCOL_VERSION,
         site: SiteId([7; 16]),
         node: "mallory".into(),
-        token: None,
+        token,
         shards: vec![],
         max_frame: 1 << 20,
         compression: false,
@@ -66,6 +72,28 @@ async fn attack(addr: &str, how: Attack) -> ErrorCode {
             let mut h = (512u32 << 20).to_be_bytes().to_vec();
             h.extend([6, 0, 0, 0, 0, 0]);
             w.send_raw(&h).await.unwrap();
+        }
+        Attack::Push => {
+            let row = |col: Option<&str>, value: Value| Change {
+                table: "docs".into(),
+                pk: vec![Value::Text("pushed".into())],
+                column: col.map(Into::into),
+                value,
+                hlc: Hlc::new(1, 0),
+                site: SiteId([7; 16]),
+                db_version: 1,
+                cl: 1,
+                replaces: Default::default(),
+            };
+            let batch = ChangeBatch {
+                shard: "default".into(),
+                changes: vec![
+                    row(None, Value::Null),
+                    row(Some("vector"), Value::Blob(vec![0; 8])),
+                ],
+                covered: vec![],
+            };
+            w.send(&Message::Batch(batch)).await.unwrap();
         }
         Attack::UnknownTable => {
             let change = |col: Option<&str>| Change {
@@ -111,6 +139,22 @@ async fn attack(addr: &str, how: Attack) -> ErrorCode {
             Err(e) => panic!("reading the server's answer: {e}"),
         }
     }
+}
+
+#[test]
+fn a_read_only_token_cannot_push_even_by_ignoring_the_welcome() {
+    let a = Node::new("a");
+    a.q(&["collection", "create", "docs", "--dim", "2"]);
+    let out = a.q(&["--json", "token", "create", "--read-only"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ro = v["token"].as_str().unwrap().to_string();
+    let s = a.serve(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(
+        rt.block_on(attack_with(&s.addr, Attack::Push, Some(ro))),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(a.export("docs"), "", "nothing was applied");
 }
 
 /// A client speaking another protocol version is refused with both named.

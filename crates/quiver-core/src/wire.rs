@@ -46,6 +46,9 @@ pub struct Welcome {
     pub shards: Vec<ShardInfo>,
     pub max_frame: u32,
     pub compression: bool,
+    /// The client's token is read-only: its pushes will be refused.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// Why a connection or a stream was refused or ended.

@@ -41,7 +41,7 @@ pub use schema::FORMAT_VERSION;
 pub use search::{Filter, Hit, SearchStats};
 pub use sqlvalue::to_json as value_to_json;
 pub use status::{ShardStatus, StoreStatus, TableStatus};
-pub use sync_state::{PeerCursor, PeerRecord, SyncState};
+pub use sync_state::{PeerCursor, PeerRecord, SyncState, TokenRecord};
 
 /// Column names and rows of a query.
 pub type SqlRows = (Vec<String>, Vec<Vec<quiver_core::Value>>);

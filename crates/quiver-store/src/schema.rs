@@ -7,10 +7,11 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::{Result, StoreError};
 
 /// The newest store format this build reads and writes.
-pub const FORMAT_VERSION: i64 = 1;
+pub const FORMAT_VERSION: i64 = 2;
 
 /// Each entry migrates from format `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE quiver_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 -- Local transaction counter (the open db_version), clock floor, and the
 -- flag that keeps capture off while remote changes are applied.
@@ -112,7 +113,20 @@ CREATE TABLE quiver_sync_state(
   last_error TEXT
 );
 INSERT INTO quiver_sync_state(id) VALUES (1);
-"#];
+"#,
+    r#"
+-- Access tokens, kept only as SHA-256 hashes; scoped to shards (empty:
+-- all) and to read-only or read-write.
+CREATE TABLE quiver_tokens(
+  id INTEGER PRIMARY KEY,
+  hash TEXT NOT NULL UNIQUE,
+  shards TEXT NOT NULL,
+  read_only INTEGER NOT NULL,
+  label TEXT,
+  created_at INTEGER NOT NULL
+);
+"#,
+];
 
 /// Pragmas set on every connection we open.
 pub(crate) fn configure(conn: &Connection) -> Result<()> {

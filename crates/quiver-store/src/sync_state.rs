@@ -183,3 +183,71 @@ impl Store {
         Ok(())
     }
 }
+
+/// An access token as stored: its hash and its scope, never the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: i64,
+    /// SHA-256 of the token, hex.
+    pub hash: String,
+    /// Shards it may see (empty: all).
+    pub shards: Vec<String>,
+    pub read_only: bool,
+    pub label: Option<String>,
+    pub created_at: u64,
+}
+
+impl Store {
+    /// Stores a token's hash and scope; returns its id.
+    pub fn add_token(
+        &mut self,
+        hash: &str,
+        shards: &[String],
+        read_only: bool,
+        label: Option<&str>,
+    ) -> Result<i64> {
+        if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(crate::StoreError::InvalidValue(
+                "a token hash is 64 hex characters".into(),
+            ));
+        }
+        for s in shards {
+            crate::names::check_shard(s)?;
+        }
+        let shards =
+            serde_json::to_string(shards).map_err(|e| crate::StoreError::Corrupt(e.to_string()))?;
+        self.conn.execute(
+            "INSERT INTO quiver_tokens(hash, shards, read_only, label, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![hash, shards, read_only, label, wall_ms() as i64],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, hash, shards, read_only, label, created_at FROM quiver_tokens ORDER BY id",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                let shards: String = r.get(2)?;
+                Ok(TokenRecord {
+                    id: r.get(0)?,
+                    hash: r.get(1)?,
+                    shards: serde_json::from_str(&shards).unwrap_or_default(),
+                    read_only: r.get(3)?,
+                    label: r.get(4)?,
+                    created_at: r.get::<_, i64>(5)? as u64,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Revokes a token; returns whether it existed.
+    pub fn revoke_token(&mut self, id: i64) -> Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM quiver_tokens WHERE id = ?1", [id])?
+            > 0)
+    }
+}

@@ -291,3 +291,28 @@ fn sync_state_and_cursors_persist() -> R {
     assert_eq!(s.peer_cursors()?.len(), 1);
     Ok(())
 }
+
+#[test]
+fn older_formats_are_migrated_forward() -> R {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("old.db");
+    drop(Store::init(&p)?);
+    // Make it a format-1 store: no token table yet.
+    let c = Connection::open(&p)?;
+    c.execute_batch(
+        "DROP TABLE quiver_tokens; UPDATE quiver_meta SET value = 1 WHERE key = 'format';",
+    )?;
+    drop(c);
+    let mut s = Store::open(&p)?;
+    assert_eq!(s.status()?.format, quiver_store::FORMAT_VERSION);
+    let id = s.add_token(&"ab".repeat(32), &["default".into()], true, Some("ci"))?;
+    let t = s.tokens()?;
+    assert_eq!(
+        (t[0].id, t[0].read_only, t[0].shards.clone()),
+        (id, true, vec!["default".to_string()])
+    );
+    assert!(s.add_token("not-a-hash", &[], false, None).is_err());
+    assert!(s.revoke_token(id)?);
+    assert!(s.tokens()?.is_empty());
+    Ok(())
+}

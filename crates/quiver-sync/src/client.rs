@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use quiver_core::frame::{HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT};
 use quiver_core::wire::{
-    Hello, Message, ShardInfo, SyncRequest, Welcome, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    ErrorCode, Hello, Message, ShardInfo, SyncRequest, Welcome, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 use quiver_store::StreamLimits;
 use serde::Serialize;
@@ -85,6 +85,10 @@ pub struct SyncResult {
     pub connection_reused: bool,
     /// Shards both sides hold at different schema versions.
     pub schema_outdated: Vec<String>,
+    /// The token was read-only: nothing was pushed.
+    pub read_only: bool,
+    /// Shards only this side holds that the server would not take.
+    pub skipped_shards: Vec<String>,
 }
 
 /// Called with the result of every round of a live link.
@@ -375,9 +379,13 @@ impl Client {
         let peer = Peer {
             name: link.welcome.node.clone(),
             may_push: true,
+            scope: None,
         };
+        // With a read-only token there is no point pushing: pull only.
+        let pull_only = link.welcome.read_only;
         let mut tasks = tokio::task::JoinSet::new();
         for shard in shards {
+            let shard_name = shard.clone();
             let conn = link.conn.clone();
             let handle = self.handle.clone();
             let peer = peer.clone();
@@ -385,49 +393,57 @@ impl Client {
             let progress = progress.clone();
             let stream = self.opts.stream;
             tasks.spawn(async move {
-                let (send, recv) = conn.open_bi().await?;
-                let mut reader = FrameReader::new(recv, max_frame, compression);
-                let mut writer = FrameWriter::new(send, compression);
-                let sh = shard.clone();
-                let (versions, schema) = handle
-                    .call(move |s| -> Result<_> {
-                        Ok((s.table_versions(&sh)?, shard_defs(s, &sh)?))
-                    })
-                    .await??;
-                let want_schema = schema.is_empty();
-                let versions: Vec<_> = versions
-                    .into_iter()
-                    .filter(|(t, _)| tables.is_empty() || tables.contains(t))
-                    .collect();
-                writer
-                    .send(&Message::SyncRequest(SyncRequest {
-                        shard: shard.clone(),
-                        tables: tables.clone(),
-                        versions,
-                        want_schema,
-                        schema,
-                    }))
+                let outcome = async {
+                    let (send, recv) = conn.open_bi().await?;
+                    let mut reader = FrameReader::new(recv, max_frame, compression);
+                    let mut writer = FrameWriter::new(send, compression);
+                    let sh = shard.clone();
+                    let (versions, schema) = handle
+                        .call(move |s| -> Result<_> {
+                            Ok((s.table_versions(&sh)?, shard_defs(s, &sh)?))
+                        })
+                        .await??;
+                    let want_schema = schema.is_empty();
+                    let versions: Vec<_> = versions
+                        .into_iter()
+                        .filter(|(t, _)| tables.is_empty() || tables.contains(t))
+                        .collect();
+                    writer
+                        .send(&Message::SyncRequest(SyncRequest {
+                            shard: shard.clone(),
+                            tables: tables.clone(),
+                            versions,
+                            want_schema,
+                            schema,
+                        }))
+                        .await?;
+                    let reply = match reader.expect("the sync reply").await? {
+                        Message::SyncReply(r) => r,
+                        other => {
+                            return Err(SyncError::Protocol(format!(
+                                "expected a sync reply, got {}",
+                                other.kind().1
+                            )))
+                        }
+                    };
+                    let sh = shard.clone();
+                    let defs = reply.schema.clone();
+                    let created = handle.call(move |s| ensure_tables(s, &sh, &defs)).await??;
+                    let names: Vec<String> = reply.schema.iter().map(|d| d.name.clone()).collect();
+                    let theirs = if pull_only {
+                        Default::default()
+                    } else {
+                        their_versions(&names, &reply.versions, &tables)
+                    };
+                    let mut r = exchange(
+                        &handle, peer, &shard, &tables, theirs, reader, writer, stream, progress,
+                    )
                     .await?;
-                let reply = match reader.expect("the sync reply").await? {
-                    Message::SyncReply(r) => r,
-                    other => {
-                        return Err(SyncError::Protocol(format!(
-                            "expected a sync reply, got {}",
-                            other.kind().1
-                        )))
-                    }
-                };
-                let sh = shard.clone();
-                let defs = reply.schema.clone();
-                let created = handle.call(move |s| ensure_tables(s, &sh, &defs)).await??;
-                let names: Vec<String> = reply.schema.iter().map(|d| d.name.clone()).collect();
-                let theirs = their_versions(&names, &reply.versions, &tables);
-                let mut r = exchange(
-                    &handle, peer, &shard, &tables, theirs, reader, writer, stream, progress,
-                )
-                .await?;
-                r.tables_created = created;
-                Ok::<_, SyncError>(r)
+                    r.tables_created = created;
+                    Ok::<_, SyncError>(r)
+                }
+                .await;
+                (shard_name, outcome)
             });
         }
         let mut result = SyncResult {
@@ -446,17 +462,29 @@ impl Client {
                 .map(|o| o.name.clone())
                 .collect(),
             connection_reused: reused,
+            read_only: link.welcome.read_only,
             ..Default::default()
         };
         let mut first_error = None;
+        let explicit = !spec.shards.is_empty();
         while let Some(joined) = tasks.join_next().await {
             match joined.map_err(|e| SyncError::Protocol(e.to_string()))? {
-                Ok(r) => result.shards.push(r),
-                Err(e) => {
+                (_, Ok(r)) => result.shards.push(r),
+                // A shard only we hold, which the server will not take
+                // (outside the token's scope): skipped unless asked for.
+                (
+                    shard,
+                    Err(SyncError::Peer {
+                        code: ErrorCode::UnknownShard,
+                        ..
+                    }),
+                ) if !explicit => result.skipped_shards.push(shard),
+                (_, Err(e)) => {
                     first_error.get_or_insert(e);
                 }
             }
         }
+        result.skipped_shards.sort();
         if let Some(e) = first_error {
             return Err(e);
         }

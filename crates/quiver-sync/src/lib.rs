@@ -4,6 +4,7 @@
 //! on SQLite, a client with retries, and a server.
 
 mod actor;
+pub mod auth;
 mod client;
 mod coordinator;
 mod error;

@@ -56,6 +56,8 @@ pub(crate) struct Peer {
     pub name: String,
     /// Whether the peer may write (read-only tokens may not).
     pub may_push: bool,
+    /// Shards the peer may see (`None`: all).
+    pub scope: Option<Vec<String>>,
 }
 
 fn to_report(r: &ApplyReport) -> Report {

@@ -7,14 +7,15 @@ use std::time::Duration;
 
 use quiver_core::frame::{HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT};
 use quiver_core::wire::{
-    constant_time_eq, ErrorCode, ErrorMsg, Message, ShardInfo, SyncReply, Welcome,
-    DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    ErrorCode, ErrorMsg, Message, ShardInfo, SyncReply, Welcome, DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
 };
 use quiver_store::StreamLimits;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::actor::StoreHandle;
+use crate::auth::authorize;
 use crate::framed::{FrameReader, FrameWriter};
 use crate::protocol::{exchange, their_versions, Peer};
 use crate::schema::{ensure_tables, schema_version, shard_defs};
@@ -193,17 +194,11 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
         );
         return Err(refuse(&mut writer, &conn, ErrorCode::Protocol, m).await);
     }
-    if let Some(expected) = &ctx.opts.token {
-        let given = hello.token.as_deref().unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-            let m = if hello.token.is_none() {
-                "a token is required"
-            } else {
-                "invalid token"
-            };
-            return Err(refuse(&mut writer, &conn, ErrorCode::Unauthorized, m.into()).await);
-        }
-    }
+    let tokens = ctx.handle.call(|s| s.tokens()).await??;
+    let access = match authorize(hello.token.as_deref(), ctx.opts.token.as_deref(), &tokens) {
+        Ok(a) => a,
+        Err(m) => return Err(refuse(&mut writer, &conn, ErrorCode::Unauthorized, m.into()).await),
+    };
     let max_frame = hello
         .max_frame
         .min(ctx.opts.max_frame)
@@ -223,6 +218,11 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
             Ok(out)
         })
         .await??;
+    // Shards outside the token's scope are not even listed.
+    let shards: Vec<ShardInfo> = shards
+        .into_iter()
+        .filter(|s| access.allows(&s.name))
+        .collect();
     writer
         .send(&Message::Welcome(Welcome {
             protocol: PROTOCOL_VERSION,
@@ -231,12 +231,14 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
             shards,
             max_frame: max_frame as u32,
             compression,
+            read_only: access.read_only,
         }))
         .await?;
-    info!(node = %hello.node, site = %hello.site, "peer connected");
+    info!(node = %hello.node, site = %hello.site, read_only = access.read_only, "peer connected");
     let peer = Peer {
         name: hello.node.clone(),
-        may_push: true,
+        may_push: !access.read_only,
+        scope: access.shards.clone(),
     };
     // The handshake stream stays open for pings.
     tokio::spawn(async move {
@@ -332,6 +334,15 @@ async fn serve_shard(
             return Err(SyncError::Protocol(m));
         }
     };
+    if peer.scope.as_ref().is_some_and(|s| !s.contains(&req.shard)) {
+        // Out of scope looks exactly like absent.
+        let m = format!("this server holds no shard {:?}", req.shard);
+        writer.fail(ErrorCode::UnknownShard, m.clone()).await;
+        return Err(SyncError::Rejected {
+            code: ErrorCode::UnknownShard,
+            message: m,
+        });
+    }
     let shard = req.shard.clone();
     let schema = req.schema.clone();
     let may_push = peer.may_push;

@@ -141,6 +141,12 @@ pub struct ServeArgs {
     /// Do not verify peers' certificates (when no @PIN is given).
     #[arg(long)]
     pub peer_insecure: bool,
+    /// Connections served at once; the next is refused with a retry hint.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Log format on standard error: text or json.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 /// How to trust the server's certificate (verification is on by default).

@@ -21,13 +21,22 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Logs to standard error; `QUIVER_LOG` (or `RUST_LOG`) sets the filter.
 pub fn init_logging(default: &str) {
+    init_logging_as(default, false);
+}
+
+/// Logs as text or, for log collectors, as JSON lines.
+pub fn init_logging_as(default: &str, json: bool) {
     let filter = std::env::var("QUIVER_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| default.to_string());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 fn node_name(store: &Store) -> Result<String> {
@@ -46,7 +55,7 @@ fn trust(t: &TrustArgs) -> Trust {
 }
 
 pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
-    init_logging("info");
+    init_logging_as("info", a.log_format == "json");
     let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
     let node = node_name(&store)?;
     let (cert_default, key_default) = quiver_sync::tls::identity_paths(db);
@@ -64,6 +73,7 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         listen,
         token: a.token,
         node: node.clone(),
+        max_connections: a.max_connections,
         ..Default::default()
     };
     let mut peers = Vec::new();

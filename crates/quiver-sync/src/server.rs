@@ -36,6 +36,8 @@ pub struct ServerOptions {
     pub stream: StreamLimits,
     /// How long a client may take to complete the handshake.
     pub handshake_timeout: Duration,
+    /// Connections served at once; the next is refused with a retry hint.
+    pub max_connections: usize,
 }
 
 impl Default for ServerOptions {
@@ -49,6 +51,7 @@ impl Default for ServerOptions {
             compression: true,
             stream: StreamLimits::default(),
             handshake_timeout: Duration::from_secs(10),
+            max_connections: 1024,
         }
     }
 }
@@ -63,6 +66,16 @@ struct Ctx {
     handle: StoreHandle,
     opts: ServerOptions,
     shutdown: CancellationToken,
+    active: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a connection as active for as long as it lives.
+struct ActiveGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Codes a connection is closed with.
@@ -79,6 +92,7 @@ impl Server {
                 handle,
                 opts,
                 shutdown: CancellationToken::new(),
+                active: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
@@ -130,12 +144,22 @@ async fn refuse(
     code: ErrorCode,
     message: String,
 ) -> SyncError {
+    refuse_after(writer, conn, code, message, None).await
+}
+
+async fn refuse_after(
+    writer: &mut FrameWriter,
+    conn: &quinn::Connection,
+    code: ErrorCode,
+    message: String,
+    retry_after_ms: Option<u64>,
+) -> SyncError {
     warn!("refusing connection: {message}");
     let _ = writer
         .send(&Message::Refused(ErrorMsg {
             code,
             message: message.clone(),
-            retry_after_ms: None,
+            retry_after_ms,
         }))
         .await;
     let _ = writer.finish();
@@ -146,6 +170,8 @@ async fn refuse(
 }
 
 async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
+    let active = ctx.active.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    let _active = ActiveGuard(&ctx.active);
     let connecting = incoming.accept()?;
     let conn = match connecting.into_0rtt() {
         Ok((conn, _)) => conn,
@@ -193,6 +219,13 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
             hello.protocol
         );
         return Err(refuse(&mut writer, &conn, ErrorCode::Protocol, m).await);
+    }
+    if active > ctx.opts.max_connections {
+        let m = format!(
+            "the server is at its connection limit ({}); retry in a second",
+            ctx.opts.max_connections
+        );
+        return Err(refuse_after(&mut writer, &conn, ErrorCode::RateLimited, m, Some(1000)).await);
     }
     let tokens = ctx.handle.call(|s| s.tokens()).await??;
     let access = match authorize(hello.token.as_deref(), ctx.opts.token.as_deref(), &tokens) {

@@ -1,0 +1,157 @@
+//! The daemon under pressure: its connection limit, SIGTERM in the middle
+//! of a sync, and JSON logs.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, err, Node};
+
+#[test]
+fn the_connection_limit_refuses_with_a_retry_hint() {
+    let a = Node::new("a");
+    a.q(&["collection", "create", "docs", "--dim", "2"]);
+    let s = a.serve(&["--max-connections", "1"]);
+    let b = Node::new("b");
+    // A live link holds the only slot.
+    let mut holder = Command::new(bin())
+        .arg("--db")
+        .arg(&b.db)
+        .args(["sync", &s.addr, "--pin", &s.fp, "--watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let c = Node::new("c");
+    let e = err(&c.db, &["sync", &s.addr, "--pin", &s.fp, "--retries", "0"]);
+    assert!(
+        e.contains("connection limit (1)") && e.contains("retry"),
+        "{e}"
+    );
+    // With a retry the client waits the hinted second before trying again.
+    let t = Instant::now();
+    let _ = err(&c.db, &["sync", &s.addr, "--pin", &s.fp, "--retries", "1"]);
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "the retry hint was honoured"
+    );
+    // A link stopped gracefully frees its slot at once (a killed one would
+    // hold it until the idle timeout cleans it up).
+    let pid = holder.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    holder.wait().unwrap();
+    c.q(&["sync", &s.addr, "--pin", &s.fp, "--retries", "3"]);
+}
+
+#[test]
+fn sigterm_mid_sync_exits_cleanly_and_the_client_resumes() {
+    let a = Node::new("a");
+    a.q(&["collection", "create", "docs", "--dim", "4"]);
+    let b = Node::new("b");
+    b.q(&["collection", "create", "docs", "--dim", "4"]);
+    let jsonl = b.dir.path().join("d.jsonl");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&jsonl).unwrap());
+    for i in 0..40_000 {
+        writeln!(f, r#"{{"id":"r{i:05}","vector":[{i},1,2,3]}}"#).unwrap();
+    }
+    f.flush().unwrap();
+    drop(f);
+    b.q(&["import", "docs", jsonl.to_str().unwrap()]);
+    let s = a.serve(&[]);
+    let mut push = Command::new(bin())
+        .arg("--db")
+        .arg(&b.db)
+        .args(["sync", &s.addr, "--pin", &s.fp, "--retries", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Let some batches land, then ask the server to stop.
+    let t = Instant::now();
+    while a
+        .q(&["sql", "SELECT count(*) AS n FROM docs"])
+        .lines()
+        .nth(1)
+        .unwrap_or("0")
+        .trim()
+        == "0"
+    {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut server = s;
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    let code = loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the server did not stop in time"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(0), "SIGTERM is a clean exit");
+    let _ = push.wait();
+    // Both stores are consistent; a restarted server lets the client finish.
+    let s2 = a.serve(&[]);
+    b.q(&["sync", &s2.addr, "--pin", &s2.fp]);
+    assert_eq!(a.export("docs"), b.export("docs"));
+    assert_eq!(a.export("docs").lines().count(), 40_000);
+}
+
+#[test]
+fn logs_can_be_json() {
+    let a = Node::new("a");
+    let mut child = Command::new(bin())
+        .arg("--db")
+        .arg(&a.db)
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = out
+        .next()
+        .unwrap()
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    let fp = out
+        .next()
+        .unwrap()
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    let b = Node::new("b");
+    b.q(&["ping", &addr, "--pin", &fp]);
+    child.kill().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let first = stderr.lines().next().expect("a log line");
+    let v: serde_json::Value =
+        serde_json::from_str(first).unwrap_or_else(|e| panic!("{first}: {e}"));
+    assert!(v["level"].is_string() && v["fields"].is_object(), "{first}");
+}

@@ -148,6 +148,7 @@ fn logs_can_be_json() {
     let b = Node::new("b");
     b.q(&["ping", &addr, "--pin", &fp]);
     child.kill().unwrap();
+    child.wait().unwrap();
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     let first = stderr.lines().next().expect("a log line");

@@ -96,6 +96,9 @@ pub enum Command {
     Search(SearchArgs),
     /// Site id, shards, tables with row counts, version vectors, peers.
     Status,
+    /// The daemon's effective configuration, with where each value came from.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Access tokens for `quiver serve`, scoped to shards and read-only or read-write.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -120,11 +123,16 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on; port 0 picks a free port (the bound address is printed).
-    #[arg(long, default_value = "127.0.0.1:4433")]
-    pub listen: String,
-    /// Token clients must present.
-    #[arg(long, env = "QUIVER_TOKEN")]
+    /// A TOML file of settings (see `quiver config show`); flags and the
+    /// environment override it.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Address to listen on (default 127.0.0.1:4433); port 0 picks a free
+    /// port (the bound address is printed).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Token clients must present for full access (scoped tokens: `quiver token create`).
+    #[arg(long)]
     pub token: Option<String>,
     /// Certificate (PEM); default: the one `quiver init` made beside the store.
     #[arg(long)]
@@ -136,17 +144,23 @@ pub struct ServeArgs {
     #[arg(long = "peer", value_name = "ADDR[@PIN]")]
     pub peers: Vec<String>,
     /// Token to present to peers.
-    #[arg(long, env = "QUIVER_PEER_TOKEN")]
+    #[arg(long)]
     pub peer_token: Option<String>,
     /// Do not verify peers' certificates (when no @PIN is given).
     #[arg(long)]
     pub peer_insecure: bool,
-    /// Connections served at once; the next is refused with a retry hint.
-    #[arg(long, default_value_t = 1024)]
-    pub max_connections: usize,
-    /// Log format on standard error: text or json.
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    /// Connections served at once (default 1024); the next is refused with a retry hint.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Concurrent streams per connection (default 64).
+    #[arg(long)]
+    pub max_streams: Option<u32>,
+    /// Seconds a silent connection lives (default 30).
+    #[arg(long)]
+    pub idle_timeout_secs: Option<u64>,
+    /// Log format on standard error: text (default) or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
 }
 
 /// How to trust the server's certificate (verification is on by default).
@@ -252,6 +266,15 @@ pub enum TableCmd {
     },
     /// List replicated tables and collections.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print the effective configuration of `quiver serve`.
+    Show {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

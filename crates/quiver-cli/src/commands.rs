@@ -164,6 +164,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status => status(&open()?, json)?,
         Command::Peers(p) => peers(open()?, p, json)?,
         Command::Token(t) => token(open()?, t, json)?,
+        Command::Config(crate::args::ConfigCmd::Show { config }) => {
+            crate::net::config_show(config.as_deref(), json)?
+        }
         Command::Watch { shard } => crate::net::watch(open()?, shard)?,
         Command::Demo { rows } => crate::demo::run(rows, json)?,
         Command::Bench(BenchCmd::Write { n, dim, batch }) => {

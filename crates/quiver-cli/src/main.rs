@@ -5,6 +5,7 @@ mod bench;
 mod bench_live;
 mod bench_search;
 mod commands;
+mod config;
 mod demo;
 mod net;
 mod output;

@@ -4,14 +4,14 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use quiver_store::Store;
 use quiver_sync::{
     Client, ClientOptions, Identity, Progress, Server, ServerOptions, StoreHandle, SyncSpec, Trust,
 };
 
 use crate::args::{ServeArgs, SyncArgs, TrustArgs};
-use crate::output;
+use crate::{config, output};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -54,30 +54,85 @@ fn trust(t: &TrustArgs) -> Trust {
     }
 }
 
+/// The flags of `quiver serve` as the top configuration layer.
+fn flag_layer(a: &ServeArgs) -> config::Layer {
+    let mut l = config::Layer::new();
+    let mut put = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            l.insert(k.to_string(), v);
+        }
+    };
+    put("listen", a.listen.clone());
+    put("token", a.token.clone());
+    put("cert", a.cert.as_ref().map(|p| p.display().to_string()));
+    put("key", a.key.as_ref().map(|p| p.display().to_string()));
+    put("peers", (!a.peers.is_empty()).then(|| a.peers.join(",")));
+    put("peer_token", a.peer_token.clone());
+    put("max_connections", a.max_connections.map(|v| v.to_string()));
+    put("max_streams", a.max_streams.map(|v| v.to_string()));
+    put(
+        "idle_timeout_secs",
+        a.idle_timeout_secs.map(|v| v.to_string()),
+    );
+    put("log_format", a.log_format.clone());
+    l
+}
+
+fn layered(file: Option<&Path>, flags: &config::Layer) -> Result<config::DaemonConfig> {
+    let file = file.map(config::file_layer).transpose()?;
+    let env = config::env_layer(|n| std::env::var(n).ok());
+    config::resolve(file.as_ref(), &env, flags)
+}
+
+/// `quiver config show`: the effective settings and where each came from.
+pub fn config_show(file: Option<&Path>, json: bool) -> Result<()> {
+    let c = layered(file, &config::Layer::new())?;
+    if json {
+        return output::json(&c.values);
+    }
+    for (k, (v, src)) in &c.values {
+        println!(
+            "{k:<20} = {v:<24} ({})",
+            serde_json::to_value(src)?.as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
 pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
-    init_logging_as("info", a.log_format == "json");
+    let cfg = layered(a.config.as_deref(), &flag_layer(&a))?;
+    init_logging_as("info", cfg.log_json);
     let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
-    let node = node_name(&store)?;
+    let node = cfg
+        .node
+        .clone()
+        .map(Ok)
+        .unwrap_or_else(|| node_name(&store))?;
     let (cert_default, key_default) = quiver_sync::tls::identity_paths(db);
     let id = Identity::load(
-        &a.cert.unwrap_or(cert_default),
-        &a.key.unwrap_or(key_default),
+        &cfg.cert.clone().unwrap_or(cert_default),
+        &cfg.key.clone().unwrap_or(key_default),
     )?;
-    let listen = a.listen.parse().map_err(|e| {
-        anyhow!(
-            "--listen {:?} is not an address like 127.0.0.1:4433: {e}",
-            a.listen
-        )
-    })?;
     let opts = ServerOptions {
-        listen,
-        token: a.token,
+        listen: cfg.listen,
+        token: cfg.token.clone(),
         node: node.clone(),
-        max_connections: a.max_connections,
+        max_connections: cfg.max_connections,
+        limits: quiver_sync::transport::TransportLimits {
+            idle_timeout: cfg.idle_timeout,
+            keep_alive: cfg.keep_alive,
+            max_streams: cfg.max_streams,
+        },
+        max_frame: cfg.max_frame,
+        compression: cfg.compression,
+        stream: quiver_store::StreamLimits {
+            max_changes: cfg.batch_max_changes,
+            max_bytes: cfg.batch_max_bytes,
+        },
         ..Default::default()
     };
     let mut peers = Vec::new();
-    for p in &a.peers {
+    for p in &cfg.peers {
         let (addr, trust) = match p.split_once('@') {
             Some((addr, pin)) => (addr.to_string(), Trust::Pin(pin.to_string())),
             None if a.peer_insecure => (p.clone(), Trust::Insecure),
@@ -94,7 +149,7 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         };
         peers.push((p.addr.clone(), trust, Some(p.node.clone())));
     }
-    let peer_token = a.peer_token;
+    let peer_token = cfg.peer_token.clone();
     let rt = runtime()?;
     rt.block_on(async move {
         let handle = StoreHandle::spawn(store);

@@ -156,3 +156,70 @@ fn logs_can_be_json() {
         serde_json::from_str(first).unwrap_or_else(|e| panic!("{first}: {e}"));
     assert!(v["level"].is_string() && v["fields"].is_object(), "{first}");
 }
+
+#[test]
+fn configuration_is_layered_and_bad_keys_are_refused_at_start() {
+    let a = Node::new("a");
+    let cfg = a.dir.path().join("quiver.toml");
+    std::fs::write(
+        &cfg,
+        "max_connections = 5\nmax_streams = 9\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let show = |envs: &[(&str, &str)]| -> serde_json::Value {
+        let out = Command::new(bin())
+            .args([
+                "--json",
+                "config",
+                "show",
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
+            .envs(envs.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = show(&[]);
+    assert_eq!(v["max_connections"], serde_json::json!(["5", "file"]));
+    assert_eq!(v["idle_timeout_secs"], serde_json::json!(["30", "default"]));
+    let v = show(&[("QUIC_MAX_CONNECTIONS", "7"), ("QUIVER_TOKEN", "secret")]);
+    assert_eq!(v["max_connections"], serde_json::json!(["7", "env"]));
+    assert_eq!(
+        v["token"],
+        serde_json::json!(["(set)", "env"]),
+        "secrets are not printed"
+    );
+
+    // The daemon starts from the file; a flag beats it.
+    let s = a.serve(&["--config", cfg.to_str().unwrap(), "--max-streams", "12"]);
+    assert!(s.addr.starts_with("127.0.0.1:"));
+    drop(s);
+
+    for (bad, says) in [
+        ("colour = \"blue\"\n", "unknown key `colour`"),
+        ("max_connections = \"many\"\n", "`max_connections`"),
+        ("max_connections = 0\n", "out of range"),
+        (
+            "keep_alive_secs = 99\nidle_timeout_secs = 10\n",
+            "`keep_alive_secs`",
+        ),
+        ("max_streams = [1]\n", "wrong type"),
+    ] {
+        std::fs::write(&cfg, bad).unwrap();
+        let out = Command::new(bin())
+            .arg("--db")
+            .arg(&a.db)
+            .args(["serve", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {e}");
+        assert!(e.contains(says), "{bad:?} should say {says:?}: {e}");
+    }
+}

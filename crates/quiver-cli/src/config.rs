@@ -1,0 +1,382 @@
+//! Daemon configuration, layered: defaults, then a TOML file, then the
+//! environment (the seed's `QUIC_*` names and `QUIVER_*`), then flags.
+//! Every value is validated once, and errors name the key and the reason.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use serde::Serialize;
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Default,
+    File,
+    Env,
+    Flag,
+}
+
+/// The settings `quiver serve` takes: key, environment names, default.
+const KEYS: &[(&str, &[&str], Option<&str>)] = &[
+    ("listen", &["QUIVER_LISTEN"], Some("127.0.0.1:4433")),
+    ("port", &["QUIC_PORT", "QUIVER_PORT"], None),
+    ("node", &["QUIVER_NODE"], None),
+    ("token", &["QUIVER_TOKEN"], None),
+    ("cert", &["QUIC_CERT_PATH", "QUIVER_CERT"], None),
+    ("key", &["QUIC_KEY_PATH", "QUIVER_KEY"], None),
+    (
+        "max_connections",
+        &["QUIC_MAX_CONNECTIONS", "QUIVER_MAX_CONNECTIONS"],
+        Some("1024"),
+    ),
+    (
+        "max_streams",
+        &["QUIC_MAX_STREAMS", "QUIVER_MAX_STREAMS"],
+        Some("64"),
+    ),
+    (
+        "idle_timeout_secs",
+        &["QUIVER_IDLE_TIMEOUT_SECS"],
+        Some("30"),
+    ),
+    ("keep_alive_secs", &["QUIVER_KEEP_ALIVE_SECS"], Some("5")),
+    (
+        "max_frame_bytes",
+        &["QUIVER_MAX_FRAME_BYTES"],
+        Some("16777216"),
+    ),
+    (
+        "batch_max_changes",
+        &["QUIVER_BATCH_MAX_CHANGES"],
+        Some("2000"),
+    ),
+    (
+        "batch_max_bytes",
+        &["QUIVER_BATCH_MAX_BYTES"],
+        Some("4194304"),
+    ),
+    ("compression", &["QUIVER_COMPRESSION"], Some("true")),
+    ("log_format", &["QUIVER_LOG_FORMAT"], Some("text")),
+    ("peers", &["QUIVER_PEERS"], None),
+    ("peer_token", &["QUIVER_PEER_TOKEN"], None),
+];
+
+/// One layer's raw values, as text.
+pub type Layer = BTreeMap<String, String>;
+
+/// The effective configuration, each value with its source.
+#[derive(Debug, Clone, Serialize)]
+pub struct DaemonConfig {
+    pub values: BTreeMap<String, (String, Source)>,
+    #[serde(skip)]
+    pub listen: SocketAddr,
+    #[serde(skip)]
+    pub node: Option<String>,
+    #[serde(skip)]
+    pub token: Option<String>,
+    #[serde(skip)]
+    pub cert: Option<PathBuf>,
+    #[serde(skip)]
+    pub key: Option<PathBuf>,
+    #[serde(skip)]
+    pub max_connections: usize,
+    #[serde(skip)]
+    pub max_streams: u32,
+    #[serde(skip)]
+    pub idle_timeout: Duration,
+    #[serde(skip)]
+    pub keep_alive: Duration,
+    #[serde(skip)]
+    pub max_frame: u32,
+    #[serde(skip)]
+    pub batch_max_changes: usize,
+    #[serde(skip)]
+    pub batch_max_bytes: usize,
+    #[serde(skip)]
+    pub compression: bool,
+    #[serde(skip)]
+    pub log_json: bool,
+    #[serde(skip)]
+    pub peers: Vec<String>,
+    #[serde(skip)]
+    pub peer_token: Option<String>,
+}
+
+/// Reads a TOML file into a layer, refusing unknown keys and non-scalar values.
+pub fn file_layer(path: &Path) -> Result<Layer> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow!("reading config {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| anyhow!("config {}: {e}", path.display()))?;
+    let mut out = Layer::new();
+    for (k, v) in table {
+        if !KEYS.iter().any(|(name, _, _)| *name == k) {
+            let known: Vec<&str> = KEYS.iter().map(|(n, _, _)| *n).collect();
+            bail!(
+                "config {}: unknown key `{k}` (known keys: {})",
+                path.display(),
+                known.join(", ")
+            );
+        }
+        let s = match v {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(a) if k == "peers" => a
+                .into_iter()
+                .map(|x| match x {
+                    toml::Value::String(s) => Ok(s),
+                    other => Err(anyhow!(
+                        "config {}: key `peers` holds {other}, expected strings",
+                        path.display()
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?
+                .join(","),
+            other => bail!(
+                "config {}: key `{k}` has the wrong type ({})",
+                path.display(),
+                other.type_str()
+            ),
+        };
+        out.insert(k, s);
+    }
+    Ok(out)
+}
+
+/// Reads the environment into a layer.
+pub fn env_layer(get: impl Fn(&str) -> Option<String>) -> Layer {
+    let mut out = Layer::new();
+    for (key, names, _) in KEYS {
+        for n in *names {
+            if let Some(v) = get(n) {
+                out.insert(key.to_string(), v);
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn parse<T: std::str::FromStr>(key: &str, v: &str, what: &str) -> Result<T> {
+    v.trim()
+        .parse()
+        .map_err(|_| anyhow!("config key `{key}`: {v:?} is not {what}"))
+}
+
+fn range<T: PartialOrd + std::fmt::Display + Copy>(key: &str, v: T, lo: T, hi: T) -> Result<T> {
+    if v < lo || v > hi {
+        bail!("config key `{key}`: {v} is out of range ({lo} to {hi})");
+    }
+    Ok(v)
+}
+
+/// Layers defaults, file, environment and flags, and validates the result.
+pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<DaemonConfig> {
+    let mut values: BTreeMap<String, (String, Source)> = BTreeMap::new();
+    for (key, _, default) in KEYS {
+        let pick = flags
+            .get(*key)
+            .map(|v| (v.clone(), Source::Flag))
+            .or_else(|| env.get(*key).map(|v| (v.clone(), Source::Env)))
+            .or_else(|| {
+                file.and_then(|f| f.get(*key))
+                    .map(|v| (v.clone(), Source::File))
+            })
+            .or_else(|| default.map(|d| (d.to_string(), Source::Default)));
+        if let Some(p) = pick {
+            values.insert(key.to_string(), p);
+        }
+    }
+    let get = |k: &str| values.get(k).map(|(v, _)| v.as_str());
+    let mut listen: SocketAddr = parse(
+        "listen",
+        get("listen").unwrap_or(""),
+        "an address like 127.0.0.1:4433",
+    )?;
+    if let Some(port) = get("port") {
+        listen.set_port(parse("port", port, "a port number")?);
+    }
+    let idle: u64 = range(
+        "idle_timeout_secs",
+        parse(
+            "idle_timeout_secs",
+            get("idle_timeout_secs").unwrap_or(""),
+            "a number of seconds",
+        )?,
+        1,
+        86_400,
+    )?;
+    let keep: u64 = range(
+        "keep_alive_secs",
+        parse(
+            "keep_alive_secs",
+            get("keep_alive_secs").unwrap_or(""),
+            "a number of seconds",
+        )?,
+        1,
+        3_600,
+    )?;
+    if keep >= idle {
+        bail!("config key `keep_alive_secs`: {keep} must be below idle_timeout_secs ({idle}), or idle links would time out");
+    }
+    let log_format = get("log_format").unwrap_or("text");
+    if !matches!(log_format, "text" | "json") {
+        bail!("config key `log_format`: {log_format:?} is not text or json");
+    }
+    let nonempty = |k: &str| get(k).filter(|v| !v.is_empty()).map(str::to_string);
+    Ok(DaemonConfig {
+        listen,
+        node: nonempty("node"),
+        token: nonempty("token"),
+        cert: nonempty("cert").map(PathBuf::from),
+        key: nonempty("key").map(PathBuf::from),
+        max_connections: range(
+            "max_connections",
+            parse(
+                "max_connections",
+                get("max_connections").unwrap_or(""),
+                "a whole number",
+            )?,
+            1,
+            1_000_000,
+        )?,
+        max_streams: range(
+            "max_streams",
+            parse(
+                "max_streams",
+                get("max_streams").unwrap_or(""),
+                "a whole number",
+            )?,
+            2,
+            10_000,
+        )?,
+        idle_timeout: Duration::from_secs(idle),
+        keep_alive: Duration::from_secs(keep),
+        max_frame: range(
+            "max_frame_bytes",
+            parse(
+                "max_frame_bytes",
+                get("max_frame_bytes").unwrap_or(""),
+                "a number of bytes",
+            )?,
+            65_536,
+            64 << 20,
+        )?,
+        batch_max_changes: range(
+            "batch_max_changes",
+            parse(
+                "batch_max_changes",
+                get("batch_max_changes").unwrap_or(""),
+                "a whole number",
+            )?,
+            1,
+            1_000_000,
+        )?,
+        batch_max_bytes: range(
+            "batch_max_bytes",
+            parse(
+                "batch_max_bytes",
+                get("batch_max_bytes").unwrap_or(""),
+                "a number of bytes",
+            )?,
+            1024,
+            64 << 20,
+        )?,
+        compression: parse(
+            "compression",
+            get("compression").unwrap_or(""),
+            "true or false",
+        )?,
+        log_json: log_format == "json",
+        peers: get("peers")
+            .map(|p| {
+                p.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        peer_token: nonempty("peer_token"),
+        values: values
+            .into_iter()
+            .map(|(k, (v, s))| {
+                let shown = if k.contains("token") && !v.is_empty() {
+                    "(set)".to_string()
+                } else {
+                    v
+                };
+                (k, (shown, s))
+            })
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(pairs: &[(&str, &str)]) -> Layer {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn flags_over_env_over_file_over_defaults() {
+        let file = layer(&[
+            ("max_connections", "10"),
+            ("max_streams", "20"),
+            ("node", "from-file"),
+        ]);
+        let env = layer(&[("max_connections", "11"), ("port", "5000")]);
+        let flags = layer(&[("max_connections", "12")]);
+        let c = resolve(Some(&file), &env, &flags).unwrap();
+        assert_eq!(c.max_connections, 12);
+        assert_eq!(c.values["max_connections"].1, Source::Flag);
+        assert_eq!(c.max_streams, 20);
+        assert_eq!(c.values["max_streams"].1, Source::File);
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.values["idle_timeout_secs"].1, Source::Default);
+        assert_eq!(c.node.as_deref(), Some("from-file"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (k, v, says) in [
+            ("max_connections", "zero", "not a whole number"),
+            ("max_connections", "0", "out of range"),
+            ("keep_alive_secs", "60", "below idle_timeout_secs"),
+            ("listen", "nowhere", "not an address"),
+            ("log_format", "xml", "text or json"),
+            ("max_frame_bytes", "10", "out of range"),
+        ] {
+            let e = resolve(None, &Layer::new(), &layer(&[(k, v)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("`{k}`")) && e.contains(says),
+                "{k}={v}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_seed_environment_names_are_read() {
+        let env = env_layer(|n| match n {
+            "QUIC_MAX_CONNECTIONS" => Some("7".into()),
+            "QUIC_CERT_PATH" => Some("/c.pem".into()),
+            _ => None,
+        });
+        let c = resolve(None, &env, &Layer::new()).unwrap();
+        assert_eq!(c.max_connections, 7);
+        assert_eq!(c.cert, Some(PathBuf::from("/c.pem")));
+        assert_eq!(c.values["max_connections"].1, Source::Env);
+    }
+}

@@ -161,6 +161,10 @@ pub struct ServeArgs {
     /// Log format on standard error: text (default) or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Where to serve /health and /metrics over HTTP (default 127.0.0.1:0;
+    /// `off` disables it). The bound address is printed.
+    #[arg(long)]
+    pub http: Option<String>,
 }
 
 /// How to trust the server's certificate (verification is on by default).

@@ -61,6 +61,7 @@ const KEYS: &[(&str, &[&str], Option<&str>)] = &[
     ),
     ("compression", &["QUIVER_COMPRESSION"], Some("true")),
     ("log_format", &["QUIVER_LOG_FORMAT"], Some("text")),
+    ("http_listen", &["QUIVER_HTTP_LISTEN"], Some("127.0.0.1:0")),
     ("peers", &["QUIVER_PEERS"], None),
     ("peer_token", &["QUIVER_PEER_TOKEN"], None),
 ];
@@ -104,6 +105,9 @@ pub struct DaemonConfig {
     pub peers: Vec<String>,
     #[serde(skip)]
     pub peer_token: Option<String>,
+    /// Where `/health` and `/metrics` are served; `off` disables them.
+    #[serde(skip)]
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// Reads a TOML file into a layer, refusing unknown keys and non-scalar values.
@@ -303,6 +307,14 @@ pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<Daemo
             })
             .unwrap_or_default(),
         peer_token: nonempty("peer_token"),
+        http_listen: match get("http_listen").unwrap_or("off") {
+            "off" | "" => None,
+            v => Some(parse(
+                "http_listen",
+                v,
+                "an address like 127.0.0.1:9464, or off",
+            )?),
+        },
         values: values
             .into_iter()
             .map(|(k, (v, s))| {

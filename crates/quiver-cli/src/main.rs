@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod demo;
 mod net;
+mod obs;
 mod output;
 mod search_cmd;
 

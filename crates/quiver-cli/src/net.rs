@@ -75,6 +75,7 @@ fn flag_layer(a: &ServeArgs) -> config::Layer {
         a.idle_timeout_secs.map(|v| v.to_string()),
     );
     put("log_format", a.log_format.clone());
+    put("http_listen", a.http.clone());
     l
 }
 
@@ -150,22 +151,46 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         peers.push((p.addr.clone(), trust, Some(p.node.clone())));
     }
     let peer_token = cfg.peer_token.clone();
+    let http_listen = cfg.http_listen;
     let rt = runtime()?;
     rt.block_on(async move {
         let handle = StoreHandle::spawn(store);
         let server = Server::bind(handle.clone(), &id, opts)?;
         let addr = server.local_addr()?;
+        let token = server.shutdown_token();
+        let http = match http_listen {
+            Some(at) => {
+                let health = crate::obs::Health {
+                    store: handle.clone(),
+                    listening: addr,
+                    connections: server.active_connections(),
+                    shutdown: token.clone(),
+                };
+                Some(crate::obs::serve(at, crate::obs::install_recorder()?, health).await?)
+            }
+            None => None,
+        };
         if json {
-            output::json(&serde_json::json!({"listening": addr.to_string(), "node": node, "fingerprint": id.fingerprint()}))?;
+            output::json(&serde_json::json!({
+                "listening": addr.to_string(), "node": node, "fingerprint": id.fingerprint(),
+                "http": http.map(|h| h.to_string()),
+            }))?;
         } else {
             println!("listening on {addr} as {node}");
             println!("certificate SHA-256 {}", id.fingerprint());
+            if let Some(h) = http {
+                println!("health and metrics on http://{h}/health and /metrics");
+            }
         }
         std::io::stdout().flush()?;
-        let token = server.shutdown_token();
         // Live links to peers run until shutdown.
         for (addr, trust, registered) in peers {
-            let opts = ClientOptions { trust, token: peer_token.clone(), node: node.clone(), ..Default::default() };
+            let opts = ClientOptions {
+                trust,
+                token: peer_token.clone(),
+                node: node.clone(),
+                ..Default::default()
+            };
             let mut client = Client::new(handle.clone(), opts);
             let stop = token.clone();
             // A registry peer's state follows its link.
@@ -175,18 +200,26 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
                 Arc::new(move |_: &quiver_sync::SyncResult| {
                     if !marked.swap(true, std::sync::atomic::Ordering::Relaxed) {
                         let (h, peer) = (h.clone(), peer.clone());
-                        tokio::spawn(async move { h.call(move |s| s.set_peer_status(&peer, "online", None)).await });
+                        tokio::spawn(async move {
+                            h.call(move |s| s.set_peer_status(&peer, "online", None))
+                                .await
+                        });
                     }
                 }) as quiver_sync::RoundFn
             });
             let h = handle.clone();
             tokio::spawn(async move {
                 tracing::info!(%addr, "keeping a live link");
-                if let Err(e) = client.live(&addr, &SyncSpec::default(), stop, on_round).await {
+                if let Err(e) = client
+                    .live(&addr, &SyncSpec::default(), stop, on_round)
+                    .await
+                {
                     tracing::error!(%addr, "live link ended: {e}");
                     if let Some(peer) = registered {
                         let msg = e.to_string();
-                        let _ = h.call(move |s| s.set_peer_status(&peer, "degraded", Some(&msg))).await;
+                        let _ = h
+                            .call(move |s| s.set_peer_status(&peer, "degraded", Some(&msg)))
+                            .await;
                     }
                 }
                 client.close().await;

@@ -223,3 +223,64 @@ fn configuration_is_layered_and_bad_keys_are_refused_at_start() {
         assert!(e.contains(says), "{bad:?} should say {says:?}: {e}");
     }
 }
+
+/// A minimal HTTP GET over a plain socket (no client crate needed in tests).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
+#[test]
+fn health_and_prometheus_metrics() {
+    let a = Node::new("a");
+    a.q(&["collection", "create", "docs", "--dim", "2"]);
+    a.q(&["put", "docs", "x", "--vector", "[1,2]"]);
+    let s = a.serve(&["--token", "t"]);
+    let http = s.http.clone().expect("the HTTP endpoint is on by default");
+    assert!(
+        http.starts_with("127.0.0.1:"),
+        "loopback by default: {http}"
+    );
+    let (code, body) = http_get(&http, "/health");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"status\":\"ready\""), "{body}");
+    let b = Node::new("b");
+    b.q(&["sync", &s.addr, "--pin", &s.fp, "--token", "t"]);
+    let _ = err(
+        &b.db,
+        &[
+            "sync",
+            &s.addr,
+            "--pin",
+            &s.fp,
+            "--token",
+            "wrong",
+            "--retries",
+            "0",
+        ],
+    );
+    let (code, m) = http_get(&http, "/metrics");
+    assert_eq!(code, 200);
+    for name in [
+        "quiver_connections_total",
+        "quiver_syncs_total",
+        "quiver_changes_sent_total",
+        "quiver_bytes_sent_total",
+        "quiver_refusals_total",
+        "quiver_sync_duration_seconds_bucket",
+    ] {
+        assert!(m.contains(name), "{name} missing from:\n{m}");
+    }
+    assert!(m.contains("code=\"Unauthorized\""), "{m}");
+    assert_eq!(http_get(&http, "/nope").0, 404);
+}

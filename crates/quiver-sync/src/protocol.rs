@@ -137,9 +137,51 @@ fn check_batch(
     Ok(())
 }
 
-/// Runs the exchange of one shard.
+/// Runs the exchange of one shard and records its metrics.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn exchange(
+    handle: &StoreHandle,
+    peer: Peer,
+    shard: &str,
+    filter: &[String],
+    theirs: BTreeMap<String, VersionVector>,
+    reader: FrameReader,
+    writer: FrameWriter,
+    limits: StreamLimits,
+    progress: Option<ProgressFn>,
+) -> Result<ShardResult> {
+    let started = std::time::Instant::now();
+    let r = exchange_inner(
+        handle, peer, shard, filter, theirs, reader, writer, limits, progress,
+    )
+    .await;
+    record_metrics(&r, started.elapsed());
+    r
+}
+
+/// Prometheus-style metrics of one shard exchange (the binary installs
+/// the exporter; without one these are no-ops).
+fn record_metrics(r: &Result<ShardResult>, took: std::time::Duration) {
+    match r {
+        Ok(s) => {
+            metrics::counter!("quiver_syncs_total", "result" => "ok").increment(1);
+            metrics::counter!("quiver_changes_sent_total").increment(s.changes_sent);
+            metrics::counter!("quiver_changes_received_total").increment(s.changes_received);
+            metrics::counter!("quiver_bytes_sent_total").increment(s.bytes_sent);
+            metrics::counter!("quiver_bytes_received_total").increment(s.bytes_received);
+            metrics::counter!("quiver_conflicts_total").increment(s.local.conflicts_detected);
+            metrics::histogram!("quiver_sync_duration_seconds").record(took.as_secs_f64());
+        }
+        Err(e) => {
+            metrics::counter!("quiver_syncs_total", "result" => "error").increment(1);
+            metrics::counter!("quiver_errors_total", "kind" => format!("{:?}", error_code(e)))
+                .increment(1);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn exchange_inner(
     handle: &StoreHandle,
     peer: Peer,
     shard: &str,

@@ -74,7 +74,8 @@ struct ActiveGuard<'a>(&'a std::sync::atomic::AtomicUsize);
 
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let now = self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) - 1;
+        metrics::gauge!("quiver_connections_active").set(now as f64);
     }
 }
 
@@ -95,6 +96,12 @@ impl Server {
                 active: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
+    }
+
+    /// Connections being served now.
+    pub fn active_connections(&self) -> Arc<impl Fn() -> usize + Send + Sync> {
+        let ctx = self.ctx.clone();
+        Arc::new(move || ctx.active.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -155,6 +162,10 @@ async fn refuse_after(
     retry_after_ms: Option<u64>,
 ) -> SyncError {
     warn!("refusing connection: {message}");
+    metrics::counter!("quiver_refusals_total", "code" => format!("{code:?}")).increment(1);
+    if code == ErrorCode::RateLimited {
+        metrics::counter!("quiver_rate_limited_total").increment(1);
+    }
     let _ = writer
         .send(&Message::Refused(ErrorMsg {
             code,
@@ -171,6 +182,8 @@ async fn refuse_after(
 
 async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
     let active = ctx.active.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    metrics::counter!("quiver_connections_total").increment(1);
+    metrics::gauge!("quiver_connections_active").set(active as f64);
     let _active = ActiveGuard(&ctx.active);
     let connecting = incoming.accept()?;
     let conn = match connecting.into_0rtt() {

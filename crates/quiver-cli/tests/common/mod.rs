@@ -68,12 +68,31 @@ impl Node {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
+        // The reader is kept for the server's life: a closed pipe would make
+        // its later output fail.
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let mut read = |out: &mut BufReader<std::process::ChildStdout>| {
+            line.clear();
+            out.read_line(&mut line).unwrap();
+            line.trim().to_string()
+        };
+        let first = read(&mut out);
         let addr = first.split_whitespace().nth(2).unwrap().to_string();
-        let second = lines.next().unwrap().unwrap();
+        let second = read(&mut out);
         let fp = second.split_whitespace().nth(2).unwrap().to_string();
-        Served { child, addr, fp }
+        let third = read(&mut out);
+        let http = third
+            .strip_prefix("health and metrics on http://")
+            .and_then(|r| r.split('/').next())
+            .map(str::to_string);
+        Served {
+            child,
+            addr,
+            fp,
+            http,
+            _out: out,
+        }
     }
 }
 
@@ -82,6 +101,9 @@ pub struct Served {
     pub child: Child,
     pub addr: String,
     pub fp: String,
+    /// Where /health and /metrics are served, if they are.
+    pub http: Option<String>,
+    _out: BufReader<std::process::ChildStdout>,
 }
 
 impl Drop for Served {

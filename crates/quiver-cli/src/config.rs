@@ -62,6 +62,16 @@ const KEYS: &[(&str, &[&str], Option<&str>)] = &[
     ("compression", &["QUIVER_COMPRESSION"], Some("true")),
     ("log_format", &["QUIVER_LOG_FORMAT"], Some("text")),
     ("http_listen", &["QUIVER_HTTP_LISTEN"], Some("127.0.0.1:0")),
+    (
+        "rate_requests_per_min",
+        &["QUIVER_RATE_REQUESTS_PER_MIN"],
+        Some("0"),
+    ),
+    (
+        "rate_bytes_per_min",
+        &["QUIVER_RATE_BYTES_PER_MIN"],
+        Some("0"),
+    ),
     ("peers", &["QUIVER_PEERS"], None),
     ("peer_token", &["QUIVER_PEER_TOKEN"], None),
 ];
@@ -108,6 +118,9 @@ pub struct DaemonConfig {
     /// Where `/health` and `/metrics` are served; `off` disables them.
     #[serde(skip)]
     pub http_listen: Option<SocketAddr>,
+    /// Per-client limits (0: unlimited).
+    #[serde(skip)]
+    pub rate: quiver_sync::limits::RateLimits,
 }
 
 /// Reads a TOML file into a layer, refusing unknown keys and non-scalar values.
@@ -307,6 +320,18 @@ pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<Daemo
             })
             .unwrap_or_default(),
         peer_token: nonempty("peer_token"),
+        rate: quiver_sync::limits::RateLimits {
+            requests_per_min: std::num::NonZeroU32::new(parse(
+                "rate_requests_per_min",
+                get("rate_requests_per_min").unwrap_or("0"),
+                "a whole number (0: unlimited)",
+            )?),
+            bytes_per_min: std::num::NonZeroU32::new(parse(
+                "rate_bytes_per_min",
+                get("rate_bytes_per_min").unwrap_or("0"),
+                "a whole number of bytes (0: unlimited)",
+            )?),
+        },
         http_listen: match get("http_listen").unwrap_or("off") {
             "off" | "" => None,
             v => Some(parse(

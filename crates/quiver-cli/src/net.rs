@@ -119,6 +119,7 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         token: cfg.token.clone(),
         node: node.clone(),
         max_connections: cfg.max_connections,
+        rate: cfg.rate,
         limits: quiver_sync::transport::TransportLimits {
             idle_timeout: cfg.idle_timeout,
             keep_alive: cfg.keep_alive,

@@ -284,3 +284,54 @@ fn health_and_prometheus_metrics() {
     assert!(m.contains("code=\"Unauthorized\""), "{m}");
     assert_eq!(http_get(&http, "/nope").0, 404);
 }
+
+#[test]
+fn rate_limits_refuse_with_a_retry_hint() {
+    let a = Node::new("a");
+    a.q(&["collection", "create", "docs", "--dim", "2"]);
+    let cfg = a.dir.path().join("limits.toml");
+    std::fs::write(&cfg, "rate_requests_per_min = 2\n").unwrap();
+    let s = a.serve(&["--config", cfg.to_str().unwrap()]);
+    let b = Node::new("b");
+    b.q(&["collection", "create", "docs", "--dim", "2"]);
+    b.q(&["sync", &s.addr, "--pin", &s.fp]);
+    b.q(&["sync", &s.addr, "--pin", &s.fp]);
+    let e = err(&b.db, &["sync", &s.addr, "--pin", &s.fp, "--retries", "0"]);
+    assert!(
+        e.contains("RateLimited") && e.contains("requests per minute") && e.contains("retry in"),
+        "{e}"
+    );
+
+    // Bytes per minute: a push bigger than the allowance is refused, nothing applied.
+    let a2 = Node::new("a2");
+    a2.q(&["collection", "create", "docs", "--dim", "64"]);
+    std::fs::write(&cfg, "rate_bytes_per_min = 4096\n").unwrap();
+    let s2 = a2.serve(&["--config", cfg.to_str().unwrap()]);
+    let c = Node::new("c");
+    c.q(&["collection", "create", "docs", "--dim", "64"]);
+    // Values that do not compress: the limit counts bytes on the wire.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..20 {
+        let v: Vec<String> = (0..64)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                format!("{}", (x % 1_000_000) as f64 / 7.0)
+            })
+            .collect();
+        c.q(&[
+            "put",
+            "docs",
+            &format!("r{i}"),
+            "--vector",
+            &format!("[{}]", v.join(",")),
+        ]);
+    }
+    let e = err(
+        &c.db,
+        &["sync", &s2.addr, "--pin", &s2.fp, "--retries", "0"],
+    );
+    assert!(e.contains("bytes per minute"), "{e}");
+    assert_eq!(a2.export("docs"), "");
+}

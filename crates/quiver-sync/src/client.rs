@@ -380,6 +380,7 @@ impl Client {
             name: link.welcome.node.clone(),
             may_push: true,
             scope: None,
+            bytes_limit: None,
         };
         // With a read-only token there is no point pushing: pull only.
         let pull_only = link.welcome.read_only;

@@ -23,7 +23,11 @@ pub enum SyncError {
     },
     /// This side refused what the peer sent (and told it so).
     #[error("{message}")]
-    Rejected { code: ErrorCode, message: String },
+    Rejected {
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: Option<u64>,
+    },
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("connection lost: {0}")]

@@ -9,6 +9,7 @@ mod client;
 mod coordinator;
 mod error;
 pub mod framed;
+pub mod limits;
 mod protocol;
 mod schema;
 mod server;

@@ -58,7 +58,12 @@ pub(crate) struct Peer {
     pub may_push: bool,
     /// Shards the peer may see (`None`: all).
     pub scope: Option<Vec<String>>,
+    /// Counts bytes received from the peer; `Err(ms)` when over its limit.
+    pub bytes_limit: Option<BytesLimit>,
 }
+
+/// A per-peer byte budget check.
+pub(crate) type BytesLimit = Arc<dyn Fn(usize) -> std::result::Result<(), u64> + Send + Sync>;
 
 fn to_report(r: &ApplyReport) -> Report {
     Report {
@@ -291,7 +296,23 @@ async fn exchange_inner(
                         return Err(SyncError::Rejected {
                             code: e.code,
                             message: e.message,
+                            retry_after_ms: None,
                         });
+                    }
+                    if let Some(limit) = &peer.bytes_limit {
+                        if let Err(ms) =
+                            limit(reader.bytes.saturating_sub(result.bytes_received) as usize)
+                        {
+                            metrics::counter!("quiver_rate_limited_total").increment(1);
+                            return Err(SyncError::Rejected {
+                                code: ErrorCode::RateLimited,
+                                message: format!(
+                                    "rate limit on bytes per minute reached; retry in {ms} ms"
+                                ),
+                                retry_after_ms: Some(ms),
+                            });
+                        }
+                        result.bytes_received = reader.bytes;
                     }
                     result.batches_received += 1;
                     result.changes_received += b.changes.len() as u64;
@@ -343,7 +364,10 @@ async fn exchange_inner(
                 other => Some(ErrorMsg {
                     code: error_code(other),
                     message: other.to_string(),
-                    retry_after_ms: None,
+                    retry_after_ms: match other {
+                        SyncError::Rejected { retry_after_ms, .. } => *retry_after_ms,
+                        _ => None,
+                    },
                 }),
             };
             if let Some(m) = msg {

@@ -38,6 +38,8 @@ pub struct ServerOptions {
     pub handshake_timeout: Duration,
     /// Connections served at once; the next is refused with a retry hint.
     pub max_connections: usize,
+    /// Per-client (IP) limits on requests and bytes per minute.
+    pub rate: crate::limits::RateLimits,
 }
 
 impl Default for ServerOptions {
@@ -52,6 +54,7 @@ impl Default for ServerOptions {
             stream: StreamLimits::default(),
             handshake_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            rate: Default::default(),
         }
     }
 }
@@ -67,6 +70,7 @@ struct Ctx {
     opts: ServerOptions,
     shutdown: CancellationToken,
     active: std::sync::atomic::AtomicUsize,
+    limiters: crate::limits::Limiters,
 }
 
 /// Counts a connection as active for as long as it lives.
@@ -87,6 +91,7 @@ impl Server {
     /// Binds the endpoint (inside a tokio runtime).
     pub fn bind(handle: StoreHandle, id: &Identity, opts: ServerOptions) -> Result<Server> {
         let endpoint = server_endpoint(opts.listen, id, &opts.limits)?;
+        let rate = opts.rate;
         Ok(Server {
             endpoint,
             ctx: Arc::new(Ctx {
@@ -94,6 +99,7 @@ impl Server {
                 opts,
                 shutdown: CancellationToken::new(),
                 active: std::sync::atomic::AtomicUsize::new(0),
+                limiters: crate::limits::Limiters::new(rate),
             }),
         })
     }
@@ -281,10 +287,13 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
         }))
         .await?;
     info!(node = %hello.node, site = %hello.site, read_only = access.read_only, "peer connected");
+    let ip = conn.remote_address().ip();
+    let limiters = ctx.limiters.clone();
     let peer = Peer {
         name: hello.node.clone(),
         may_push: !access.read_only,
         scope: access.shards.clone(),
+        bytes_limit: Some(Arc::new(move |n| limiters.bytes(ip, n))),
     };
     // The handshake stream stays open for pings.
     tokio::spawn(async move {
@@ -309,7 +318,19 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
                 let peer = peer.clone();
                 tokio::spawn(async move {
                     let reader = FrameReader::new(recv, max_frame, compression);
-                    let writer = FrameWriter::new(send, compression);
+                    let mut writer = FrameWriter::new(send, compression);
+                    if let Err(ms) = ctx.limiters.request(ip) {
+                        metrics::counter!("quiver_rate_limited_total").increment(1);
+                        let _ = writer
+                            .send(&Message::Error(ErrorMsg {
+                                code: ErrorCode::RateLimited,
+                                message: format!("rate limit on requests per minute reached; retry in {ms} ms"),
+                                retry_after_ms: Some(ms),
+                            }))
+                            .await;
+                        let _ = writer.finish();
+                        return;
+                    }
                     match serve_stream(ctx, peer, reader, writer).await {
                         Ok(Some(r)) => info!(
                             shard = %r.shard,
@@ -387,6 +408,7 @@ async fn serve_shard(
         return Err(SyncError::Rejected {
             code: ErrorCode::UnknownShard,
             message: m,
+            retry_after_ms: None,
         });
     }
     let shard = req.shard.clone();

@@ -16,7 +16,12 @@ pub fn run(store: &Store, args: SearchArgs, json: bool) -> Result<()> {
     let filter = args.filter.as_deref().map(parse_filter).transpose()?;
     let hits = store.search(&args.collection, &vector, args.k, filter.as_ref())?;
     if json {
-        return output::json(&serde_json::json!({ "hits": hits }));
+        // A struct, not `json!`, so each hit keeps its field order.
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            hits: &'a [Hit],
+        }
+        return output::json(&Out { hits: &hits });
     }
     print_table(&hits);
     Ok(())

@@ -251,3 +251,103 @@ fn bench_live_reports_percentiles() {
     );
     assert_eq!(v["single_writes"]["n"], 30);
 }
+
+#[test]
+fn search_with_filters_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("q.db");
+    ok(&db, &["init"]);
+    ok(
+        &db,
+        &["collection", "create", "d", "--dim", "2", "--metric", "l2"],
+    );
+    ok(
+        &db,
+        &[
+            "put",
+            "d",
+            "a",
+            "--vector",
+            "[0,0]",
+            "--meta",
+            r#"{"lang":"en","year":2020}"#,
+        ],
+    );
+    ok(
+        &db,
+        &[
+            "put",
+            "d",
+            "b",
+            "--vector",
+            "[1,1]",
+            "--meta",
+            r#"{"lang":"fr","year":2022}"#,
+        ],
+    );
+    ok(
+        &db,
+        &[
+            "put",
+            "d",
+            "c",
+            "--vector",
+            "[5,5]",
+            "--meta",
+            r#"{"lang":"en","year":2024}"#,
+        ],
+    );
+    let hits = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["--json", "search", "d"];
+        a.extend_from_slice(args);
+        let v: serde_json::Value = serde_json::from_str(&ok(&db, &a)).unwrap();
+        v["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(hits(&["--vector", "[0.9,0.9]", "-k", "2"]), ["b", "a"]);
+    // The filter applies inside the scan: the nearest match comes back even if far.
+    assert_eq!(
+        hits(&[
+            "--vector",
+            "[0.9,0.9]",
+            "-k",
+            "1",
+            "--filter",
+            r#"{"year":{"$gte":2023}}"#
+        ]),
+        ["c"]
+    );
+    assert_eq!(
+        hits(&[
+            "--vector",
+            "[0,0]",
+            "--filter",
+            r#"{"$or":[{"lang":"fr"},{"year":2024}]}"#
+        ]),
+        ["b", "c"]
+    );
+    fails(&db, &["search", "d", "--vector", "[1]"], 1, "expects 2");
+    fails(
+        &db,
+        &[
+            "search",
+            "d",
+            "--vector",
+            "[1,1]",
+            "--filter",
+            r#"{"year":{"$gtee":1}}"#,
+        ],
+        1,
+        "unknown operator",
+    );
+    fails(
+        &db,
+        &["search", "nope", "--vector", "[1,1]"],
+        1,
+        "does not exist",
+    );
+}

@@ -45,15 +45,22 @@ fn record(g: &mut Gen, i: usize, dim: usize) -> Record {
         "year": 2010 + g.below(15),
         "tag": tag,
         "n": i,
-        "author": {"name": if i % 7 == 0 { "ann" } else { "bob" }},
+        "author": {"name": if i % 7 == 3 { "ann" } else { "bob" }},
     });
-    if i % 3 == 0 {
+    if i % 3 == 1 {
         r.content = Some(format!("content of {i}"));
     }
     r
 }
 
-fn store_with(dir: &tempfile::TempDir, file: &str, metric: Metric, dim: usize, n: usize, seed: u64) -> Store {
+fn store_with(
+    dir: &tempfile::TempDir,
+    file: &str,
+    metric: Metric,
+    dim: usize,
+    n: usize,
+    seed: u64,
+) -> Store {
     let mut s = Store::init(dir.path().join(file)).unwrap();
     let mut spec = CollectionSpec::new("docs", dim);
     spec.metric = metric;
@@ -163,10 +170,17 @@ fn filters() -> Vec<(Value, Box<dyn Fn(&Value) -> bool>)> {
         x => x == t,
     };
     vec![
-        (json!({"lang": "en"}), Box::new(|m: &Value| m["lang"] == "en")),
+        (
+            json!({"lang": "en"}),
+            Box::new(|m: &Value| m["lang"] == "en"),
+        ),
         (
             json!({"year": {"$gte": 2015, "$lt": 2018}}),
-            Box::new(|m: &Value| m["year"].as_u64().is_some_and(|y| (2015..2018).contains(&y))),
+            Box::new(|m: &Value| {
+                m["year"]
+                    .as_u64()
+                    .is_some_and(|y| (2015..2018).contains(&y))
+            }),
         ),
         (
             json!({"tag": {"$in": ["a", "c"]}}),
@@ -175,7 +189,8 @@ fn filters() -> Vec<(Value, Box<dyn Fn(&Value) -> bool>)> {
         (
             json!({"$or": [{"lang": "fr", "year": {"$gt": 2020}}, {"author.name": "ann"}]}),
             Box::new(|m: &Value| {
-                (m["lang"] == "fr" && m["year"].as_u64().is_some_and(|y| y > 2020)) || m["author"]["name"] == "ann"
+                (m["lang"] == "fr" && m["year"].as_u64().is_some_and(|y| y > 2020))
+                    || m["author"]["name"] == "ann"
             }),
         ),
         (
@@ -185,7 +200,11 @@ fn filters() -> Vec<(Value, Box<dyn Fn(&Value) -> bool>)> {
         (
             json!({"lang": "en", "tag": "b", "year": {"$in": [2012, 2013, 2014]}}),
             Box::new(move |m: &Value| {
-                m["lang"] == "en" && tag_is(m, "b") && m["year"].as_u64().is_some_and(|y| (2012..=2014).contains(&y))
+                m["lang"] == "en"
+                    && tag_is(m, "b")
+                    && m["year"]
+                        .as_u64()
+                        .is_some_and(|y| (2012..=2014).contains(&y))
             }),
         ),
         (json!({"nothing": 1}), Box::new(|_: &Value| false)),
@@ -202,11 +221,19 @@ fn compare_all(s: &Store, metric: Metric, dim: usize, seed: u64, what: &str) {
     for (qi, q) in queries.iter().enumerate() {
         for k in [1, 10, 40] {
             let hits = s.search("docs", q, k, None).unwrap();
-            check(&hits, &reference(s, metric, q, k, &|_| true), &format!("{what} q{qi} k{k}"));
+            check(
+                &hits,
+                &reference(s, metric, q, k, &|_| true),
+                &format!("{what} q{qi} k{k}"),
+            );
         }
         for (fi, (fv, keep)) in filters().iter().enumerate() {
             let hits = s.search("docs", q, 10, Some(&filter(fv.clone()))).unwrap();
-            check(&hits, &reference(s, metric, q, 10, keep.as_ref()), &format!("{what} q{qi} filter {fi} {fv}"));
+            check(
+                &hits,
+                &reference(s, metric, q, 10, keep.as_ref()),
+                &format!("{what} q{qi} filter {fi} {fv}"),
+            );
         }
     }
 }
@@ -214,7 +241,10 @@ fn compare_all(s: &Store, metric: Metric, dim: usize, seed: u64, what: &str) {
 #[test]
 fn every_metric_matches_brute_force_with_and_without_filters() {
     let dir = tempfile::tempdir().unwrap();
-    for (i, metric) in [Metric::Cosine, Metric::L2, Metric::Dot].into_iter().enumerate() {
+    for (i, metric) in [Metric::Cosine, Metric::L2, Metric::Dot]
+        .into_iter()
+        .enumerate()
+    {
         // 37 dimensions: two full 16-lane chunks and a tail.
         let s = store_with(&dir, &format!("m{i}.db"), metric, 37, 600, 11 + i as u64);
         compare_all(&s, metric, 37, 99, &metric.to_string());
@@ -229,18 +259,27 @@ fn filters_apply_inside_the_scan_so_k_matches_come_back() -> R {
     // would survive filtering a top-10 afterwards.
     let (fv, keep) = filters().swap_remove(5);
     let matching = rows(&s).iter().filter(|r| keep(&r.metadata)).count();
-    assert!(matching >= 20 && matching < 100, "{matching} rows match");
+    assert!((20..100).contains(&matching), "{matching} rows match");
     let q = Gen(3).vector(8);
     let hits = s.search("docs", &q, 10, Some(&filter(fv.clone())))?;
     assert_eq!(hits.len(), 10);
     assert!(hits.iter().all(|h| keep(&h.metadata)));
-    check(&hits, &reference(&s, Metric::L2, &q, 10, keep.as_ref()), "selective filter");
+    check(
+        &hits,
+        &reference(&s, Metric::L2, &q, 10, keep.as_ref()),
+        "selective filter",
+    );
     // k beyond the matches: every match, and no more.
     let hits = s.search("docs", &q, 1000, Some(&filter(fv)))?;
     assert_eq!(hits.len(), matching);
-    check(&hits, &reference(&s, Metric::L2, &q, 1000, keep.as_ref()), "k > matches");
+    check(
+        &hits,
+        &reference(&s, Metric::L2, &q, 1000, keep.as_ref()),
+        "k > matches",
+    );
     // k beyond the collection; k = 0.
     assert_eq!(s.search("docs", &q, 5000, None)?.len(), 2000);
+    assert_eq!(s.search("docs", &q, usize::MAX, None)?.len(), 2000);
     assert!(s.search("docs", &q, 0, None)?.is_empty());
     Ok(())
 }
@@ -253,7 +292,11 @@ fn parallel_scan_of_a_large_collection_matches_brute_force() {
     let mut g = Gen(17);
     for _ in 0..3 {
         let q = g.vector(200);
-        check(&s.search("docs", &q, 25, None).unwrap(), &reference(&s, Metric::Cosine, &q, 25, &|_| true), "parallel");
+        check(
+            &s.search("docs", &q, 25, None).unwrap(),
+            &reference(&s, Metric::Cosine, &q, 25, &|_| true),
+            "parallel",
+        );
         let (fv, keep) = filters().swap_remove(0);
         check(
             &s.search("docs", &q, 25, Some(&filter(fv))).unwrap(),
@@ -272,12 +315,22 @@ fn equal_distances_are_ordered_by_id() -> R {
     s.create_collection(&spec)?;
     // Inserted out of id order; each pair of ids has the same vector.
     for id in ["m", "c", "x", "a", "k", "b"] {
-        let v = if "abc".contains(id) { vec![1.0, 0.0] } else { vec![0.0, 1.0] };
+        let v = if "abc".contains(id) {
+            vec![1.0, 0.0]
+        } else {
+            vec![0.0, 1.0]
+        };
         s.put("docs", &Record::new(id, v))?;
     }
     let ids = |hits: Vec<Hit>| hits.into_iter().map(|h| h.id).collect::<Vec<_>>();
-    assert_eq!(ids(s.search("docs", &[1.0, 0.0], 6, None)?), ["a", "b", "c", "k", "m", "x"]);
-    assert_eq!(ids(s.search("docs", &[0.0, 1.0], 4, None)?), ["k", "m", "x", "a"]);
+    assert_eq!(
+        ids(s.search("docs", &[1.0, 0.0], 6, None)?),
+        ["a", "b", "c", "k", "m", "x"]
+    );
+    assert_eq!(
+        ids(s.search("docs", &[0.0, 1.0], 4, None)?),
+        ["k", "m", "x", "a"]
+    );
     assert_eq!(ids(s.search("docs", &[0.0, 1.0], 2, None)?), ["k", "m"]);
     Ok(())
 }
@@ -288,7 +341,7 @@ fn local_deletes_updates_and_rekeys_are_seen() -> R {
     let mut s = store_with(&dir, "a.db", Metric::L2, 16, 300, 21);
     let q = Gen(4).vector(16);
     let first = s.search("docs", &q, 10, None)?; // loads the cache
-    // Delete the three nearest, move a far row onto the query, retag one.
+                                                 // Delete the three nearest, move a far row onto the query, retag one.
     for h in &first[..3] {
         assert!(s.delete("docs", &h.id)?);
     }
@@ -302,9 +355,16 @@ fn local_deletes_updates_and_rekeys_are_seen() -> R {
     assert_eq!(hits[0].id, "r00299");
     assert!(hits[0].distance.abs() < 1e-6);
     assert!(!hits.iter().any(|h| first[..3].iter().any(|d| d.id == h.id)));
-    check(&hits, &reference(&s, Metric::L2, &q, 10, &|_| true), "after deletes and updates");
+    check(
+        &hits,
+        &reference(&s, Metric::L2, &q, 10, &|_| true),
+        "after deletes and updates",
+    );
     let xx = s.search("docs", &q, 10, Some(&filter(json!({"lang": "xx"}))))?;
-    assert_eq!(xx.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), [retag.id.as_str()]);
+    assert_eq!(
+        xx.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(),
+        [retag.id.as_str()]
+    );
     // An UPDATE that changes the key keeps the rowid: the old id must go.
     s.execute_sql("UPDATE docs SET id = 'renamed' WHERE id = 'r00299'")?;
     let hits = s.search("docs", &q, 3, None)?;
@@ -318,7 +378,11 @@ fn local_deletes_updates_and_rekeys_are_seen() -> R {
     )?;
     let hits = s.search("docs", &q, 300, None)?;
     assert_eq!(hits.iter().filter(|h| h.id == "renamed").count(), 1);
-    check(&hits, &reference(&s, Metric::L2, &q, 300, &|_| true), "after replace");
+    check(
+        &hits,
+        &reference(&s, Metric::L2, &q, 300, &|_| true),
+        "after replace",
+    );
     compare_all(&s, Metric::L2, 16, 5, "after local writes");
     Ok(())
 }
@@ -333,7 +397,11 @@ fn remote_changes_applied_by_sync_are_seen() -> R {
     b.create_collection(&spec)?;
     common::pull(&mut b, &a, "default");
     let q = Gen(6).vector(12);
-    check(&b.search("docs", &q, 10, None)?, &reference(&b, Metric::Cosine, &q, 10, &|_| true), "b after first pull");
+    check(
+        &b.search("docs", &q, 10, None)?,
+        &reference(&b, Metric::Cosine, &q, 10, &|_| true),
+        "b after first pull",
+    );
     // New rows, updates and deletes on a, pulled into b's warm cache.
     let mut g = Gen(77);
     let fresh: Vec<Record> = (1000..1100).map(|i| record(&mut g, i, 12)).collect();
@@ -376,7 +444,11 @@ fn writes_by_another_connection_are_seen_through_data_version() -> R {
     let hits = s.search("docs", &q, 5, None)?;
     assert_eq!(hits[0].id, "ext");
     assert_eq!(hits[0].metadata, json!({"lang": "ext"}));
-    check(&hits, &reference(&s, Metric::Dot, &q, 5, &|_| true), "after external writes");
+    check(
+        &hits,
+        &reference(&s, Metric::Dot, &q, 5, &|_| true),
+        "after external writes",
+    );
     compare_all(&s, Metric::Dot, 4, 9, "after external writes");
     Ok(())
 }
@@ -391,15 +463,17 @@ fn rolled_back_writes_leave_nothing_behind() -> R {
     let c = s.connection();
     let rounds = [
         // Rolled back without a search inside the transaction.
-        false,
-        // Searched inside the transaction (which sees its own writes).
+        false, // Searched inside the transaction (which sees its own writes).
         true,
     ];
     for search_inside in rounds {
         c.execute_batch("BEGIN")?;
         c.execute("INSERT INTO docs(id, vector) VALUES ('ghost', ?1)", [&blob])?;
         c.execute("DELETE FROM docs WHERE id = ?1", [&top[0].id])?;
-        c.execute("UPDATE docs SET vector = ?1 WHERE id = ?2", rusqlite::params![&blob, &top[2].id])?;
+        c.execute(
+            "UPDATE docs SET vector = ?1 WHERE id = ?2",
+            rusqlite::params![&blob, &top[2].id],
+        )?;
         c.execute(
             "INSERT OR REPLACE INTO docs(id, vector, metadata) VALUES (?1, ?2, '{}')",
             rusqlite::params![&top[1].id, &blob],
@@ -407,7 +481,10 @@ fn rolled_back_writes_leave_nothing_behind() -> R {
         if search_inside {
             let inside = s.search("docs", &q, 3, None)?;
             assert_eq!(inside.len(), 3);
-            assert!(inside.iter().all(|h| h.distance < 1e-6), "the transaction's own rows");
+            assert!(
+                inside.iter().all(|h| h.distance < 1e-6),
+                "the transaction's own rows"
+            );
             assert!(inside.iter().any(|h| h.id == "ghost"));
         }
         c.execute_batch("ROLLBACK")?;
@@ -425,12 +502,19 @@ fn a_cache_first_loaded_inside_a_rolled_back_transaction_is_reloaded() -> R {
     let q = [0.0; 4];
     let c = s.connection();
     c.execute_batch("BEGIN")?;
-    c.execute("INSERT INTO docs(id, vector) VALUES ('ghost', zeroblob(16))", [])?;
+    c.execute(
+        "INSERT INTO docs(id, vector) VALUES ('ghost', zeroblob(16))",
+        [],
+    )?;
     assert_eq!(s.search("docs", &q, 1, None)?[0].id, "ghost");
     c.execute_batch("ROLLBACK")?;
     let hits = s.search("docs", &q, 1, None)?;
     assert_ne!(hits[0].id, "ghost");
-    check(&hits, &reference(&s, Metric::L2, &q, 1, &|_| true), "after rollback");
+    check(
+        &hits,
+        &reference(&s, Metric::L2, &q, 1, &|_| true),
+        "after rollback",
+    );
     Ok(())
 }
 
@@ -454,13 +538,14 @@ fn a_recreated_collection_is_not_served_from_the_old_cache() -> R {
     let mut s = store_with(&dir, "a.db", Metric::L2, 4, 20, 81);
     s.search("docs", &[0.0; 4], 1, None)?;
     s.drop_collection("docs")?;
-    let mut spec = CollectionSpec::new("docs", 3);
-    spec.metric = Metric::Dot;
+    // Same name, shape and metric: only the schema change tells them apart.
+    let mut spec = CollectionSpec::new("docs", 4);
+    spec.metric = Metric::L2;
     s.create_collection(&spec)?;
-    s.put("docs", &Record::new("only", vec![1.0, 2.0, 3.0]))?;
-    let hits = s.search("docs", &[1.0, 0.0, 0.0], 5, None)?;
+    s.put("docs", &Record::new("only", vec![3.0, 4.0, 0.0, 0.0]))?;
+    let hits = s.search("docs", &[0.0; 4], 5, None)?;
     assert_eq!(hits.len(), 1);
-    assert_eq!((hits[0].id.as_str(), hits[0].distance), ("only", -1.0));
+    assert_eq!((hits[0].id.as_str(), hits[0].distance), ("only", 5.0));
     Ok(())
 }
 
@@ -480,7 +565,11 @@ fn bad_queries_are_refused() -> R {
     let dir = tempfile::tempdir()?;
     let s = store_with(&dir, "a.db", Metric::Cosine, 4, 10, 1);
     match s.search("docs", &[1.0, 2.0, 3.0], 5, None) {
-        Err(StoreError::Dimension { expected: 4, got: 3, .. }) => {}
+        Err(StoreError::Dimension {
+            expected: 4,
+            got: 3,
+            ..
+        }) => {}
         other => panic!("wrong dimension: {other:?}"),
     }
     match s.search("docs", &[1.0, f32::NAN, 3.0, 4.0], 5, None) {
@@ -491,7 +580,10 @@ fn bad_queries_are_refused() -> R {
         Err(StoreError::NotFinite { index: 3, .. }) => {}
         other => panic!("infinity: {other:?}"),
     }
-    assert!(matches!(s.search("nope", &[0.0; 4], 5, None), Err(StoreError::NoSuchCollection(_))));
+    assert!(matches!(
+        s.search("nope", &[0.0; 4], 5, None),
+        Err(StoreError::NoSuchCollection(_))
+    ));
     for bad in [
         json!({"year": {"$between": [1, 2]}}),
         json!({"$or": "x"}),
@@ -501,5 +593,18 @@ fn bad_queries_are_refused() -> R {
         let e = Filter::from_json(&bad).unwrap_err();
         assert!(matches!(e, StoreError::InvalidValue(_)), "{bad}: {e}");
     }
+    Ok(())
+}
+
+#[test]
+fn a_store_with_a_search_cache_can_move_to_another_thread() -> R {
+    fn assert_send<T: Send>() {}
+    assert_send::<Store>();
+    let dir = tempfile::tempdir()?;
+    let s = store_with(&dir, "a.db", Metric::L2, 4, 10, 3);
+    s.search("docs", &[0.0; 4], 1, None)?;
+    let hits =
+        std::thread::spawn(move || s.search("docs", &[0.0; 4], 3, None).map(|h| h.len())).join();
+    assert_eq!(hits.map_err(|_| "search thread panicked")??, 3);
     Ok(())
 }

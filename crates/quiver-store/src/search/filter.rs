@@ -1,30 +1,5 @@
-//! Metadata filters: a small MongoDB-style query language over the
-//! metadata object of each record.
-//!
-//! ```json
-//! {"lang": "en", "year": {"$gte": 2020, "$lt": 2024}, "tag": {"$in": ["a", "b"]},
-//!  "$or": [{"draft": false}, {"author.name": "ann"}]}
-//! ```
-//!
-//! - The keys of an object are ANDed. `$and` / `$or` take a non-empty array
-//!   of filter objects. `{}` matches everything.
-//! - A field is a top-level key or a dotted path into nested objects
-//!   (`"author.name"`).
-//! - `"field": value` (a string, number, boolean, null or array) means
-//!   `$eq`. `"field": {"$op": operand, ...}` applies every operator given.
-//! - `$eq` / `$ne`: JSON equality; numbers compare by value (`1 == 1.0`).
-//!   When the field holds an array and the operand is not one, `$eq`
-//!   matches if any element is equal (so `{"tags": "a"}` finds records
-//!   tagged `a`). `$ne` is the negation of `$eq`: it matches records
-//!   without the field.
-//! - `$gt` `$gte` `$lt` `$lte`: the operand is a number or a string; a
-//!   field matches when it has the same type (or is an array with such an
-//!   element) and compares as asked. Strings compare by bytes.
-//! - `$in` / `$nin`: the operand is an array; `$in` matches when `$eq`
-//!   matches one of its elements, `$nin` is its negation.
-//! - `$exists`: `true` or `false`.
-//!
-//! Numbers are compared as `f64`, so integers beyond 2^53 lose precision.
+//! Metadata filters: parsing the JSON form, resolving field paths against
+//! a collection's interned keys, and evaluating rows during the scan.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -36,9 +11,36 @@ use crate::{Result, StoreError};
 
 const FIELD_OPS: &str = "$eq, $ne, $gt, $gte, $lt, $lte, $in, $nin, $exists";
 
-/// A parsed metadata filter. Build one with [`Filter::from_json`] (or
-/// `str::parse` on JSON text); see the module documentation of
-/// `quiver_store::search` for the language.
+/// A parsed metadata filter: a small MongoDB-style query language over the
+/// metadata object of each record. Build one with [`Filter::from_json`]
+/// (or `str::parse` on JSON text).
+///
+/// ```json
+/// {"lang": "en", "year": {"$gte": 2020, "$lt": 2024}, "tag": {"$in": ["a", "b"]},
+///  "$or": [{"draft": false}, {"author.name": "ann"}]}
+/// ```
+///
+/// - The keys of an object are ANDed. `$and` / `$or` take a non-empty array
+///   of filter objects. `{}` matches everything.
+/// - A field is a top-level key or a dotted path into nested objects
+///   (`"author.name"`).
+/// - `"field": value` (a string, number, boolean, null or array) means
+///   `$eq`. `"field": {"$op": operand, ...}` applies every operator given.
+/// - `$eq` / `$ne`: JSON equality; numbers compare by value (`1 == 1.0`).
+///   When the field holds an array and the operand is not one, `$eq`
+///   matches if any element is equal (so `{"tags": "a"}` finds records
+///   tagged `a`). `$ne` is the negation of `$eq`: it matches records
+///   without the field.
+/// - `$gt` `$gte` `$lt` `$lte`: the operand is a number or a string; a
+///   field matches when it has the same type (or is an array with such an
+///   element) and compares as asked. Strings compare by bytes.
+/// - `$in` / `$nin`: the operand is an array; `$in` matches when `$eq`
+///   matches one of its elements, `$nin` is its negation.
+/// - `$exists`: `true` or `false`.
+///
+/// Numbers are compared as `f64`, so integers beyond 2^53 lose precision.
+/// Unknown operators and malformed shapes are refused with
+/// [`StoreError::InvalidValue`] naming the place (`filter.$or[1].year`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Filter {
     root: Node,

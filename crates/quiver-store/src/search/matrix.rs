@@ -5,12 +5,14 @@
 //! Rows are dense: a removed row's slot is filled by the last row, so slot
 //! order is arbitrary (search breaks distance ties by id, never by slot).
 //!
-//! Memory per row (64-bit): `4 × dim` for the vector, 4 for the norm, 8 for
-//! the rowid, 16 for the id pointer plus the id text with its 16-byte
-//! `Arc` header, about 40 in the two lookup maps, and the metadata (see
-//! `fields`). For dim 384 with 32-character ids and ~100 bytes of JSON
-//! metadata that is about 1,536 + 4 + 8 + 16 + 48 + 40 + 250 ≈ 1.9 KB, so
-//! ~1.9 GB per million vectors, of which 1.536 GB is the matrix.
+//! Memory per row (64-bit): `4 × dim` for the vector, 4 for the norm
+//! (cosine), 8 for the rowid, 16 for the id pointer plus the id text with
+//! its 16-byte `Arc` header, about 50 in the two lookup maps, and the
+//! metadata (see `fields`). Measured as the growth of the process's RSS
+//! when loading 200,000 rows of dim 384 with 32-character ids: 1,758 bytes
+//! a row with empty metadata, 2,013 with a 5-key ~100-byte object; so per
+//! million vectors at dim 384, 1.76 to 2.0 GB, of which 1.536 GB is the
+//! matrix.
 
 use std::collections::{HashMap, HashSet};
 use std::mem::size_of;

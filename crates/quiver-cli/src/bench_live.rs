@@ -31,13 +31,19 @@ fn summary(mut v: Vec<f64>) -> serde_json::Value {
     })
 }
 
-/// Waits until B shows `id`, waking on B's change counter.
-async fn visible(b: &StoreHandle, id: String, deadline: Duration) -> Result<()> {
-    let mut changes = b.subscribe_changes();
+/// Waits until a replica shows `id` in `collection`, waking on its change
+/// counter rather than polling blindly.
+pub async fn visible(
+    h: &StoreHandle,
+    collection: &str,
+    id: String,
+    deadline: Duration,
+) -> Result<()> {
+    let mut changes = h.subscribe_changes();
     let t = Instant::now();
     loop {
-        let probe = id.clone();
-        if b.call(move |s| s.get("docs", &probe)).await??.is_some() {
+        let (probe, coll) = (id.clone(), collection.to_string());
+        if h.call(move |s| s.get(&coll, &probe)).await??.is_some() {
             return Ok(());
         }
         let left = deadline.saturating_sub(t.elapsed());
@@ -102,7 +108,7 @@ async fn bench(writes: usize, bursts: usize, json: bool) -> Result<()> {
     // Warm up: the link is up once a first write arrives.
     a.call(|s| s.put("docs", &Record::new("warmup", vector(0))))
         .await??;
-    visible(&b, "warmup".into(), Duration::from_secs(10)).await?;
+    visible(&b, "docs", "warmup".into(), Duration::from_secs(10)).await?;
 
     let deadline = Duration::from_secs(5);
     let mut singles = Vec::with_capacity(writes);
@@ -111,7 +117,7 @@ async fn bench(writes: usize, bursts: usize, json: bool) -> Result<()> {
         let rec = Record::new(&id, vector(i));
         let t = Instant::now();
         a.call(move |s| s.put("docs", &rec)).await??;
-        visible(&b, id, deadline).await?;
+        visible(&b, "docs", id, deadline).await?;
         singles.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let mut burst_times = Vec::with_capacity(bursts);
@@ -121,7 +127,7 @@ async fn bench(writes: usize, bursts: usize, json: bool) -> Result<()> {
             .collect();
         let t = Instant::now();
         a.call(move |s| s.put_many("docs", &recs)).await??;
-        visible(&b, format!("burst-{k}-99"), deadline).await?;
+        visible(&b, "docs", format!("burst-{k}-99"), deadline).await?;
         burst_times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     // Another connection writes the file, as an application in any language would.
@@ -186,7 +192,7 @@ async fn rusqlite_free_writer(
             Ok(())
         })
         .await??;
-        visible(b, id, deadline).await?;
+        visible(b, "docs", id, deadline).await?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(times)

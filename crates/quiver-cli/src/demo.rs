@@ -42,22 +42,6 @@ async fn export(h: &StoreHandle) -> Result<String> {
     Ok(out)
 }
 
-/// Waits until `id` shows on a replica, waking on its change counter.
-async fn wait_visible(h: &StoreHandle, id: &str) -> Result<()> {
-    let mut changes = h.subscribe_changes();
-    let t = Instant::now();
-    loop {
-        let probe = id.to_string();
-        if h.call(move |s| s.get("memories", &probe)).await??.is_some() {
-            return Ok(());
-        }
-        if t.elapsed() > Duration::from_secs(5) {
-            bail!("{id} did not arrive within 5 s");
-        }
-        let _ = tokio::time::timeout(Duration::from_millis(20), changes.changed()).await;
-    }
-}
-
 pub fn run(rows: usize, json: bool) -> Result<()> {
     crate::net::init_logging("error");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -232,7 +216,8 @@ async fn demo(rows: usize, json: bool) -> Result<()> {
             .call(move |s| s.put("memories", &rec))
             .await??;
         for r in &replicas[1..] {
-            wait_visible(&r.handle, &id).await?;
+            crate::bench_live::visible(&r.handle, "memories", id.clone(), Duration::from_secs(5))
+                .await?;
         }
         latencies.push(t.elapsed().as_secs_f64() * 1000.0);
     }

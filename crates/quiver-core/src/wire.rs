@@ -125,15 +125,33 @@ pub struct Done {
     pub changes: u64,
 }
 
-/// What one side applied of the other's batches.
+/// What applying changes did: the store's apply report, and what each side
+/// tells the other it applied.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
+    /// Changes that took effect.
     pub applied: u64,
+    /// Changes already held (or replaced by something held): no effect.
     pub duplicates: u64,
+    /// Changes to an older life of a row deleted since: no effect.
     pub stale: u64,
     pub conflicts_detected: u64,
+    /// Conflicts the strategy resolved on its own.
     pub conflicts_resolved: u64,
+    /// Conflicts left open for review (`manual`).
     pub conflicts_open: u64,
+}
+
+impl Report {
+    /// Adds another report's counts to this one.
+    pub fn add(&mut self, o: &Report) {
+        self.applied += o.applied;
+        self.duplicates += o.duplicates;
+        self.stale += o.stale;
+        self.conflicts_detected += o.conflicts_detected;
+        self.conflicts_resolved += o.conflicts_resolved;
+        self.conflicts_open += o.conflicts_open;
+    }
 }
 
 /// Every message of the protocol.

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, HashMap};
 use quiver_core::merge::{merge_cell, merge_existence, visible_value, Verdict, Version};
 use quiver_core::{Change, ChangeBatch, Hlc, Value};
 use rusqlite::{params, Transaction};
-use serde::Serialize;
 
 use crate::catalog::{self, TableInfo};
 use crate::conflicts;
@@ -15,32 +14,8 @@ use crate::rowstate::{self, RowState, Sites};
 use crate::sqlvalue::{display_pk, pk_key};
 use crate::{wall_ms, Result, Store, StoreError};
 
-/// What applying a batch did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ApplyReport {
-    /// Changes that took effect.
-    pub applied: u64,
-    /// Changes already held (or replaced by something held): no effect.
-    pub duplicates: u64,
-    /// Changes to an older life of a row deleted since: no effect.
-    pub stale: u64,
-    pub conflicts_detected: u64,
-    /// Conflicts the strategy resolved on its own.
-    pub conflicts_resolved: u64,
-    /// Conflicts left open for review (`manual`).
-    pub conflicts_open: u64,
-}
-
-impl ApplyReport {
-    pub fn add(&mut self, o: &ApplyReport) {
-        self.applied += o.applied;
-        self.duplicates += o.duplicates;
-        self.stale += o.stale;
-        self.conflicts_detected += o.conflicts_detected;
-        self.conflicts_resolved += o.conflicts_resolved;
-        self.conflicts_open += o.conflicts_open;
-    }
-}
+/// What applying a batch did (the same counts travel on the wire).
+pub use quiver_core::wire::Report as ApplyReport;
 
 fn version_of(c: &Change) -> Version {
     Version {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::actor::StoreHandle;
 use crate::framed::{FrameReader, FrameWriter};
 use crate::protocol::{exchange, their_versions, Peer, Progress, ProgressFn, ShardResult};
-use crate::schema::{ensure_tables, schema_version, shard_defs};
+use crate::schema::{ensure_tables, shard_defs, shard_infos};
 use crate::tls::{SeenFingerprint, Trust};
 use crate::transport::{client_endpoint, TransportLimits};
 use crate::{Result, SyncError};
@@ -236,20 +236,7 @@ impl Client {
             let (send, recv) = conn.open_bi().await?;
             let mut reader = FrameReader::new(recv, HANDSHAKE_MAX_FRAME, false);
             let mut writer = FrameWriter::new(send, false);
-            let shards = self
-                .handle
-                .call(|s| -> Result<Vec<ShardInfo>> {
-                    let mut out = Vec::new();
-                    for name in s.shards()? {
-                        let tables = s.shard_tables(&name)?;
-                        out.push(ShardInfo {
-                            schema_version: schema_version(&tables),
-                            name,
-                        });
-                    }
-                    Ok(out)
-                })
-                .await??;
+            let shards = self.handle.call(|s| shard_infos(s)).await??;
             writer
                 .send(&Message::Hello(Hello {
                     protocol: PROTOCOL_VERSION,
@@ -302,6 +289,15 @@ impl Client {
         Ok((sock, false))
     }
 
+    /// Keeps the error in the store's sync state (last error, count).
+    async fn record_failure(&self, e: &SyncError) {
+        let msg = e.to_string();
+        let _ = self
+            .handle
+            .call(move |s| s.record_sync(0, 0, Some(&msg)))
+            .await;
+    }
+
     /// Syncs with the server at `addr`, retrying transient failures.
     pub async fn sync(
         &mut self,
@@ -339,11 +335,7 @@ impl Client {
                     tokio::time::sleep(wait).await;
                 }
                 Err(e) => {
-                    let msg = e.to_string();
-                    let _ = self
-                        .handle
-                        .call(move |s| s.record_sync(0, 0, Some(&msg)))
-                        .await;
+                    self.record_failure(&e).await;
                     return Err(e);
                 }
             }
@@ -529,11 +521,7 @@ impl Client {
             {
                 Ok(()) => return Ok(()),
                 Err(e) if !e.is_transient() => {
-                    let msg = e.to_string();
-                    let _ = self
-                        .handle
-                        .call(move |s| s.record_sync(0, 0, Some(&msg)))
-                        .await;
+                    self.record_failure(&e).await;
                     return Err(e);
                 }
                 Err(e) => {

@@ -65,17 +65,6 @@ pub(crate) struct Peer {
 /// A per-peer byte budget check.
 pub(crate) type BytesLimit = Arc<dyn Fn(usize) -> std::result::Result<(), u64> + Send + Sync>;
 
-fn to_report(r: &ApplyReport) -> Report {
-    Report {
-        applied: r.applied,
-        duplicates: r.duplicates,
-        stale: r.stale,
-        conflicts_detected: r.conflicts_detected,
-        conflicts_resolved: r.conflicts_resolved,
-        conflicts_open: r.conflicts_open,
-    }
-}
-
 /// The last message a side sends on a shard stream.
 enum Final {
     Report(Report),
@@ -356,7 +345,7 @@ async fn exchange_inner(
     .await;
     match outcome {
         Ok(()) => {
-            let _ = final_tx.send(Final::Report(to_report(&result.local)));
+            let _ = final_tx.send(Final::Report(result.local));
         }
         Err(e) => {
             let msg = match &e {

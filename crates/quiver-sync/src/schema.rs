@@ -43,6 +43,19 @@ pub fn shard_defs(store: &Store, shard: &str) -> Result<Vec<TableDef>> {
     Ok(store.shard_tables(shard)?.iter().map(def_of).collect())
 }
 
+/// The shards a store holds with their schema versions, for the handshake.
+pub fn shard_infos(store: &Store) -> Result<Vec<quiver_core::wire::ShardInfo>> {
+    let mut out = Vec::new();
+    for name in store.shards()? {
+        let tables = store.shard_tables(&name)?;
+        out.push(quiver_core::wire::ShardInfo {
+            schema_version: schema_version(&tables),
+            name,
+        });
+    }
+    Ok(out)
+}
+
 /// The shard's schema version, as stated in the handshake.
 pub fn schema_version(tables: &[TableInfo]) -> u64 {
     tables

@@ -18,7 +18,7 @@ use crate::actor::StoreHandle;
 use crate::auth::authorize;
 use crate::framed::{FrameReader, FrameWriter};
 use crate::protocol::{exchange, their_versions, Peer};
-use crate::schema::{ensure_tables, schema_version, shard_defs};
+use crate::schema::{ensure_tables, shard_defs, shard_infos};
 use crate::tls::Identity;
 use crate::transport::{server_endpoint, TransportLimits};
 use crate::{Result, SyncError};
@@ -256,20 +256,7 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
         .min(ctx.opts.max_frame)
         .clamp(HANDSHAKE_MAX_FRAME as u32, MAX_FRAME_LIMIT as u32) as usize;
     let compression = hello.compression && ctx.opts.compression;
-    let shards = ctx
-        .handle
-        .call(|s| -> Result<Vec<ShardInfo>> {
-            let mut out = Vec::new();
-            for name in s.shards()? {
-                let tables = s.shard_tables(&name)?;
-                out.push(ShardInfo {
-                    schema_version: schema_version(&tables),
-                    name,
-                });
-            }
-            Ok(out)
-        })
-        .await??;
+    let shards = ctx.handle.call(|s| shard_infos(s)).await??;
     // Shards outside the token's scope are not even listed.
     let shards: Vec<ShardInfo> = shards
         .into_iter()

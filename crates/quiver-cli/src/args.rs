@@ -367,6 +367,14 @@ pub enum BenchCmd {
     },
     /// k-NN queries per second: quiverdb's search against a plain scalar loop.
     Search(BenchSearchArgs),
+    /// Many clients syncing at once against one `quiver serve`.
+    Load {
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        /// Rows each client writes.
+        #[arg(long, default_value_t = 20)]
+        rows: usize,
+    },
     /// Write-to-visible latency across a live link (p50/p99).
     Live {
         /// Single writes to time.

@@ -176,6 +176,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Live { writes, bursts }) => {
             crate::bench_live::run(writes, bursts, json)?
         }
+        Command::Bench(BenchCmd::Load { clients, rows }) => {
+            crate::bench_load::run(clients, rows, json)?
+        }
     }
     Ok(())
 }

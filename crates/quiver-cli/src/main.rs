@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod bench_live;
+mod bench_load;
 mod bench_search;
 mod commands;
 mod config;

@@ -351,3 +351,16 @@ fn search_with_filters_through_the_cli() {
         "does not exist",
     );
 }
+
+#[test]
+fn bench_load_many_clients_against_one_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(
+        &dir.path().join("unused.db"),
+        &["--json", "bench", "load", "--clients", "12", "--rows", "5"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["exports_equal"], true, "{out}");
+    assert_eq!(v["total_rows"], 60);
+    assert!(v["server_peak_rss_mib"].as_f64().unwrap() > 0.0, "{out}");
+}

@@ -32,7 +32,17 @@ pub struct StoreHandle {
 
 impl StoreHandle {
     /// Moves the store onto its own thread and starts watching the file.
-    pub fn spawn(mut store: Store) -> StoreHandle {
+    pub fn spawn(store: Store) -> StoreHandle {
+        Self::spawn_with(store, true)
+    }
+
+    /// Like [`StoreHandle::spawn`] without watching the file for other
+    /// writers: for a process holding many stores that only it writes.
+    pub fn spawn_unwatched(store: Store) -> StoreHandle {
+        Self::spawn_with(store, false)
+    }
+
+    fn spawn_with(mut store: Store, watch_file: bool) -> StoreHandle {
         let (tx, rx) = mpsc::channel::<Job>();
         let store_events = store.subscribe();
         let (events, _) = broadcast::channel(1024);
@@ -61,7 +71,9 @@ impl StoreHandle {
             tracing::error!("cannot start the store thread: {e}");
         }
         let alive = Arc::new(());
-        start_file_watch(path.clone(), tx.clone(), Arc::downgrade(&alive));
+        if watch_file {
+            start_file_watch(path.clone(), tx.clone(), Arc::downgrade(&alive));
+        }
         StoreHandle {
             tx,
             path,

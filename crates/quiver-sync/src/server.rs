@@ -67,10 +67,35 @@ pub struct Server {
 
 struct Ctx {
     handle: StoreHandle,
+    /// A read-only view for the handshake, so it never queues behind applies.
+    reader: Arc<std::sync::Mutex<Option<quiver_store::Store>>>,
     opts: ServerOptions,
     shutdown: CancellationToken,
     active: std::sync::atomic::AtomicUsize,
     limiters: crate::limits::Limiters,
+}
+
+impl Ctx {
+    /// Runs a read on the handshake connection (on a blocking thread), or on
+    /// the store thread if that connection could not be opened.
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl Fn(&quiver_store::Store) -> quiver_store::Result<R> + Send + Sync + 'static,
+    ) -> Result<R> {
+        let reader = self.reader.clone();
+        let f = Arc::new(f);
+        let g = f.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let guard = reader.lock().unwrap_or_else(|e| e.into_inner());
+            guard.as_ref().map(|s| g(s))
+        })
+        .await
+        .map_err(|e| SyncError::Protocol(e.to_string()))?;
+        match out {
+            Some(r) => Ok(r?),
+            None => Ok(self.handle.call(move |s| f(s)).await??),
+        }
+    }
 }
 
 /// Counts a connection as active for as long as it lives.
@@ -95,6 +120,9 @@ impl Server {
         Ok(Server {
             endpoint,
             ctx: Arc::new(Ctx {
+                reader: Arc::new(std::sync::Mutex::new(
+                    quiver_store::Store::open(handle.path()).ok(),
+                )),
                 handle,
                 opts,
                 shutdown: CancellationToken::new(),
@@ -246,7 +274,7 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
         );
         return Err(refuse_after(&mut writer, &conn, ErrorCode::RateLimited, m, Some(1000)).await);
     }
-    let tokens = ctx.handle.call(|s| s.tokens()).await??;
+    let tokens = ctx.read(|s| s.tokens()).await?;
     let access = match authorize(hello.token.as_deref(), ctx.opts.token.as_deref(), &tokens) {
         Ok(a) => a,
         Err(m) => return Err(refuse(&mut writer, &conn, ErrorCode::Unauthorized, m.into()).await),
@@ -256,7 +284,7 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
         .min(ctx.opts.max_frame)
         .clamp(HANDSHAKE_MAX_FRAME as u32, MAX_FRAME_LIMIT as u32) as usize;
     let compression = hello.compression && ctx.opts.compression;
-    let shards = ctx.handle.call(|s| shard_infos(s)).await??;
+    let shards = ctx.read(|s| Ok(shard_infos(s))).await??;
     // Shards outside the token's scope are not even listed.
     let shards: Vec<ShardInfo> = shards
         .into_iter()

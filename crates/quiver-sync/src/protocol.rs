@@ -359,8 +359,12 @@ async fn exchange_inner(
                     },
                 }),
             };
-            if let Some(m) = msg {
-                let _ = final_tx.send(Final::Error(m));
+            match msg {
+                Some(m) => {
+                    let _ = final_tx.send(Final::Error(m));
+                }
+                // The peer already knows why: just let our sender finish.
+                None => drop(final_tx),
             }
             reader.stop(1);
             let _ = sender.await;

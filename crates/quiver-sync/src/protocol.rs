@@ -47,6 +47,9 @@ pub enum Progress {
     Done,
 }
 
+/// How long a peer may stay silent while it streams its changes.
+pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Receives progress reports.
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 
@@ -276,10 +279,15 @@ async fn exchange_inner(
         let _ = writer.finish();
         Ok((batches, changes, writer.bytes, true))
     });
-    // Receiver: apply each batch in its own transaction as it arrives.
+    // Receiver: apply each batch in its own transaction as it arrives. A
+    // peer that sends nothing for too long is given up on (keep-alives would
+    // otherwise hold a stalled exchange open forever).
     let outcome: Result<()> = async {
         loop {
-            match reader.next().await? {
+            let next = tokio::time::timeout(STALL_TIMEOUT, reader.next())
+                .await
+                .map_err(|_| SyncError::Timeout(format!("waiting for the peer's changes on shard {shard:?} ({STALL_TIMEOUT:?} without a message)")))?;
+            match next? {
                 Some(Message::Batch(b)) => {
                     if let Err(e) = check_batch(&b, shard, filter, &peer) {
                         return Err(SyncError::Rejected {

@@ -26,7 +26,13 @@ async fn attack(addr: &str, how: Attack) -> ErrorCode {
     attack_with(addr, how, None).await
 }
 
-async fn attack_with(addr: &str, how: Attack, token: Option<String>) -> ErrorCode {
+/// Connects and sends a hello; returns the connection and what the server
+/// answered on the handshake stream.
+async fn hello(
+    addr: &str,
+    protocol: u32,
+    token: Option<String>,
+) -> (quinn::Connection, Option<Message>) {
     let sock: std::net::SocketAddr = addr.parse().unwrap();
     let (ep, _) = client_endpoint(sock, &Trust::Insecure, &TransportLimits::default()).unwrap();
     let conn = ep.connect(sock, "localhost").unwrap().await.unwrap();
@@ -36,7 +42,7 @@ async fn attack_with(addr: &str, how: Attack, token: Option<String>) -> ErrorCod
         FrameWriter::new(send, false),
     );
     w.send(&Message::Hello(Hello {
-        protocol: PROTOCOL_VERSION,
+        protocol,
         site: SiteId([7; 16]),
         node: "mallory".into(),
         token,
@@ -46,7 +52,13 @@ async fn attack_with(addr: &str, how: Attack, token: Option<String>) -> ErrorCod
     }))
     .await
     .unwrap();
-    assert!(matches!(r.next().await.unwrap(), Some(Message::Welcome(_))));
+    let answer = r.next().await.unwrap();
+    (conn, answer)
+}
+
+async fn attack_with(addr: &str, how: Attack, token: Option<String>) -> ErrorCode {
+    let (conn, answer) = hello(addr, PROTOCOL_VERSION, token).await;
+    assert!(matches!(answer, Some(Message::Welcome(_))));
     let (send, recv) = conn.open_bi().await.unwrap();
     let (mut r, mut w) = (
         FrameReader::new(recv, 1 << 20, false),
@@ -159,26 +171,7 @@ fn a_read_only_token_cannot_push_even_by_ignoring_the_welcome() {
 
 /// A client speaking another protocol version is refused with both named.
 async fn future_client(addr: &str) -> String {
-    let sock: std::net::SocketAddr = addr.parse().unwrap();
-    let (ep, _) = client_endpoint(sock, &Trust::Insecure, &TransportLimits::default()).unwrap();
-    let conn = ep.connect(sock, "localhost").unwrap().await.unwrap();
-    let (send, recv) = conn.open_bi().await.unwrap();
-    let (mut r, mut w) = (
-        FrameReader::new(recv, 1 << 20, false),
-        FrameWriter::new(send, false),
-    );
-    w.send(&Message::Hello(Hello {
-        protocol: 99,
-        site: SiteId([8; 16]),
-        node: "from-the-future".into(),
-        token: None,
-        shards: vec![],
-        max_frame: 1 << 20,
-        compression: false,
-    }))
-    .await
-    .unwrap();
-    match r.next().await.unwrap() {
+    match hello(addr, 99, None).await.1 {
         Some(Message::Refused(e)) => {
             assert_eq!(e.code, ErrorCode::Protocol);
             e.message

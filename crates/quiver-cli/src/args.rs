@@ -94,8 +94,14 @@ pub enum Command {
     Conflicts(ConflictsCmd),
     /// k-nearest-neighbour search in a collection.
     Search(SearchArgs),
-    /// Site id, shards, tables with row counts, version vectors, peers.
-    Status,
+    /// Site id, shards, tables with row counts, version vectors, peers;
+    /// with --server, a running daemon's live connections.
+    Status {
+        /// A daemon's HTTP address (printed by `quiver serve`; --http or
+        /// http_listen): list its live connections instead.
+        #[arg(long, value_name = "ADDR")]
+        server: Option<String>,
+    },
     /// The daemon's effective configuration, with where each value came from.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -140,6 +146,10 @@ pub struct ServeArgs {
     /// Private key (PEM); default: the one `quiver init` made beside the store.
     #[arg(long)]
     pub key: Option<std::path::PathBuf>,
+    /// Mutual TLS: require client certificates issued by (or equal to) a
+    /// certificate in this PEM file.
+    #[arg(long)]
+    pub client_ca: Option<std::path::PathBuf>,
     /// Keep a live link to this peer, HOST:PORT or HOST:PORT@FINGERPRINT (repeatable).
     #[arg(long = "peer", value_name = "ADDR[@PIN]")]
     pub peers: Vec<String>,
@@ -179,6 +189,13 @@ pub struct TrustArgs {
     /// Do not verify the server at all (encrypted, not authenticated).
     #[arg(long)]
     pub insecure: bool,
+    /// Client certificate (PEM) for servers that require one (mutual TLS);
+    /// default: the store's own, made by `quiver init`.
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --client-cert.
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

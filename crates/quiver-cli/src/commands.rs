@@ -161,7 +161,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Conflicts(c) => conflicts(open()?, c, json)?,
         Command::Search(a) => crate::search_cmd::run(&open()?, a, json)?,
-        Command::Status => status(&open()?, json)?,
+        Command::Status { server: None } => status(&open()?, json)?,
+        Command::Status { server: Some(addr) } => crate::net::server_status(&addr, json)?,
         Command::Peers(p) => peers(open()?, p, json)?,
         Command::Token(t) => token(open()?, t, json)?,
         Command::Config(crate::args::ConfigCmd::Show { config }) => {

@@ -28,6 +28,7 @@ const KEYS: &[(&str, &[&str], Option<&str>)] = &[
     ("token", &["QUIVER_TOKEN"], None),
     ("cert", &["QUIC_CERT_PATH", "QUIVER_CERT"], None),
     ("key", &["QUIC_KEY_PATH", "QUIVER_KEY"], None),
+    ("client_ca", &["QUIVER_CLIENT_CA"], None),
     (
         "max_connections",
         &["QUIC_MAX_CONNECTIONS", "QUIVER_MAX_CONNECTIONS"],
@@ -93,6 +94,9 @@ pub struct DaemonConfig {
     pub cert: Option<PathBuf>,
     #[serde(skip)]
     pub key: Option<PathBuf>,
+    /// Mutual TLS: client certificates must chain to one in this PEM file.
+    #[serde(skip)]
+    pub client_ca: Option<PathBuf>,
     #[serde(skip)]
     pub max_connections: usize,
     #[serde(skip)]
@@ -253,6 +257,12 @@ pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<Daemo
         token: nonempty("token"),
         cert: nonempty("cert").map(PathBuf::from),
         key: nonempty("key").map(PathBuf::from),
+        client_ca: match nonempty("client_ca").map(PathBuf::from) {
+            Some(p) if !p.is_file() => {
+                bail!("config key `client_ca`: {} is not a file", p.display())
+            }
+            other => other,
+        },
         max_connections: range(
             "max_connections",
             parse(
@@ -393,6 +403,7 @@ mod tests {
             ("listen", "nowhere", "not an address"),
             ("log_format", "xml", "text or json"),
             ("max_frame_bytes", "10", "out of range"),
+            ("client_ca", "/no/such/ca.pem", "not a file"),
         ] {
             let e = resolve(None, &Layer::new(), &layer(&[(k, v)]))
                 .unwrap_err()

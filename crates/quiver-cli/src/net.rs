@@ -54,6 +54,18 @@ fn trust(t: &TrustArgs) -> Trust {
     }
 }
 
+/// The certificate a client presents when a server asks for one: the
+/// named files, else the store's own identity if `quiver init` made one.
+fn client_identity(db: &Path, t: &TrustArgs) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    match (&t.client_cert, &t.client_key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        _ => {
+            let (c, k) = quiver_sync::tls::identity_paths(db);
+            (c.is_file() && k.is_file()).then_some((c, k))
+        }
+    }
+}
+
 /// The flags of `quiver serve` as the top configuration layer.
 fn flag_layer(a: &ServeArgs) -> config::Layer {
     let mut l = config::Layer::new();
@@ -66,6 +78,10 @@ fn flag_layer(a: &ServeArgs) -> config::Layer {
     put("token", a.token.clone());
     put("cert", a.cert.as_ref().map(|p| p.display().to_string()));
     put("key", a.key.as_ref().map(|p| p.display().to_string()));
+    put(
+        "client_ca",
+        a.client_ca.as_ref().map(|p| p.display().to_string()),
+    );
     put("peers", (!a.peers.is_empty()).then(|| a.peers.join(",")));
     put("peer_token", a.peer_token.clone());
     put("max_connections", a.max_connections.map(|v| v.to_string()));
@@ -110,16 +126,18 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         .map(Ok)
         .unwrap_or_else(|| node_name(&store))?;
     let (cert_default, key_default) = quiver_sync::tls::identity_paths(db);
-    let id = Identity::load(
-        &cfg.cert.clone().unwrap_or(cert_default),
-        &cfg.key.clone().unwrap_or(key_default),
-    )?;
+    let (cert, key) = (
+        cfg.cert.clone().unwrap_or(cert_default),
+        cfg.key.clone().unwrap_or(key_default),
+    );
+    let id = Identity::load(&cert, &key)?;
     let opts = ServerOptions {
         listen: cfg.listen,
         token: cfg.token.clone(),
         node: node.clone(),
         max_connections: cfg.max_connections,
         rate: cfg.rate,
+        client_ca: cfg.client_ca.clone(),
         limits: quiver_sync::transport::TransportLimits {
             idle_timeout: cfg.idle_timeout,
             keep_alive: cfg.keep_alive,
@@ -164,7 +182,9 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
                 let health = crate::obs::Health {
                     store: handle.clone(),
                     listening: addr,
+                    node: node.clone(),
                     connections: server.active_connections(),
+                    list: server.connections(),
                     shutdown: token.clone(),
                 };
                 Some(crate::obs::serve(at, crate::obs::install_recorder()?, health).await?)
@@ -186,8 +206,10 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         std::io::stdout().flush()?;
         // Live links to peers run until shutdown.
         for (addr, trust, registered) in peers {
+            // Peers that require client certificates get this daemon's own.
             let opts = ClientOptions {
                 trust,
+                client_identity: Some((cert.clone(), key.clone())),
                 token: peer_token.clone(),
                 node: node.clone(),
                 ..Default::default()
@@ -263,6 +285,7 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
     let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
     let opts = ClientOptions {
         trust: trust(&a.trust),
+        client_identity: client_identity(db, &a.trust),
         token: a.token,
         node: node_name(&store)?,
         retries: a.retries,
@@ -403,11 +426,83 @@ pub fn watch(store: Store, shard: Option<String>) -> Result<()> {
     })
 }
 
+/// `quiver status --server ADDR`: a daemon's live connections.
+pub fn server_status(addr: &str, json: bool) -> Result<()> {
+    let body = runtime()?.block_on(crate::obs::get(addr, "/connections"))?;
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .with_context(|| format!("{addr}/connections did not answer JSON"))?;
+    if json {
+        return output::json(&v);
+    }
+    let list: Vec<quiver_sync::ConnectionInfo> =
+        serde_json::from_value(v["connections"].clone())
+            .with_context(|| format!("{addr}/connections: unexpected answer"))?;
+    println!(
+        "{} on {}: {} live connection{}",
+        v["node"].as_str().unwrap_or("?"),
+        v["listening"].as_str().unwrap_or("?"),
+        list.len(),
+        if list.len() == 1 { "" } else { "s" }
+    );
+    if list.is_empty() {
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|c| {
+            let mut mode = vec![if c.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            }];
+            if c.live {
+                mode.push("live");
+            }
+            if c.client_cert.is_some() {
+                mode.push("client-cert");
+            }
+            vec![
+                c.remote.clone(),
+                c.node.clone(),
+                if c.shards.is_empty() {
+                    "-".into()
+                } else {
+                    c.shards.join(",")
+                },
+                format!("{}s ago", now.saturating_sub(c.since_ms) / 1000),
+                c.bytes_sent.to_string(),
+                c.bytes_received.to_string(),
+                format!("{:.1}", c.rtt_ms),
+                mode.join(" "),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "PEER",
+            "NODE",
+            "SHARDS",
+            "SINCE",
+            "BYTES OUT",
+            "BYTES IN",
+            "RTT MS",
+            "ACCESS",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
 pub fn ping(db: &Path, addr: &str, token: Option<String>, t: &TrustArgs, json: bool) -> Result<()> {
     init_logging("warn");
     let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
     let opts = ClientOptions {
         trust: trust(t),
+        client_identity: client_identity(db, t),
         token,
         node: node_name(&store)?,
         retries: 0,

@@ -1,6 +1,7 @@
 //! The daemon's HTTP endpoint (loopback by default, a port of its own):
 //! `/health` says whether it is ready and why not, `/metrics` gives
-//! Prometheus text.
+//! Prometheus text, `/connections` lists the live connections (what
+//! `quiver status --server` shows).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,7 +14,7 @@ use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use quiver_sync::{CancellationToken, StoreHandle};
+use quiver_sync::{CancellationToken, ConnectionInfo, StoreHandle};
 
 /// Installs the Prometheus recorder for this process (once).
 pub fn install_recorder() -> Result<PrometheusHandle> {
@@ -25,12 +26,25 @@ pub fn install_recorder() -> Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// What `/health` checks.
+/// What the endpoint reports on.
 pub struct Health {
     pub store: StoreHandle,
+    pub node: String,
     pub listening: SocketAddr,
+    /// Connections being served, the handshake included.
     pub connections: Arc<dyn Fn() -> usize + Send + Sync>,
+    /// Connections past the handshake, with their peers and traffic.
+    pub list: Arc<dyn Fn() -> Vec<ConnectionInfo> + Send + Sync>,
     pub shutdown: CancellationToken,
+}
+
+fn connections(h: &Health) -> String {
+    serde_json::json!({
+        "node": h.node,
+        "listening": h.listening.to_string(),
+        "connections": (h.list)(),
+    })
+    .to_string()
 }
 
 async fn health(h: &Health) -> (StatusCode, String) {
@@ -82,10 +96,11 @@ async fn route(
             (s, "application/json", b)
         }
         "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", prom.render()),
+        "/connections" => (StatusCode::OK, "application/json", connections(&h)),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /health or /metrics\n".to_string(),
+            "try /health, /metrics or /connections\n".to_string(),
         ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -120,4 +135,31 @@ pub async fn serve(addr: SocketAddr, prom: PrometheusHandle, health: Health) -> 
         }
     });
     Ok(local)
+}
+
+/// GETs `path` from a daemon's HTTP endpoint and returns the body.
+pub async fn get(addr: &str, path: &str) -> Result<String> {
+    use http_body_util::BodyExt;
+    let hint = "give the daemon's HTTP address, printed by `quiver serve` as \
+                \"health and metrics on http://ADDR/health\" (set with --http or http_listen)";
+    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out connecting to {addr}; {hint}"))?
+        .map_err(|e| anyhow::anyhow!("could not reach {addr}: {e}; {hint}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(hyper::header::HOST, addr)
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .map_err(|_| anyhow::anyhow!("{addr} did not answer within 10 s; {hint}"))?
+        .map_err(|e| anyhow::anyhow!("{addr}: {e}; {hint}"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if !status.is_success() {
+        anyhow::bail!("{addr}{path} answered {status}: {}", body.trim());
+    }
+    Ok(body)
 }

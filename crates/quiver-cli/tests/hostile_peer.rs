@@ -26,15 +26,19 @@ async fn attack(addr: &str, how: Attack) -> ErrorCode {
     attack_with(addr, how, None).await
 }
 
-/// Connects and sends a hello; returns the connection and what the server
-/// answered on the handshake stream.
+/// The handshake stream, kept open for as long as it is held.
+type Control = (FrameReader, FrameWriter);
+
+/// Connects and sends a hello; returns the connection, what the server
+/// answered on the handshake stream, and that stream.
 async fn hello(
     addr: &str,
     protocol: u32,
     token: Option<String>,
-) -> (quinn::Connection, Option<Message>) {
+) -> (quinn::Connection, Option<Message>, Control) {
     let sock: std::net::SocketAddr = addr.parse().unwrap();
-    let (ep, _) = client_endpoint(sock, &Trust::Insecure, &TransportLimits::default()).unwrap();
+    let (ep, _) =
+        client_endpoint(sock, &Trust::Insecure, None, &TransportLimits::default()).unwrap();
     let conn = ep.connect(sock, "localhost").unwrap().await.unwrap();
     let (send, recv) = conn.open_bi().await.unwrap();
     let (mut r, mut w) = (
@@ -53,11 +57,11 @@ async fn hello(
     .await
     .unwrap();
     let answer = r.next().await.unwrap();
-    (conn, answer)
+    (conn, answer, (r, w))
 }
 
 async fn attack_with(addr: &str, how: Attack, token: Option<String>) -> ErrorCode {
-    let (conn, answer) = hello(addr, PROTOCOL_VERSION, token).await;
+    let (conn, answer, _control) = hello(addr, PROTOCOL_VERSION, token).await;
     assert!(matches!(answer, Some(Message::Welcome(_))));
     let (send, recv) = conn.open_bi().await.unwrap();
     let (mut r, mut w) = (
@@ -214,4 +218,67 @@ fn misbehaving_peers_get_clear_errors_and_change_nothing() {
     let b = Node::new("b");
     b.q(&["sync", &s.addr, "--pin", &s.fp]);
     assert_eq!(b.export("docs"), before);
+}
+
+/// Opens a stream, asks for a shard the server does not hold, and reads
+/// the answer to the end, which gives the stream's slot back.
+async fn short_stream(conn: &quinn::Connection) -> Message {
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let (mut r, mut w) = (
+        FrameReader::new(recv, 1 << 20, false),
+        FrameWriter::new(send, false),
+    );
+    w.send(&Message::SyncRequest(SyncRequest {
+        shard: "absent".into(),
+        tables: vec![],
+        versions: vec![],
+        want_schema: false,
+        schema: vec![],
+    }))
+    .await
+    .unwrap();
+    w.finish().unwrap();
+    let answer = r.next().await.unwrap().unwrap();
+    while let Ok(Some(_)) = r.next().await {}
+    answer
+}
+
+#[test]
+fn streams_beyond_the_limit_wait_for_a_free_slot() {
+    let a = Node::new("a");
+    a.q(&["collection", "create", "docs", "--dim", "2"]);
+    // The handshake stream stays open, so two leave one for syncing.
+    let s = a.serve(&["--max-streams", "2"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (conn, answer, _control) = hello(&s.addr, PROTOCOL_VERSION, None).await;
+        assert!(matches!(answer, Some(Message::Welcome(_))));
+        let wait = std::time::Duration::from_millis(500);
+        let (send, recv) = tokio::time::timeout(wait, conn.open_bi())
+            .await
+            .expect("a second stream is within the limit")
+            .unwrap();
+        assert!(
+            tokio::time::timeout(wait, conn.open_bi()).await.is_err(),
+            "a third concurrent stream must wait for credit"
+        );
+        // Closing the second stream gives its slot to the next.
+        drop((send, recv));
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), short_stream(&conn))
+            .await
+            .expect("a slot is given back when a stream ends");
+        assert!(
+            matches!(&next, Message::Error(e) if e.code == ErrorCode::UnknownShard),
+            "{next:?}"
+        );
+        // One at a time, streams keep being served on the same connection.
+        for _ in 0..5 {
+            assert!(matches!(short_stream(&conn).await, Message::Error(_)));
+        }
+    });
+    // A real sync through the same limit still works.
+    let b = Node::new("b");
+    let out = b.q(&["--json", "sync", &s.addr, "--pin", &s.fp]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["shards"][0]["shard"], "default", "{out}");
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,7 @@ use crate::actor::StoreHandle;
 use crate::framed::{FrameReader, FrameWriter};
 use crate::protocol::{exchange, their_versions, Peer, Progress, ProgressFn, ShardResult};
 use crate::schema::{ensure_tables, shard_defs, shard_infos};
-use crate::tls::{SeenFingerprint, Trust};
+use crate::tls::{Identity, SeenFingerprint, Trust};
 use crate::transport::{client_endpoint, TransportLimits};
 use crate::{Result, SyncError};
 
@@ -27,6 +28,9 @@ use crate::{Result, SyncError};
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     pub trust: Trust,
+    /// Certificate and key PEM files presented when a server asks for a
+    /// client certificate (mutual TLS).
+    pub client_identity: Option<(PathBuf, PathBuf)>,
     pub token: Option<String>,
     pub node: String,
     pub connect_timeout: Duration,
@@ -42,6 +46,7 @@ impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             trust: Trust::Verify,
+            client_identity: None,
             token: None,
             node: "quiver".into(),
             connect_timeout: Duration::from_secs(5),
@@ -158,8 +163,40 @@ impl Client {
         }
     }
 
+    /// A TLS failure in words: the server refusing this client's
+    /// certificate (mutual TLS), or this client not trusting the server's.
     fn untrusted(&self, seen: &SeenFingerprint, e: &quinn::ConnectionError) -> Option<SyncError> {
+        if let quinn::ConnectionError::ConnectionClosed(c) = e {
+            let alert = |a: u8| c.error_code == quinn::TransportErrorCode::crypto(a);
+            // TLS alerts: certificate_required, then bad, unsupported,
+            // revoked, expired, unknown certificate, unknown CA, access
+            // denied, decrypt error (a signature that does not verify).
+            if alert(116) {
+                return Some(SyncError::Untrusted(
+                    "the server requires a client certificate (mutual TLS); pass \
+                     --client-cert FILE and --client-key FILE"
+                        .into(),
+                ));
+            }
+            if [42, 43, 44, 45, 46, 48, 49, 51].into_iter().any(alert) {
+                let which = match &self.opts.client_identity {
+                    Some((cert, _)) => format!(" ({})", cert.display()),
+                    None => String::new(),
+                };
+                return Some(SyncError::Untrusted(format!(
+                    "the server refused this client's certificate{which}: it must be issued by \
+                     a CA in the server's client_ca file ({})",
+                    c.reason.escape_ascii()
+                )));
+            }
+        }
         let fp = seen.lock().ok()?.clone()?;
+        // Trusted by pin or on purpose: the failure lies elsewhere.
+        let pinned =
+            matches!(&self.opts.trust, Trust::Pin(p) if crate::tls::same_fingerprint(p, &fp));
+        if pinned || self.opts.trust == Trust::Insecure {
+            return None;
+        }
         let text = e.to_string();
         if !(text.contains("certificate")
             || text.contains("UnknownIssuer")
@@ -200,7 +237,16 @@ impl Client {
             });
         }
         if self.endpoint.is_none() {
-            self.endpoint = Some(client_endpoint(sock, &self.opts.trust, &self.opts.limits)?);
+            let id = match &self.opts.client_identity {
+                Some((cert, key)) => Some(Identity::load(cert, key)?),
+                None => None,
+            };
+            self.endpoint = Some(client_endpoint(
+                sock,
+                &self.opts.trust,
+                id.as_ref(),
+                &self.opts.limits,
+            )?);
         }
         let Some((endpoint, seen)) = &self.endpoint else {
             return Err(SyncError::Tls("no client endpoint".into()));

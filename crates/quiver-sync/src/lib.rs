@@ -21,6 +21,6 @@ pub use client::{Client, ClientOptions, PingResult, RoundFn, SyncResult, SyncSpe
 pub use coordinator::{CoordinatorOptions, CoordinatorStats, Event, ShardCoordinator};
 pub use error::{Result, SyncError};
 pub use protocol::{Progress, ProgressFn, ShardResult};
-pub use server::{Server, ServerOptions};
+pub use server::{ConnectionInfo, Server, ServerOptions};
 pub use tls::{Identity, Trust};
 pub use tokio_util::sync::CancellationToken;

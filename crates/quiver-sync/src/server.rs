@@ -1,9 +1,11 @@
 //! The server: accepts connections, checks the handshake (nothing else is
 //! read before the token passes), then serves one shard per stream.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quiver_core::frame::{HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT};
 use quiver_core::wire::{
@@ -11,6 +13,7 @@ use quiver_core::wire::{
     PROTOCOL_VERSION,
 };
 use quiver_store::StreamLimits;
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -40,6 +43,9 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// Per-client (IP) limits on requests and bytes per minute.
     pub rate: crate::limits::RateLimits,
+    /// Mutual TLS: clients must present a certificate that chains to one
+    /// in this PEM file.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -55,6 +61,7 @@ impl Default for ServerOptions {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 1024,
             rate: Default::default(),
+            client_ca: None,
         }
     }
 }
@@ -73,6 +80,79 @@ struct Ctx {
     shutdown: CancellationToken,
     active: std::sync::atomic::AtomicUsize,
     limiters: crate::limits::Limiters,
+    /// Connections past the handshake, by QUIC connection id.
+    live: Mutex<HashMap<usize, LiveConn>>,
+}
+
+/// A connection being served, as `quiver status --server` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ConnectionInfo {
+    pub remote: String,
+    pub node: String,
+    pub site: String,
+    pub read_only: bool,
+    /// SHA-256 of the client's certificate, when it presented one.
+    pub client_cert: Option<String>,
+    /// Shards synced (or syncing) on this connection.
+    pub shards: Vec<String>,
+    /// Whether the peer subscribed to live change notifications.
+    pub live: bool,
+    /// When the handshake passed, in Unix milliseconds.
+    pub since_ms: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub rtt_ms: f64,
+}
+
+struct LiveConn {
+    conn: quinn::Connection,
+    info: ConnectionInfo,
+}
+
+impl Ctx {
+    fn with_live(&self, id: usize, f: impl FnOnce(&mut ConnectionInfo)) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = live.get_mut(&id) {
+            f(&mut c.info);
+        }
+    }
+
+    fn connections(&self) -> Vec<ConnectionInfo> {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<ConnectionInfo> = live
+            .values()
+            .map(|c| {
+                let stats = c.conn.stats();
+                ConnectionInfo {
+                    bytes_sent: stats.udp_tx.bytes,
+                    bytes_received: stats.udp_rx.bytes,
+                    rtt_ms: stats.path.rtt.as_secs_f64() * 1000.0,
+                    ..c.info.clone()
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (a.since_ms, &a.remote).cmp(&(b.since_ms, &b.remote)));
+        out
+    }
+}
+
+/// Keeps a connection listed for as long as it is served.
+struct Listed<'a>(&'a Ctx, usize);
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        let mut live = self.0.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.remove(&self.1);
+    }
+}
+
+/// The SHA-256 of the certificate a client presented, if any.
+fn client_cert(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| crate::tls::fingerprint(c))
 }
 
 impl Ctx {
@@ -115,7 +195,7 @@ pub(crate) const CLOSE_SHUTDOWN: u32 = 2;
 impl Server {
     /// Binds the endpoint (inside a tokio runtime).
     pub fn bind(handle: StoreHandle, id: &Identity, opts: ServerOptions) -> Result<Server> {
-        let endpoint = server_endpoint(opts.listen, id, &opts.limits)?;
+        let endpoint = server_endpoint(opts.listen, id, opts.client_ca.as_deref(), &opts.limits)?;
         let rate = opts.rate;
         Ok(Server {
             endpoint,
@@ -128,6 +208,7 @@ impl Server {
                 shutdown: CancellationToken::new(),
                 active: std::sync::atomic::AtomicUsize::new(0),
                 limiters: crate::limits::Limiters::new(rate),
+                live: Mutex::default(),
             }),
         })
     }
@@ -136,6 +217,12 @@ impl Server {
     pub fn active_connections(&self) -> Arc<impl Fn() -> usize + Send + Sync> {
         let ctx = self.ctx.clone();
         Arc::new(move || ctx.active.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// The connections being served now, with their traffic so far.
+    pub fn connections(&self) -> Arc<dyn Fn() -> Vec<ConnectionInfo> + Send + Sync> {
+        let ctx = self.ctx.clone();
+        Arc::new(move || ctx.connections())
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -301,6 +388,31 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
             read_only: access.read_only,
         }))
         .await?;
+    let id = conn.stable_id();
+    let since_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    ctx.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        id,
+        LiveConn {
+            conn: conn.clone(),
+            info: ConnectionInfo {
+                remote: conn.remote_address().to_string(),
+                node: hello.node.clone(),
+                site: hello.site.to_hex(),
+                read_only: access.read_only,
+                client_cert: client_cert(&conn),
+                shards: Vec::new(),
+                live: false,
+                since_ms,
+                bytes_sent: 0,
+                bytes_received: 0,
+                rtt_ms: 0.0,
+            },
+        },
+    );
+    let _listed = Listed(&ctx, id);
     info!(node = %hello.node, site = %hello.site, read_only = access.read_only, "peer connected");
     let ip = conn.remote_address().ip();
     let limiters = ctx.limiters.clone();
@@ -346,7 +458,7 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
                         let _ = writer.finish();
                         return;
                     }
-                    match serve_stream(ctx, peer, reader, writer).await {
+                    match serve_stream(ctx, id, peer, reader, writer).await {
                         Ok(Some(r)) => info!(
                             shard = %r.shard,
                             sent = r.changes_sent,
@@ -366,16 +478,18 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
 /// subscription (live notifications).
 async fn serve_stream(
     ctx: Arc<Ctx>,
+    conn_id: usize,
     peer: Peer,
     mut reader: FrameReader,
     mut writer: FrameWriter,
 ) -> Result<Option<crate::ShardResult>> {
     match reader.expect("a sync request").await? {
         Message::Subscribe(_) => {
+            ctx.with_live(conn_id, |c| c.live = true);
             notify_changes(&ctx, &mut reader, &mut writer).await;
             Ok(None)
         }
-        first => serve_shard(ctx, peer, first, reader, writer)
+        first => serve_shard(ctx, conn_id, peer, first, reader, writer)
             .await
             .map(Some),
     }
@@ -403,6 +517,7 @@ async fn notify_changes(ctx: &Ctx, reader: &mut FrameReader, writer: &mut FrameW
 
 async fn serve_shard(
     ctx: Arc<Ctx>,
+    conn_id: usize,
     peer: Peer,
     first: Message,
     reader: FrameReader,
@@ -465,6 +580,11 @@ async fn serve_shard(
         writer.fail(ErrorCode::UnknownShard, m.clone()).await;
         return Err(SyncError::Protocol(m));
     }
+    ctx.with_live(conn_id, |c| {
+        if !c.shards.contains(&req.shard) {
+            c.shards.push(req.shard.clone());
+        }
+    });
     let names: Vec<String> = defs.iter().map(|d| d.name.clone()).collect();
     let mine: Vec<(String, _)> = versions
         .into_iter()

@@ -56,6 +56,11 @@ fn normalise_fp(fp: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// Whether a pinned fingerprint (any case, any separators) names `fp`.
+pub(crate) fn same_fingerprint(pin: &str, fp: &str) -> bool {
+    quiver_core::wire::constant_time_eq(normalise_fp(pin).as_bytes(), fp.as_bytes())
+}
+
 /// Makes a self-signed certificate for `names` (plus localhost and the
 /// loopback addresses), writes it and its key beside the store, and
 /// returns the fingerprint.
@@ -127,17 +132,46 @@ impl Identity {
     }
 }
 
+/// The certificates of a PEM file, as trust anchors.
+fn load_roots(path: &Path) -> Result<rustls::RootCertStore> {
+    let bad = |e: &dyn std::fmt::Display| SyncError::Tls(format!("{}: {e}", path.display()));
+    let pem = std::fs::read(path)
+        .map_err(|e| SyncError::Tls(format!("reading {}: {e}", path.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(&"holds no certificate"));
+    }
+    Ok(roots)
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// A rustls server configuration: TLS 1.3 only, ALPN `quiver/1`, 0-RTT allowed
 /// (the handshake it carries is idempotent).
-pub fn server_crypto(id: &Identity) -> Result<rustls::ServerConfig> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+/// With `client_ca`, clients must present a certificate issued by (or
+/// equal to) one of the certificates in that PEM file: mutual TLS.
+pub fn server_crypto(id: &Identity, client_ca: Option<&Path>) -> Result<rustls::ServerConfig> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| SyncError::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| SyncError::Tls(e.to_string()))?;
+    let builder = match client_ca {
+        Some(path) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(load_roots(path)?),
+                provider(),
+            )
+            .build()
+            .map_err(|e| SyncError::Tls(format!("{}: {e}", path.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder
         .with_single_cert(id.certs.clone(), id.key.clone_key())
         .map_err(|e| SyncError::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
@@ -149,31 +183,18 @@ pub fn server_crypto(id: &Identity) -> Result<rustls::ServerConfig> {
 /// error message that tells how to trust it.
 pub type SeenFingerprint = Arc<Mutex<Option<String>>>;
 
-/// A rustls client configuration for the given trust.
-pub fn client_crypto(trust: &Trust) -> Result<(rustls::ClientConfig, SeenFingerprint)> {
+/// A rustls client configuration for the given trust, presenting `client`
+/// when the server asks for a certificate.
+pub fn client_crypto(
+    trust: &Trust,
+    client: Option<&Identity>,
+) -> Result<(rustls::ClientConfig, SeenFingerprint)> {
     let seen: SeenFingerprint = Arc::default();
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| SyncError::Tls(e.to_string()))?;
-    let mut cfg = match trust {
-        Trust::Ca(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| SyncError::Tls(format!("reading {}: {e}", path.display())))?;
-            let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let c = c.map_err(|e| SyncError::Tls(format!("{}: {e}", path.display())))?;
-                roots
-                    .add(c)
-                    .map_err(|e| SyncError::Tls(format!("{}: {e}", path.display())))?;
-            }
-            if roots.is_empty() {
-                return Err(SyncError::Tls(format!(
-                    "{} holds no certificate",
-                    path.display()
-                )));
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+    let cfg = match trust {
+        Trust::Ca(path) => builder.with_root_certificates(load_roots(path)?),
         other => {
             let pin = match other {
                 Trust::Pin(fp) => Some(normalise_fp(fp)),
@@ -188,8 +209,14 @@ pub fn client_crypto(trust: &Trust) -> Result<(rustls::ClientConfig, SeenFingerp
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(verifier)
-                .with_no_client_auth()
         }
+    };
+    // Sent only when the server asks for one (mutual TLS).
+    let mut cfg = match client {
+        Some(id) => cfg
+            .with_client_auth_cert(id.certs.clone(), id.key.clone_key())
+            .map_err(|e| SyncError::Tls(format!("client certificate: {e}")))?,
+        None => cfg.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     cfg.enable_early_data = true;
@@ -219,10 +246,7 @@ impl ServerCertVerifier for FingerprintVerifier {
         if let Ok(mut s) = self.seen.lock() {
             *s = Some(fp.clone());
         }
-        let pinned = self
-            .pin
-            .as_ref()
-            .is_some_and(|p| quiver_core::wire::constant_time_eq(p.as_bytes(), fp.as_bytes()));
+        let pinned = self.pin.as_ref().is_some_and(|p| same_fingerprint(p, &fp));
         if self.insecure || pinned {
             Ok(ServerCertVerified::assertion())
         } else {

@@ -1,6 +1,7 @@
 //! QUIC endpoints with deliberate transport settings.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,9 +53,10 @@ fn transport(limits: &TransportLimits) -> Result<Arc<quinn::TransportConfig>> {
 pub fn server_endpoint(
     addr: SocketAddr,
     id: &Identity,
+    client_ca: Option<&Path>,
     limits: &TransportLimits,
 ) -> Result<quinn::Endpoint> {
-    let crypto = QuicServerConfig::try_from(tls::server_crypto(id)?)
+    let crypto = QuicServerConfig::try_from(tls::server_crypto(id, client_ca)?)
         .map_err(|e| SyncError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(limits)?);
@@ -65,9 +67,10 @@ pub fn server_endpoint(
 pub fn client_endpoint(
     for_addr: SocketAddr,
     trust: &Trust,
+    client: Option<&Identity>,
     limits: &TransportLimits,
 ) -> Result<(quinn::Endpoint, SeenFingerprint)> {
-    let (crypto, seen) = tls::client_crypto(trust)?;
+    let (crypto, seen) = tls::client_crypto(trust, client)?;
     let crypto = QuicClientConfig::try_from(crypto).map_err(|e| SyncError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport(limits)?);

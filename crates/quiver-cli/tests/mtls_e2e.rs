@@ -1,0 +1,219 @@
+//! Mutual TLS with the real binary: a server that requires client
+//! certificates takes those of its CA (or the ones it lists), refuses the
+//! rest with a clear error, and `quiver status --server` shows who is
+//! connected.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{err, ok, Node};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = p.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    fn write(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, self.cert.pem()).unwrap();
+        path
+    }
+
+    /// A client certificate and key issued by this CA, written to `dir`;
+    /// returns their paths and the certificate's fingerprint.
+    fn issue(&self, dir: &Path, name: &str) -> (String, String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (
+            c.display().to_string(),
+            k.display().to_string(),
+            quiver_sync::tls::fingerprint(cert.der()),
+        )
+    }
+}
+
+fn connections(http: &str) -> serde_json::Value {
+    let out = ok(
+        Path::new("unused.db"),
+        &["--json", "status", "--server", http],
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn client_certificates_are_required_checked_and_shown() {
+    let a = Node::new("a");
+    a.q(&["collection", "create", "docs", "--dim", "2"]);
+    a.q(&["put", "docs", "x", "--vector", "[1,2]"]);
+    let ca = Ca::new("quiver test CA");
+    let ca_pem = ca.write(a.dir.path());
+    let s = a.serve(&["--client-ca", ca_pem.to_str().unwrap()]);
+    let http = s.http.clone().expect("the HTTP endpoint is on by default");
+
+    // No certificate at all.
+    let bare = Node::new("bare");
+    let (cert, key) = quiver_sync::tls::identity_paths(&bare.db);
+    std::fs::remove_file(cert).unwrap();
+    std::fs::remove_file(key).unwrap();
+    let e = err(
+        &bare.db,
+        &["sync", &s.addr, "--pin", &s.fp, "--retries", "0"],
+    );
+    assert!(e.contains("requires a client certificate"), "{e}");
+
+    // The store's own self-signed certificate, not issued by the CA.
+    let b = Node::new("b");
+    let e = err(&b.db, &["sync", &s.addr, "--pin", &s.fp, "--retries", "0"]);
+    assert!(e.contains("refused this client's certificate"), "{e}");
+
+    // A certificate from another CA.
+    let other = Ca::new("someone else");
+    let (mc, mk, _) = other.issue(b.dir.path(), "mallory");
+    let e = err(
+        &b.db,
+        &[
+            "sync",
+            &s.addr,
+            "--pin",
+            &s.fp,
+            "--retries",
+            "0",
+            "--client-cert",
+            &mc,
+            "--client-key",
+            &mk,
+        ],
+    );
+    assert!(e.contains("refused this client's certificate"), "{e}");
+    let e = err(&b.db, &["export", "docs"]);
+    assert!(
+        e.contains("not a replicated table"),
+        "nothing was synced: {e}"
+    );
+    assert!(err(&b.db, &["sync", &s.addr, "--client-cert", &mc]).contains("--client-key"));
+
+    // A certificate the CA issued: the sync goes through, and while a live
+    // link is up the server lists it with the certificate's fingerprint.
+    let (ac, ak, afp) = ca.issue(b.dir.path(), "alice");
+    ok(
+        &b.db,
+        &[
+            "sync",
+            &s.addr,
+            "--pin",
+            &s.fp,
+            "--client-cert",
+            &ac,
+            "--client-key",
+            &ak,
+        ],
+    );
+    assert_eq!(b.export("docs"), a.export("docs"));
+    assert_eq!(connections(&http)["connections"], serde_json::json!([]));
+    let mut live = std::process::Command::new(common::bin())
+        .arg("--db")
+        .arg(&b.db)
+        .args([
+            "sync",
+            &s.addr,
+            "--pin",
+            &s.fp,
+            "--watch",
+            "--client-cert",
+            &ac,
+            "--client-key",
+            &ak,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let v = connections(&http);
+        let c = &v["connections"][0];
+        if c["live"] == true && c["shards"] == serde_json::json!(["default"]) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no live connection listed: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let c = &listed["connections"][0];
+    assert_eq!(listed["node"], "a");
+    assert_eq!(c["node"], "b");
+    assert_eq!(c["client_cert"], afp.as_str());
+    assert_eq!(c["read_only"], false);
+    assert!(c["remote"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(c["bytes_sent"].as_u64().unwrap() > 0 && c["bytes_received"].as_u64().unwrap() > 0);
+    // The table for people names the peer and its shard.
+    let text = ok(Path::new("unused.db"), &["status", "--server", &http]);
+    assert!(text.contains("1 live connection"), "{text}");
+    assert!(
+        text.contains(" b ") && text.contains("default") && text.contains("client-cert"),
+        "{text}"
+    );
+    live.kill().unwrap();
+    live.wait().unwrap();
+
+    // The wrong address gets a hint, not a hang or a panic.
+    let e = err(
+        Path::new("unused.db"),
+        &["status", "--server", "127.0.0.1:1"],
+    );
+    assert!(e.contains("HTTP address"), "{e}");
+}
+
+#[test]
+fn a_client_ca_file_can_list_self_signed_client_certificates() {
+    // Without a CA: the server trusts exactly the certificates it lists,
+    // here the one `quiver init` made for store b.
+    let a = Node::new("a");
+    a.q(&["collection", "create", "docs", "--dim", "2"]);
+    a.q(&["put", "docs", "x", "--vector", "[1,2]"]);
+    let b = Node::new("b");
+    let c = Node::new("c");
+    let (b_cert, _) = quiver_sync::tls::identity_paths(&b.db);
+    let s = a.serve(&["--client-ca", b_cert.to_str().unwrap()]);
+    ok(&b.db, &["sync", &s.addr, "--pin", &s.fp]);
+    assert_eq!(b.export("docs"), a.export("docs"));
+    let e = err(&c.db, &["sync", &s.addr, "--pin", &s.fp, "--retries", "0"]);
+    assert!(e.contains("refused this client's certificate"), "{e}");
+    // A client CA file that is missing is refused at start, naming the key.
+    let e = err(
+        &a.db,
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--client-ca",
+            "/no/such.pem",
+        ],
+    );
+    assert!(e.contains("client_ca") && e.contains("not a file"), "{e}");
+}

@@ -1,5 +1,6 @@
-//! The daemon under pressure: its connection limit, SIGTERM in the middle
-//! of a sync, and JSON logs.
+//! The daemon under pressure: its connection limit, stale sessions, SIGTERM
+//! in the middle of a sync, configuration, health, metrics, rate limits and
+//! JSON logs.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, err, Node};
+use common::{bin, err, wait_connections, Node};
 
 #[test]
 fn the_connection_limit_refuses_with_a_retry_hint() {
@@ -52,6 +53,39 @@ fn the_connection_limit_refuses_with_a_retry_hint() {
         .success());
     holder.wait().unwrap();
     c.q(&["sync", &s.addr, "--pin", &s.fp, "--retries", "3"]);
+}
+
+#[test]
+fn a_vanished_client_is_cleaned_up_after_the_idle_timeout() {
+    let a = Node::new("a");
+    a.q(&["collection", "create", "docs", "--dim", "2"]);
+    let cfg = a.dir.path().join("quiver.toml");
+    std::fs::write(&cfg, "idle_timeout_secs = 2\nkeep_alive_secs = 1\n").unwrap();
+    let s = a.serve(&["--config", cfg.to_str().unwrap()]);
+    let http = s.http.clone().unwrap();
+    let b = Node::new("b");
+    let mut link = Command::new(bin())
+        .arg("--db")
+        .arg(&b.db)
+        .args(["sync", &s.addr, "--pin", &s.fp, "--watch"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_connections(&http, "the live link is listed", |c| {
+        c.as_array().is_some_and(|l| l.len() == 1) && c[0]["live"] == true
+    });
+    // SIGKILL: no goodbye reaches the server, only silence.
+    link.kill().unwrap();
+    link.wait().unwrap();
+    let killed = Instant::now();
+    wait_connections(&http, "the silent connection is dropped", |c| {
+        c.as_array().is_some_and(|l| l.is_empty())
+    });
+    assert!(
+        killed.elapsed() >= Duration::from_millis(1500),
+        "dropped by the idle timeout, not by a close"
+    );
 }
 
 #[test]

@@ -6,9 +6,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use common::{err, ok, Node};
+use common::{connections, err, ok, wait_connections, Node};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -56,14 +55,6 @@ impl Ca {
             quiver_sync::tls::fingerprint(cert.der()),
         )
     }
-}
-
-fn connections(http: &str) -> serde_json::Value {
-    let out = ok(
-        Path::new("unused.db"),
-        &["--json", "status", "--server", http],
-    );
-    serde_json::from_str(&out).unwrap()
 }
 
 #[test]
@@ -154,16 +145,9 @@ fn client_certificates_are_required_checked_and_shown() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let listed = loop {
-        let v = connections(&http);
-        let c = &v["connections"][0];
-        if c["live"] == true && c["shards"] == serde_json::json!(["default"]) {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "no live connection listed: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let listed = wait_connections(&http, "no live connection listed", |c| {
+        c[0]["live"] == true && c[0]["shards"] == serde_json::json!(["default"])
+    });
     let c = &listed["connections"][0];
     assert_eq!(listed["node"], "a");
     assert_eq!(c["node"], "b");

@@ -36,6 +36,32 @@ pub fn err(db: &Path, args: &[&str]) -> String {
     e
 }
 
+/// A running daemon's live connections, from its HTTP endpoint.
+pub fn connections(http: &str) -> serde_json::Value {
+    let out = ok(
+        Path::new("unused.db"),
+        &["--json", "status", "--server", http],
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Polls a daemon's connection list until `want` holds of it.
+pub fn wait_connections(
+    http: &str,
+    what: &str,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let v = connections(http);
+        if want(&v["connections"]) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// A store in a folder of its own.
 pub struct Node {
     pub dir: tempfile::TempDir,

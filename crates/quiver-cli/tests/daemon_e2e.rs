@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, err, wait_connections, Node};
+use common::{bin, err, http_get, wait_connections, Node};
 
 #[test]
 fn the_connection_limit_refuses_with_a_retry_hint() {
@@ -259,21 +259,6 @@ fn configuration_is_layered_and_bad_keys_are_refused_at_start() {
 }
 
 /// A minimal HTTP GET over a plain socket (no client crate needed in tests).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let code = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (code, body)
-}
-
 #[test]
 fn health_and_prometheus_metrics() {
     let a = Node::new("a");

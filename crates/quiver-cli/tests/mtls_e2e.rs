@@ -102,6 +102,11 @@ fn client_certificates_are_required_checked_and_shown() {
         ],
     );
     assert!(e.contains("refused this client's certificate"), "{e}");
+    let (_, metrics) = common::http_get(&http, "/metrics");
+    assert!(
+        metrics.contains("quiver_refusals_total{code=\"Tls\"} 3"),
+        "the server counts the three refused handshakes: {metrics}"
+    );
     let e = err(&b.db, &["export", "docs"]);
     assert!(
         e.contains("not a replicated table"),

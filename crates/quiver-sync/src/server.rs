@@ -301,6 +301,17 @@ async fn refuse_after(
     SyncError::Refused { code, message }
 }
 
+/// Logs and counts a failed TLS handshake: under mutual TLS, usually a
+/// client certificate missing or refused.
+fn tls_failure(e: &quinn::ConnectionError) {
+    if let quinn::ConnectionError::TransportError(t) = e {
+        if u64::from(t.code) & !0xff == 0x100 {
+            warn!("TLS handshake failed: {}", t.reason);
+            metrics::counter!("quiver_refusals_total", "code" => "Tls").increment(1);
+        }
+    }
+}
+
 async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
     let active = ctx.active.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
     metrics::counter!("quiver_connections_total").increment(1);
@@ -309,11 +320,12 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
     let connecting = incoming.accept()?;
     let conn = match connecting.into_0rtt() {
         Ok((conn, _)) => conn,
-        Err(connecting) => connecting.await?,
+        Err(connecting) => connecting.await.inspect_err(tls_failure)?,
     };
     let (send, recv) = tokio::time::timeout(ctx.opts.handshake_timeout, conn.accept_bi())
         .await
-        .map_err(|_| SyncError::Timeout("waiting for the handshake".into()))??;
+        .map_err(|_| SyncError::Timeout("waiting for the handshake".into()))?
+        .inspect_err(tls_failure)?;
     let mut reader = FrameReader::new(recv, HANDSHAKE_MAX_FRAME, false);
     let mut writer = FrameWriter::new(send, false);
     let hello = match tokio::time::timeout(ctx.opts.handshake_timeout, reader.next()).await {

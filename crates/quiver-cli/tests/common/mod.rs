@@ -36,6 +36,22 @@ pub fn err(db: &Path, args: &[&str]) -> String {
     e
 }
 
+/// A plain HTTP GET; returns the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
 /// A running daemon's live connections, from its HTTP endpoint.
 pub fn connections(http: &str) -> serde_json::Value {
     let out = ok(

@@ -280,7 +280,8 @@ pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<Daemo
                 get("max_streams").unwrap_or(""),
                 "a whole number",
             )?,
-            2,
+            // The handshake, a live subscription and one shard at a time.
+            3,
             10_000,
         )?,
         idle_timeout: Duration::from_secs(idle),
@@ -404,6 +405,7 @@ mod tests {
             ("log_format", "xml", "text or json"),
             ("max_frame_bytes", "10", "out of range"),
             ("client_ca", "/no/such/ca.pem", "not a file"),
+            ("max_streams", "2", "out of range"),
         ] {
             let e = resolve(None, &Layer::new(), &layer(&[(k, v)]))
                 .unwrap_err()

@@ -55,13 +55,20 @@ fn trust(t: &TrustArgs) -> Trust {
 }
 
 /// The certificate a client presents when a server asks for one: the
-/// named files, else the store's own identity if `quiver init` made one.
+/// named files, else the store's own identity if `quiver init` made one
+/// and it can be read (without it, servers that do not ask still work).
 fn client_identity(db: &Path, t: &TrustArgs) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
     match (&t.client_cert, &t.client_key) {
         (Some(c), Some(k)) => Some((c.clone(), k.clone())),
         _ => {
             let (c, k) = quiver_sync::tls::identity_paths(db);
-            (c.is_file() && k.is_file()).then_some((c, k))
+            match Identity::load(&c, &k) {
+                Ok(_) => Some((c, k)),
+                Err(e) => {
+                    tracing::debug!("no client certificate to offer: {e}");
+                    None
+                }
+            }
         }
     }
 }
@@ -200,7 +207,9 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
             println!("listening on {addr} as {node}");
             println!("certificate SHA-256 {}", id.fingerprint());
             if let Some(h) = http {
-                println!("health and metrics on http://{h}/health and /metrics");
+                println!(
+                    "health and metrics on http://{h}/health and /metrics, live connections on /connections"
+                );
             }
         }
         std::io::stdout().flush()?;

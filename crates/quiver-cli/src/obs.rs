@@ -137,27 +137,38 @@ pub async fn serve(addr: SocketAddr, prom: PrometheusHandle, health: Health) -> 
     Ok(local)
 }
 
-/// GETs `path` from a daemon's HTTP endpoint and returns the body.
+/// GETs `path` from a daemon's HTTP endpoint and returns the body (at most
+/// 16 MiB, all within 10 seconds).
 pub async fn get(addr: &str, path: &str) -> Result<String> {
     use http_body_util::BodyExt;
     let hint = "give the daemon's HTTP address, printed by `quiver serve` as \
                 \"health and metrics on http://ADDR/health\" (set with --http or http_listen)";
-    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+    let fetch = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("could not reach {addr}: {e}; {hint}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| anyhow::anyhow!("{addr}: {e}; {hint}"))?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(hyper::header::HOST, addr)
+            .body(http_body_util::Empty::<Bytes>::new())?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| anyhow::anyhow!("{addr}: {e}; {hint}"))?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), 16 << 20)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{addr}{path}: {e}"))?
+            .to_bytes();
+        Ok::<_, anyhow::Error>((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), fetch)
         .await
-        .map_err(|_| anyhow::anyhow!("timed out connecting to {addr}; {hint}"))?
-        .map_err(|e| anyhow::anyhow!("could not reach {addr}: {e}; {hint}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = Request::get(path)
-        .header(hyper::header::HOST, addr)
-        .body(http_body_util::Empty::<Bytes>::new())?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-        .await
-        .map_err(|_| anyhow::anyhow!("{addr} did not answer within 10 s; {hint}"))?
-        .map_err(|e| anyhow::anyhow!("{addr}: {e}; {hint}"))?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    let body = String::from_utf8_lossy(&body).into_owned();
+        .map_err(|_| anyhow::anyhow!("{addr} did not answer within 10 s; {hint}"))??;
     if !status.is_success() {
         anyhow::bail!("{addr}{path} answered {status}: {}", body.trim());
     }

@@ -258,7 +258,6 @@ fn configuration_is_layered_and_bad_keys_are_refused_at_start() {
     }
 }
 
-/// A minimal HTTP GET over a plain socket (no client crate needed in tests).
 #[test]
 fn health_and_prometheus_metrics() {
     let a = Node::new("a");

@@ -247,8 +247,8 @@ async fn short_stream(conn: &quinn::Connection) -> Message {
 fn streams_beyond_the_limit_wait_for_a_free_slot() {
     let a = Node::new("a");
     a.q(&["collection", "create", "docs", "--dim", "2"]);
-    // The handshake stream stays open, so two leave one for syncing.
-    let s = a.serve(&["--max-streams", "2"]);
+    // The handshake stream stays open, so three leave two for syncing.
+    let s = a.serve(&["--max-streams", "3"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (conn, answer, _control) = hello(&s.addr, PROTOCOL_VERSION, None).await;
@@ -258,9 +258,13 @@ fn streams_beyond_the_limit_wait_for_a_free_slot() {
             .await
             .expect("a second stream is within the limit")
             .unwrap();
+        let _third = tokio::time::timeout(wait, conn.open_bi())
+            .await
+            .expect("a third stream is within the limit")
+            .unwrap();
         assert!(
             tokio::time::timeout(wait, conn.open_bi()).await.is_err(),
-            "a third concurrent stream must wait for credit"
+            "a fourth concurrent stream must wait for credit"
         );
         // Closing the second stream gives its slot to the next.
         drop((send, recv));

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{connections, err, ok, wait_connections, Node};
+use common::{err, ok, wait_connections, Node};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -38,10 +38,21 @@ impl Ca {
     /// A client certificate and key issued by this CA, written to `dir`;
     /// returns their paths and the certificate's fingerprint.
     fn issue(&self, dir: &Path, name: &str) -> (String, String, String) {
+        self.issue_with(dir, name, |_| {})
+    }
+
+    /// As [`Ca::issue`], with the parameters changed by `f` first.
+    fn issue_with(
+        &self,
+        dir: &Path,
+        name: &str,
+        f: impl FnOnce(&mut CertificateParams),
+    ) -> (String, String, String) {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
         p.distinguished_name.push(DnType::CommonName, name);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        f(&mut p);
         let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
         let (c, k) = (
             dir.join(format!("{name}.pem")),
@@ -101,12 +112,47 @@ fn client_certificates_are_required_checked_and_shown() {
             &mk,
         ],
     );
-    assert!(e.contains("refused this client's certificate"), "{e}");
-    let (_, metrics) = common::http_get(&http, "/metrics");
-    assert!(
-        metrics.contains("quiver_refusals_total{code=\"Tls\"} 3"),
-        "the server counts the three refused handshakes: {metrics}"
-    );
+    assert!(e.contains("not issued by"), "{e}");
+    // The CA's own certificates, but expired, or meant for servers only.
+    let expired = ca.issue_with(b.dir.path(), "old", |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let server_only = ca.issue_with(b.dir.path(), "srv", |p| {
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    });
+    for ((c, k, _), says) in [
+        (expired, "expired"),
+        (server_only, "not meant for client authentication"),
+    ] {
+        let e = err(
+            &b.db,
+            &[
+                "sync",
+                &s.addr,
+                "--pin",
+                &s.fp,
+                "--retries",
+                "0",
+                "--client-cert",
+                &c,
+                "--client-key",
+                &k,
+            ],
+        );
+        assert!(e.contains(says), "{e}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !common::http_get(&http, "/metrics")
+        .1
+        .contains("quiver_refusals_total{code=\"Tls\"} 5")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server counts the five refused handshakes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let e = err(&b.db, &["export", "docs"]);
     assert!(
         e.contains("not a replicated table"),
@@ -131,7 +177,9 @@ fn client_certificates_are_required_checked_and_shown() {
         ],
     );
     assert_eq!(b.export("docs"), a.export("docs"));
-    assert_eq!(connections(&http)["connections"], serde_json::json!([]));
+    wait_connections(&http, "a finished sync is no longer listed", |c| {
+        c.as_array().is_some_and(|l| l.is_empty())
+    });
     let mut live = std::process::Command::new(common::bin())
         .arg("--db")
         .arg(&b.db)

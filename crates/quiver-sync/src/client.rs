@@ -163,29 +163,56 @@ impl Client {
         }
     }
 
+    /// Why a server closed the handshake over this client's certificate
+    /// (mutual TLS), by the TLS alert it sent.
+    fn certificate_refused(&self, c: &quinn::ConnectionClose) -> Option<String> {
+        let alert = |a: u8| c.error_code == quinn::TransportErrorCode::crypto(a);
+        let ours = self.opts.client_identity.as_ref().map(|(cert, _)| cert);
+        let refused = |why: &str| {
+            let which = ours
+                .map(|p| format!(" ({})", p.display()))
+                .unwrap_or_default();
+            Some(format!(
+                "the server refused this client's certificate{which}: {why}"
+            ))
+        };
+        // TLS alert numbers (RFC 8446).
+        if alert(116) {
+            return Some(match ours {
+                None => "the server requires a client certificate (mutual TLS); give one \
+                         (quiver: --client-cert FILE --client-key FILE)"
+                    .into(),
+                Some(p) => format!(
+                    "the server requires a client certificate (mutual TLS) and got no usable \
+                     one from {}",
+                    p.display()
+                ),
+            });
+        }
+        if alert(45) {
+            refused("it has expired or is not valid yet")
+        } else if alert(44) {
+            refused("it has been revoked")
+        } else if alert(43) {
+            refused("it is not meant for client authentication (its extended key usage lacks clientAuth)")
+        } else if [42, 46, 48, 49, 51].into_iter().any(alert) {
+            // Bad or unknown certificate, unknown CA, access denied, or a
+            // signature that does not verify.
+            refused(
+                "it is not issued by (or equal to) a certificate in the server's client_ca file",
+            )
+        } else {
+            None
+        }
+    }
+
     /// A TLS failure in words: the server refusing this client's
     /// certificate (mutual TLS), or this client not trusting the server's.
     fn untrusted(&self, seen: &SeenFingerprint, e: &quinn::ConnectionError) -> Option<SyncError> {
         if let quinn::ConnectionError::ConnectionClosed(c) = e {
-            let alert = |a: u8| c.error_code == quinn::TransportErrorCode::crypto(a);
-            // TLS alerts: certificate_required, then bad, unsupported,
-            // revoked, expired, unknown certificate, unknown CA, access
-            // denied, decrypt error (a signature that does not verify).
-            if alert(116) {
-                return Some(SyncError::Untrusted(
-                    "the server requires a client certificate (mutual TLS); pass \
-                     --client-cert FILE and --client-key FILE"
-                        .into(),
-                ));
-            }
-            if [42, 43, 44, 45, 46, 48, 49, 51].into_iter().any(alert) {
-                let which = match &self.opts.client_identity {
-                    Some((cert, _)) => format!(" ({})", cert.display()),
-                    None => String::new(),
-                };
+            if let Some(why) = self.certificate_refused(c) {
                 return Some(SyncError::Untrusted(format!(
-                    "the server refused this client's certificate{which}: it must be issued by \
-                     a CA in the server's client_ca file ({})",
+                    "{why} (server: {})",
                     c.reason.escape_ascii()
                 )));
             }

@@ -80,7 +80,7 @@ struct Ctx {
     shutdown: CancellationToken,
     active: std::sync::atomic::AtomicUsize,
     limiters: crate::limits::Limiters,
-    /// Connections past the handshake, by QUIC connection id.
+    /// Connections past the handshake, by quinn's stable connection id.
     live: Mutex<HashMap<usize, LiveConn>>,
 }
 
@@ -301,12 +301,16 @@ async fn refuse_after(
     SyncError::Refused { code, message }
 }
 
-/// Logs and counts a failed TLS handshake: under mutual TLS, usually a
-/// client certificate missing or refused.
-fn tls_failure(e: &quinn::ConnectionError) {
+/// Counts a failed TLS handshake, and under mutual TLS (where it is
+/// usually a client certificate missing or refused) logs it as a warning.
+fn tls_failure(e: &quinn::ConnectionError, mutual: bool) {
     if let quinn::ConnectionError::TransportError(t) = e {
         if u64::from(t.code) & !0xff == 0x100 {
-            warn!("TLS handshake failed: {}", t.reason);
+            if mutual {
+                warn!("TLS handshake failed: {}", t.reason);
+            } else {
+                debug!("TLS handshake failed: {}", t.reason);
+            }
             metrics::counter!("quiver_refusals_total", "code" => "Tls").increment(1);
         }
     }
@@ -320,12 +324,12 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
     let connecting = incoming.accept()?;
     let conn = match connecting.into_0rtt() {
         Ok((conn, _)) => conn,
-        Err(connecting) => connecting.await.inspect_err(tls_failure)?,
+        Err(connecting) => connecting.await?,
     };
     let (send, recv) = tokio::time::timeout(ctx.opts.handshake_timeout, conn.accept_bi())
         .await
         .map_err(|_| SyncError::Timeout("waiting for the handshake".into()))?
-        .inspect_err(tls_failure)?;
+        .inspect_err(|e| tls_failure(e, ctx.opts.client_ca.is_some()))?;
     let mut reader = FrameReader::new(recv, HANDSHAKE_MAX_FRAME, false);
     let mut writer = FrameWriter::new(send, false);
     let hello = match tokio::time::timeout(ctx.opts.handshake_timeout, reader.next()).await {
@@ -499,6 +503,7 @@ async fn serve_stream(
         Message::Subscribe(_) => {
             ctx.with_live(conn_id, |c| c.live = true);
             notify_changes(&ctx, &mut reader, &mut writer).await;
+            ctx.with_live(conn_id, |c| c.live = false);
             Ok(None)
         }
         first => serve_shard(ctx, conn_id, peer, first, reader, writer)

@@ -17,14 +17,7 @@ fn the_connection_limit_refuses_with_a_retry_hint() {
     let s = a.serve(&["--max-connections", "1"]);
     let b = Node::new("b");
     // A live link holds the only slot.
-    let mut holder = Command::new(bin())
-        .arg("--db")
-        .arg(&b.db)
-        .args(["sync", &s.addr, "--pin", &s.fp, "--watch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut holder = b.live_link(&s, &[], Stdio::piped());
     let mut first = String::new();
     BufReader::new(holder.stdout.take().unwrap())
         .read_line(&mut first)
@@ -64,14 +57,7 @@ fn a_vanished_client_is_cleaned_up_after_the_idle_timeout() {
     let s = a.serve(&["--config", cfg.to_str().unwrap()]);
     let http = s.http.clone().unwrap();
     let b = Node::new("b");
-    let mut link = Command::new(bin())
-        .arg("--db")
-        .arg(&b.db)
-        .args(["sync", &s.addr, "--pin", &s.fp, "--watch"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut link = b.live_link(&s, &[], Stdio::null());
     wait_connections(&http, "the live link is listed", |c| {
         c.as_array().is_some_and(|l| l.len() == 1) && c[0]["live"] == true
     });

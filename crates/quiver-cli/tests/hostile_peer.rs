@@ -26,7 +26,7 @@ async fn attack(addr: &str, how: Attack) -> ErrorCode {
     attack_with(addr, how, None).await
 }
 
-/// The handshake stream, kept open for as long as it is held.
+/// A stream's reader and writer (a handshake stream stays open while held).
 type Control = (FrameReader, FrameWriter);
 
 /// Connects and sends a hello; returns the connection, what the server
@@ -60,16 +60,15 @@ async fn hello(
     (conn, answer, (r, w))
 }
 
-async fn attack_with(addr: &str, how: Attack, token: Option<String>) -> ErrorCode {
-    let (conn, answer, _control) = hello(addr, PROTOCOL_VERSION, token).await;
-    assert!(matches!(answer, Some(Message::Welcome(_))));
+/// Opens a stream and sends a sync request for `shard` from an empty replica.
+async fn sync_stream(conn: &quinn::Connection, shard: &str) -> Control {
     let (send, recv) = conn.open_bi().await.unwrap();
-    let (mut r, mut w) = (
+    let (r, mut w) = (
         FrameReader::new(recv, 1 << 20, false),
         FrameWriter::new(send, false),
     );
     w.send(&Message::SyncRequest(SyncRequest {
-        shard: "default".into(),
+        shard: shard.into(),
         tables: vec![],
         versions: vec![],
         want_schema: false,
@@ -77,6 +76,13 @@ async fn attack_with(addr: &str, how: Attack, token: Option<String>) -> ErrorCod
     }))
     .await
     .unwrap();
+    (r, w)
+}
+
+async fn attack_with(addr: &str, how: Attack, token: Option<String>) -> ErrorCode {
+    let (conn, answer, _control) = hello(addr, PROTOCOL_VERSION, token).await;
+    assert!(matches!(answer, Some(Message::Welcome(_))));
+    let (mut r, mut w) = sync_stream(&conn, "default").await;
     match how {
         Attack::CorruptFrame => {
             let mut f = encode(6, &[0x90, 0x91, 0x92], false);
@@ -223,20 +229,7 @@ fn misbehaving_peers_get_clear_errors_and_change_nothing() {
 /// Opens a stream, asks for a shard the server does not hold, and reads
 /// the answer to the end, which gives the stream's slot back.
 async fn short_stream(conn: &quinn::Connection) -> Message {
-    let (send, recv) = conn.open_bi().await.unwrap();
-    let (mut r, mut w) = (
-        FrameReader::new(recv, 1 << 20, false),
-        FrameWriter::new(send, false),
-    );
-    w.send(&Message::SyncRequest(SyncRequest {
-        shard: "absent".into(),
-        tables: vec![],
-        versions: vec![],
-        want_schema: false,
-        schema: vec![],
-    }))
-    .await
-    .unwrap();
+    let (mut r, mut w) = sync_stream(conn, "absent").await;
     w.finish().unwrap();
     let answer = r.next().await.unwrap().unwrap();
     while let Ok(Some(_)) = r.next().await {}

@@ -42,16 +42,7 @@ impl Drop for Reaped {
 }
 
 fn watch(n: &Node, s: &Served) -> Reaped {
-    Reaped(
-        Command::new(bin())
-            .arg("--db")
-            .arg(&n.db)
-            .args(["sync", &s.addr, "--pin", &s.fp, "--watch"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    Reaped(n.live_link(s, &[], Stdio::null()))
 }
 
 fn python_insert(db: &std::path::Path, id: &str) {

@@ -97,21 +97,25 @@ fn client_certificates_are_required_checked_and_shown() {
     // A certificate from another CA.
     let other = Ca::new("someone else");
     let (mc, mk, _) = other.issue(b.dir.path(), "mallory");
-    let e = err(
-        &b.db,
-        &[
-            "sync",
-            &s.addr,
-            "--pin",
-            &s.fp,
-            "--retries",
-            "0",
-            "--client-cert",
-            &mc,
-            "--client-key",
-            &mk,
-        ],
-    );
+    // A refused sync with this certificate and key, and its error.
+    let refused = |cert: &str, key: &str| {
+        err(
+            &b.db,
+            &[
+                "sync",
+                &s.addr,
+                "--pin",
+                &s.fp,
+                "--retries",
+                "0",
+                "--client-cert",
+                cert,
+                "--client-key",
+                key,
+            ],
+        )
+    };
+    let e = refused(&mc, &mk);
     assert!(e.contains("not issued by"), "{e}");
     // The CA's own certificates, but expired, or meant for servers only.
     let expired = ca.issue_with(b.dir.path(), "old", |p| {
@@ -125,21 +129,7 @@ fn client_certificates_are_required_checked_and_shown() {
         (expired, "expired"),
         (server_only, "not meant for client authentication"),
     ] {
-        let e = err(
-            &b.db,
-            &[
-                "sync",
-                &s.addr,
-                "--pin",
-                &s.fp,
-                "--retries",
-                "0",
-                "--client-cert",
-                &c,
-                "--client-key",
-                &k,
-            ],
-        );
+        let e = refused(&c, &k);
         assert!(e.contains(says), "{e}");
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -180,24 +170,11 @@ fn client_certificates_are_required_checked_and_shown() {
     wait_connections(&http, "a finished sync is no longer listed", |c| {
         c.as_array().is_some_and(|l| l.is_empty())
     });
-    let mut live = std::process::Command::new(common::bin())
-        .arg("--db")
-        .arg(&b.db)
-        .args([
-            "sync",
-            &s.addr,
-            "--pin",
-            &s.fp,
-            "--watch",
-            "--client-cert",
-            &ac,
-            "--client-key",
-            &ak,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut live = b.live_link(
+        &s,
+        &["--client-cert", &ac, "--client-key", &ak],
+        std::process::Stdio::null(),
+    );
     let listed = wait_connections(&http, "no live connection listed", |c| {
         c[0]["live"] == true && c[0]["shards"] == serde_json::json!(["default"])
     });

@@ -100,6 +100,19 @@ impl Node {
         self.q(&["export", table])
     }
 
+    /// `quiver sync --watch` to `s`: a live link, until killed.
+    pub fn live_link(&self, s: &Served, extra: &[&str], stdout: Stdio) -> Child {
+        Command::new(bin())
+            .arg("--db")
+            .arg(&self.db)
+            .args(["sync", &s.addr, "--pin", &s.fp, "--watch"])
+            .args(extra)
+            .stdout(stdout)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     pub fn serve(&self, extra: &[&str]) -> Served {
         let mut child = Command::new(bin())
             .arg("--db")

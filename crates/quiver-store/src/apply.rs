@@ -113,6 +113,7 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        crate::triggers::fold_pending(&tx)?;
         tx.execute(
             "UPDATE quiver_state SET applying = 1, hlc_floor = max(hlc_floor, ?1)",
             [floor.as_i64()],

@@ -146,6 +146,7 @@ impl Store {
         theirs: &BTreeMap<String, VersionVector>,
         limits: StreamLimits,
     ) -> Result<ChangeStream<'_>> {
+        triggers::fold_pending(&self.conn)?;
         triggers::close_open_version(&self.conn)?;
         let mut sites = Sites::default();
         let mut segments = Vec::new();

@@ -236,6 +236,7 @@ impl Store {
         self.local_write(|tx| {
             for sql in [
                 "DELETE FROM quiver_clock WHERE tbl = ?1",
+                "DELETE FROM quiver_pending WHERE tbl = ?1",
                 "DELETE FROM quiver_siblings WHERE tbl = ?1",
                 "DELETE FROM quiver_vv WHERE tbl = ?1",
                 "DELETE FROM quiver_conflicts WHERE tbl = ?1",

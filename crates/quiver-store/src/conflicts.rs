@@ -191,6 +191,7 @@ fn query(conn: &Connection, filter: &str) -> Result<Vec<Raw>> {
 
 impl Store {
     fn conflicts_where(&self, filter: &str, shard: Option<&str>) -> Result<Vec<Conflict>> {
+        crate::triggers::fold_pending(&self.conn)?;
         let tables = self.tables()?;
         let mut out = Vec::new();
         for (id, tbl, key, col, strategy, detected, versions, resolved, resolution) in
@@ -236,6 +237,7 @@ impl Store {
     /// Resolves an open conflict with a local write that replaces every
     /// version it saw, so the choice wins on every replica after sync.
     pub fn resolve(&mut self, id: i64, choice: Resolution) -> Result<()> {
+        crate::triggers::fold_pending(&self.conn)?;
         let raw = query(&self.conn, &format!("WHERE id = {id}"))?;
         let Some((_, tbl, key, col, ..)) = raw.into_iter().next() else {
             return Err(StoreError::NoSuchConflict(id));

@@ -280,6 +280,14 @@ impl Store {
         Ok(closed)
     }
 
+    /// Moves captured inserts from the append-only log into the clock. Sync
+    /// and conflict review do this themselves before reading; call it to
+    /// pay that cost at a moment of your choosing. Returns whether anything
+    /// was pending.
+    pub fn fold_pending(&self) -> Result<bool> {
+        triggers::fold_pending(&self.conn)
+    }
+
     /// Runs SQL as a local write (any number of statements). Writes to
     /// replicated tables are tracked by the triggers.
     pub fn execute_sql(&mut self, sql: &str) -> Result<()> {

@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::{Result, StoreError};
 
 /// The newest store format this build reads and writes.
-pub const FORMAT_VERSION: i64 = 2;
+pub const FORMAT_VERSION: i64 = 3;
 
 /// Each entry migrates from format `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -126,7 +126,22 @@ CREATE TABLE quiver_tokens(
   created_at INTEGER NOT NULL
 );
 "#,
+    r#"
+-- Inserts captured but not yet moved into quiver_clock, in the order they
+-- happened (see triggers.rs). Every table's triggers are replaced too.
+CREATE TABLE quiver_pending(
+  seq INTEGER PRIMARY KEY,
+  tbl INTEGER NOT NULL,
+  pk NOT NULL,
+  dbv INTEGER NOT NULL,
+  hlc INTEGER NOT NULL
+);
+"#,
 ];
+
+/// Formats from which the capture triggers changed: opening an older store
+/// replaces every table's triggers with this build's.
+const TRIGGERS_CHANGED_AT: i64 = 3;
 
 /// Pragmas set on every connection we open.
 pub(crate) fn configure(conn: &Connection) -> Result<()> {
@@ -179,6 +194,11 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path, from: i64) -> Result<(
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             [i as i64 + 1],
         )?;
+    }
+    if from > 0 && from < TRIGGERS_CHANGED_AT {
+        for t in crate::catalog::load_all(&tx)? {
+            crate::triggers::reinstall(&tx, &t)?;
+        }
     }
     tx.commit()?;
     Ok(())

@@ -1,11 +1,16 @@
 //! Change capture in SQL triggers.
 //!
 //! Triggers use only built-in SQL, so a write from any SQLite client (the
-//! `sqlite3` shell included) is captured in its own transaction. A plain
-//! insert costs one clock row (the row record covers every column); an
-//! update adds one clock row per column whose value changed. Changes are
-//! stamped with the open `db_version` from `quiver_state`, which
-//! [`close_open_version`] seals before anything reads them for sync.
+//! `sqlite3` shell included) is captured in its own transaction. An insert
+//! appends one row to `quiver_pending`, an append-only log in insertion
+//! order, instead of touching the clock, whose B-tree is keyed by the
+//! row's key and so is written at random places; [`fold_pending`] moves
+//! the log into the clock in bulk, sorted by key, before anything reads the
+//! clock, and the update and delete triggers do the same before they read
+//! a row's record. An update adds one clock row per column whose value
+//! changed. Changes are stamped with the open `db_version` from
+//! `quiver_state`, which [`close_open_version`] seals before anything reads
+//! them for sync.
 
 use rusqlite::Connection;
 
@@ -38,24 +43,31 @@ pub(crate) fn pk_expr(prefix: &str, pk: &[ColumnInfo]) -> String {
     }
 }
 
-/// An insert starts a new life of the row: a fresh row gets causal length 1,
-/// a re-insert after delete the next odd length, and `INSERT OR REPLACE`
-/// over a live row (SQLite's delete-then-insert) skips to the next odd
-/// length too. Cell versions of older lives are then ignored by their causal
-/// length, so the hot insert path needs no cleanup statements.
+/// An insert is logged with its version and stamp; one read of quiver_state
+/// gives the capture flag, the db_version and the clock floor.
 fn insert_body(tid: i64, pk: &str) -> String {
-    // One read of quiver_state gives the capture flag, the db_version and
-    // the clock floor.
     format!(
-        "INSERT INTO quiver_clock(tbl, pk, col, site, dbv, hlc, cl, ctx, know)
-           SELECT {tid}, {pk}, '', 0, s.dbv, max(s.hlc_floor, {NOW_MS} << 16), 1, NULL, NULL
-           FROM quiver_state s WHERE s.applying = 0
-           ON CONFLICT(tbl, pk, col) DO UPDATE SET
-             cl = cl + 1 + (cl % 2), ctx = {KNOW},
-             know = json_set({KNOW}, '$.\"0\"', excluded.dbv),
-             site = 0, dbv = excluded.dbv, hlc = excluded.hlc;"
+        "INSERT INTO quiver_pending(tbl, pk, dbv, hlc)
+           SELECT {tid}, {pk}, s.dbv, max(s.hlc_floor, {NOW_MS} << 16)
+           FROM quiver_state s WHERE s.applying = 0;"
     )
 }
+
+/// Moves logged inserts into the clock, in key order (one key's inserts in
+/// the order they happened). An insert starts a new life of the row: a
+/// fresh row gets causal length 1, a re-insert after delete the next odd
+/// length, and `INSERT OR REPLACE` over a live row (SQLite's
+/// delete-then-insert, which fires no delete trigger) skips to the next odd
+/// length too. Cell versions of older lives are then ignored by their
+/// causal length, so inserts need no cleanup statements.
+const FOLD: &str = "INSERT INTO quiver_clock(tbl, pk, col, site, dbv, hlc, cl, ctx, know)
+       SELECT tbl, pk, '', 0, dbv, hlc, 1, NULL, NULL FROM quiver_pending
+       WHERE true ORDER BY tbl, pk, seq
+       ON CONFLICT(tbl, pk, col) DO UPDATE SET
+         cl = cl + 1 + (cl % 2), ctx = coalesce(know, json_object(CAST(site AS TEXT), dbv)),
+         know = json_set(coalesce(know, json_object(CAST(site AS TEXT), dbv)), '$.\"0\"', excluded.dbv),
+         site = 0, dbv = excluded.dbv, hlc = excluded.hlc;
+     DELETE FROM quiver_pending;";
 
 fn delete_body(tid: i64, pk: &str) -> String {
     format!(
@@ -101,6 +113,40 @@ fn update_body(tid: i64, pk: &str, cols: &[ColumnInfo]) -> String {
     sql
 }
 
+const KINDS: [&str; 4] = ["ins", "del", "rekey", "upd"];
+
+fn trigger_name(kind: &str, t: &TableInfo) -> String {
+    quote(&format!("quiver_{kind}_{}", t.name))
+}
+
+/// Replaces a table's capture triggers with this build's.
+pub(crate) fn reinstall(conn: &Connection, t: &TableInfo) -> Result<()> {
+    for kind in KINDS {
+        conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", trigger_name(kind, t)))?;
+    }
+    install(conn, t)
+}
+
+/// Moves the logged inserts into the clock (see [`FOLD`]); every reader of
+/// the clock calls this first. Returns whether anything was pending.
+pub(crate) fn fold_pending(conn: &Connection) -> Result<bool> {
+    let pending: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM quiver_pending)")?
+        .query_row([], |r| r.get(0))?;
+    if !pending {
+        return Ok(false);
+    }
+    // A savepoint keeps the move and the log's truncation together, in or
+    // out of an enclosing transaction.
+    conn.execute_batch("SAVEPOINT quiver_fold")?;
+    if let Err(e) = conn.execute_batch(FOLD) {
+        let _ = conn.execute_batch("ROLLBACK TO quiver_fold; RELEASE quiver_fold");
+        return Err(e.into());
+    }
+    conn.execute_batch("RELEASE quiver_fold")?;
+    Ok(true)
+}
+
 /// Creates the capture triggers of a replicated table.
 pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
     let tid = t.id;
@@ -112,20 +158,22 @@ pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
             .map(|c| format!("NEW.{q} IS OLD.{q}", q = quote(&c.name)))
             .collect::<Vec<_>>()
             .join(" AND ");
+    // Updates and deletes read the row's record, so they fold the log first
+    // (nothing to do unless inserts are pending).
     let mut sql = format!(
         "CREATE TRIGGER {ins} AFTER INSERT ON {q} BEGIN {ib} END;
-         CREATE TRIGGER {del} AFTER DELETE ON {q} WHEN {CAPTURING} BEGIN {db} END;
-         CREATE TRIGGER {rekey} AFTER UPDATE ON {q} WHEN {CAPTURING} AND NOT ({same_key}) BEGIN {db} {ib} END;",
-        ins = quote(&format!("quiver_ins_{}", t.name)),
-        del = quote(&format!("quiver_del_{}", t.name)),
-        rekey = quote(&format!("quiver_rekey_{}", t.name)),
+         CREATE TRIGGER {del} AFTER DELETE ON {q} WHEN {CAPTURING} BEGIN {FOLD} {db} END;
+         CREATE TRIGGER {rekey} AFTER UPDATE ON {q} WHEN {CAPTURING} AND NOT ({same_key}) BEGIN {FOLD} {db} {ib} END;",
+        ins = trigger_name("ins", t),
+        del = trigger_name("del", t),
+        rekey = trigger_name("rekey", t),
         ib = insert_body(tid, &new_pk),
         db = delete_body(tid, &old_pk),
     );
     if !t.columns.is_empty() {
         sql.push_str(&format!(
-            "CREATE TRIGGER {upd} AFTER UPDATE ON {q} WHEN {CAPTURING} AND ({same_key}) BEGIN {ub} END;",
-            upd = quote(&format!("quiver_upd_{}", t.name)),
+            "CREATE TRIGGER {upd} AFTER UPDATE ON {q} WHEN {CAPTURING} AND ({same_key}) BEGIN {FOLD} {ub} END;",
+            upd = trigger_name("upd", t),
             ub = update_body(tid, &new_pk, &t.columns),
         ));
     }
@@ -148,12 +196,13 @@ pub(crate) fn backfill(conn: &Connection, t: &TableInfo) -> Result<()> {
     Ok(())
 }
 
-/// Seals the open db_version if any change carries it, so later writes get
-/// the next one. Returns whether it sealed one.
+/// Seals the open db_version if any change carries it (a logged insert or
+/// a clock record), so later writes get the next one. Returns whether it sealed one.
 pub(crate) fn close_open_version(conn: &Connection) -> Result<bool> {
     let n = conn.execute(
         "UPDATE quiver_state SET dbv = dbv + 1
-         WHERE EXISTS (SELECT 1 FROM quiver_tables t WHERE EXISTS (
+         WHERE (SELECT p.dbv FROM quiver_pending p ORDER BY p.seq DESC LIMIT 1) = quiver_state.dbv
+            OR EXISTS (SELECT 1 FROM quiver_tables t WHERE EXISTS (
            SELECT 1 FROM quiver_clock c WHERE c.tbl = t.id AND c.site = 0
              AND c.dbv = (SELECT dbv FROM quiver_state)))",
         [],
@@ -170,6 +219,7 @@ pub(crate) fn touch_cell(
     col: &str,
 ) -> Result<()> {
     use crate::sqlvalue::P;
+    fold_pending(conn)?;
     conn.execute(
         &format!(
             "INSERT INTO quiver_clock(tbl, pk, col, site, dbv, hlc, cl, ctx)

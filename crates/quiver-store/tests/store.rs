@@ -300,7 +300,8 @@ fn older_formats_are_migrated_forward() -> R {
     // Make it a format-1 store: no token table yet.
     let c = Connection::open(&p)?;
     c.execute_batch(
-        "DROP TABLE quiver_tokens; UPDATE quiver_meta SET value = 1 WHERE key = 'format';",
+        "DROP TABLE quiver_tokens; DROP TABLE quiver_pending;
+         UPDATE quiver_meta SET value = 1 WHERE key = 'format';",
     )?;
     drop(c);
     let mut s = Store::open(&p)?;
@@ -314,5 +315,109 @@ fn older_formats_are_migrated_forward() -> R {
     assert!(s.add_token("not-a-hash", &[], false, None).is_err());
     assert!(s.revoke_token(id)?);
     assert!(s.tokens()?.is_empty());
+    Ok(())
+}
+
+/// Every change of `shard`, as the first sync would send them.
+fn all_changes(
+    s: &Store,
+    shard: &str,
+) -> Result<Vec<quiver_core::Change>, quiver_store::StoreError> {
+    Ok(s.changes_since(shard, &Default::default())?
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flat_map(|b| b.changes)
+        .collect())
+}
+
+#[test]
+fn a_format_2_store_gets_the_insert_log_and_new_triggers() -> R {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("old.db");
+    let mut s = Store::init(&p)?;
+    s.execute_sql("CREATE TABLE notes(id TEXT PRIMARY KEY, body TEXT)")?;
+    s.add_table("notes", "default", Strategy::Lww)?;
+    s.execute_sql("INSERT INTO notes VALUES ('a', 'kept')")?;
+    s.fold_pending()?;
+    drop(s);
+    // What a format-2 build left: no insert log, triggers of its own.
+    let c = Connection::open(&p)?;
+    c.execute_batch(
+        "DROP TABLE quiver_pending;
+         DROP TRIGGER quiver_ins_notes; DROP TRIGGER quiver_del_notes;
+         DROP TRIGGER quiver_rekey_notes; DROP TRIGGER quiver_upd_notes;
+         UPDATE quiver_meta SET value = 2 WHERE key = 'format';",
+    )?;
+    drop(c);
+    let s = Store::open(&p)?;
+    assert_eq!(s.status()?.format, quiver_store::FORMAT_VERSION);
+    let c = Connection::open(&p)?;
+    let triggers: i64 = c.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'notes'",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(triggers, 4);
+    c.execute("INSERT INTO notes VALUES ('b', 'new')", [])?;
+    let changes = all_changes(&s, "default")?;
+    for id in ["a", "b"] {
+        assert!(
+            changes
+                .iter()
+                .any(|ch| ch.pk == vec![Value::Text(id.into())] && ch.alive()),
+            "row {id} travels"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn logged_inserts_keep_every_life_of_a_row() -> R {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("a.db");
+    let mut s = Store::init(&p)?;
+    s.execute_sql("CREATE TABLE notes(id TEXT PRIMARY KEY, body TEXT)")?;
+    s.add_table("notes", "default", Strategy::Lww)?;
+    let existence = |s: &Store| -> Result<(u64, u64), Box<dyn std::error::Error>> {
+        let ch = all_changes(s, "default")?;
+        let e = ch
+            .iter()
+            .find(|c| c.pk == vec![Value::Text("x".into())] && c.column.is_none())
+            .ok_or("no existence change for x")?;
+        Ok((e.cl, e.db_version))
+    };
+    let other = Connection::open(&p)?;
+    let pending = |c: &Connection| -> rusqlite::Result<i64> {
+        c.query_row("SELECT count(*) FROM quiver_pending", [], |r| r.get(0))
+    };
+    // Three lives before anything folds: insert, then two replacements of
+    // the live row (SQLite deletes without firing the delete trigger).
+    other.execute_batch(
+        "INSERT INTO notes VALUES ('x', 'one');
+         INSERT OR REPLACE INTO notes VALUES ('x', 'two');
+         INSERT OR REPLACE INTO notes VALUES ('x', 'three');",
+    )?;
+    assert_eq!(pending(&other)?, 3, "inserts are logged, not folded");
+    assert!(s.close_open_version()?, "logged inserts seal a version");
+    let (cl, v1) = existence(&s)?;
+    assert_eq!(cl, 5);
+    assert_eq!(pending(&other)?, 0, "reading changes folds the log");
+    // A delete folds first, so it tombstones the newest life; the next
+    // insert starts the one after.
+    other.execute_batch(
+        "INSERT OR REPLACE INTO notes VALUES ('x', 'four');
+         DELETE FROM notes WHERE id = 'x';",
+    )?;
+    assert_eq!(pending(&other)?, 0, "the delete trigger folded the log");
+    other.execute("INSERT INTO notes VALUES ('x', 'five')", [])?;
+    // An update of a row still in the log is captured as a cell version.
+    other.execute("UPDATE notes SET body = 'six' WHERE id = 'x'", [])?;
+    let ch = all_changes(&s, "default")?;
+    let (cl, v2) = existence(&s)?;
+    assert_eq!(cl, 9);
+    assert!(v2 > v1);
+    assert!(ch.iter().any(|c| c.column.as_deref() == Some("body")
+        && c.value == Value::Text("six".into())
+        && c.cl == 9));
     Ok(())
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{self, TableInfo, TableKind};
 use crate::names::{self, quote};
 use crate::sqlvalue::{from_ref, to_json};
-use crate::{Result, Store, StoreError};
+use crate::{triggers, Result, Store, StoreError};
 
 /// Distance metric of a collection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -266,21 +266,49 @@ impl Store {
                 other => other,
             })?;
         }
-        let sql = format!(
+        let insert = format!(
+            "INSERT INTO {}(id, vector, metadata, content) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO NOTHING",
+            quote(&t.name)
+        );
+        let upsert = format!(
             "INSERT INTO {}(id, vector, metadata, content) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(id) DO UPDATE SET vector = excluded.vector,
                metadata = excluded.metadata, content = excluded.content",
             quote(&t.name)
         );
+        let write = |stmt: &mut rusqlite::CachedStatement<'_>, r: &Record| -> Result<usize> {
+            Ok(stmt.execute(params![
+                r.id,
+                vector_blob(&r.vector),
+                r.metadata.to_string(),
+                r.content
+            ])?)
+        };
         self.local_write(|tx| {
-            let mut stmt = tx.prepare_cached(&sql)?;
-            for r in records {
-                stmt.execute(params![
-                    r.id,
-                    vector_blob(&r.vector),
-                    r.metadata.to_string(),
-                    r.content
-                ])?;
+            // New rows log their own insert; rows that exist (or repeat
+            // within the batch) then go through the update trigger, which
+            // records the columns that changed.
+            let mut existing = Vec::new();
+            match triggers::DirectLog::begin(tx, &t)? {
+                Some(mut log) => {
+                    {
+                        let mut stmt = tx.prepare_cached(&insert)?;
+                        for r in records {
+                            if write(&mut stmt, r)? == 1 {
+                                log.log(t.id, &r.id)?;
+                            } else {
+                                existing.push(r);
+                            }
+                        }
+                    }
+                    log.finish()?;
+                }
+                None => existing.extend(records),
+            }
+            let mut stmt = tx.prepare_cached(&upsert)?;
+            for r in existing {
+                write(&mut stmt, r)?;
             }
             Ok(records.len())
         })

@@ -158,7 +158,8 @@ impl SearchCache {
         let dirty = Arc::new(Mutex::new(Dirty::default()));
         let hook = Arc::clone(&dirty);
         conn.update_hook(Some(move |_: Action, db: &str, table: &str, rowid: i64| {
-            if db == "main" {
+            // Our own tables (the insert log, the clock) are never collections.
+            if db == "main" && !table.starts_with("quiver_") {
                 if let Some(rows) = lock(&hook).tables.get_mut(table) {
                     rows.mark(rowid);
                 }

@@ -421,3 +421,101 @@ fn logged_inserts_keep_every_life_of_a_row() -> R {
         && c.cl == 9));
     Ok(())
 }
+
+#[test]
+fn put_many_logs_new_rows_and_tracks_updates_through_the_triggers() -> R {
+    use rusqlite::config::DbConfig;
+    let dir = tempfile::tempdir()?;
+    let mut s = new_store(&dir, "a.db");
+    docs(&mut s, 2);
+    s.put_many(
+        "docs",
+        &[
+            Record::new("a", vec![1.0, 1.0]),
+            Record::new("b", vec![2.0, 2.0]),
+        ],
+    )?;
+    let before = s.version_vector("default")?;
+    // New, existing, and a new id written twice in one batch.
+    s.put_many(
+        "docs",
+        &[
+            Record::new("c", vec![3.0, 3.0]),
+            Record::new("a", vec![9.0, 9.0]),
+            Record::new("c", vec![4.0, 4.0]),
+        ],
+    )?;
+    let on = |s: &Store| {
+        s.connection()
+            .db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER)
+    };
+    assert!(on(&s)?, "capture is back on after put_many");
+    assert_eq!(
+        s.get("docs", "c")?.ok_or("c missing")?.vector,
+        vec![4.0, 4.0]
+    );
+    let changes: Vec<_> = s
+        .changes_since("default", &before)?
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flat_map(|b| b.changes)
+        .collect();
+    let of = |id: &str| -> Vec<&quiver_core::Change> {
+        changes
+            .iter()
+            .filter(|c| c.pk == vec![Value::Text(id.into())])
+            .collect()
+    };
+    assert!(
+        of("a")
+            .iter()
+            .any(|c| c.column.as_deref() == Some("vector")),
+        "update of a travels"
+    );
+    assert!(of("b").is_empty(), "b did not change");
+    assert!(of("c")
+        .iter()
+        .any(|c| c.column.is_none() && c.alive() && c.cl == 1));
+    assert!(
+        of("c")
+            .iter()
+            .any(|c| c.column.as_deref() == Some("vector")),
+        "c's second write travels"
+    );
+
+    // A batch that fails half-way writes nothing and leaves capture on.
+    s.execute_sql("CREATE UNIQUE INDEX docs_content ON docs(content)")?;
+    let mut d = Record::new("d", vec![1.0, 2.0]);
+    d.content = Some("same".into());
+    let mut e = Record::new("e", vec![1.0, 2.0]);
+    e.content = Some("same".into());
+    assert!(s.put_many("docs", &[d, e]).is_err());
+    assert!(on(&s)?);
+    assert!(s.get("docs", "d")?.is_none());
+    s.execute_sql(
+        "INSERT INTO docs(id, vector, metadata) VALUES ('f', x'0000803f0000803f', '{}')",
+    )?;
+    let f = all_changes(&s, "default")?
+        .into_iter()
+        .any(|c| c.pk == vec![Value::Text("f".into())] && c.alive());
+    assert!(f, "a later SQL insert is captured");
+
+    // A trigger of the user's own on the collection still fires (SQLite
+    // matches table names without regard to case).
+    s.execute_sql(
+        "CREATE TABLE audit(id TEXT);
+         CREATE TRIGGER audit_docs AFTER INSERT ON DOCS BEGIN INSERT INTO audit VALUES (NEW.id); END;",
+    )?;
+    s.put("docs", &Record::new("g", vec![1.0, 1.0]))?;
+    let audited: i64 =
+        s.connection()
+            .query_row("SELECT count(*) FROM audit WHERE id = 'g'", [], |r| {
+                r.get(0)
+            })?;
+    assert_eq!(audited, 1);
+    let g = all_changes(&s, "default")?
+        .into_iter()
+        .any(|c| c.pk == vec![Value::Text("g".into())] && c.alive());
+    assert!(g, "and the row is captured by the insert trigger");
+    Ok(())
+}

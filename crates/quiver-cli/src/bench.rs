@@ -89,10 +89,10 @@ pub fn write(n: usize, dim: usize, batch: usize, json: bool) -> Result<()> {
     let batch = batch.max(1);
     let rows = records(n, dim, 0x5eed);
     let dir = tempfile::tempdir()?;
-    // Alternate the two sides and keep each side's best run: five runs for
-    // small n, where a single scheduler hiccup is a large share, two for
+    // Alternate the two sides and keep each side's best run: nine runs for
+    // small n, where a single scheduler hiccup is a large share, three for
     // large n.
-    let rounds = if n <= 20_000 { 5 } else { 2 };
+    let rounds = if n <= 20_000 { 9 } else { 3 };
     let mut plain = f64::MAX;
     let (mut quiver, mut fold) = (f64::MAX, f64::MAX);
     for round in 0..rounds {

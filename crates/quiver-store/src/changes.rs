@@ -67,8 +67,16 @@ pub(crate) fn table_vv(
     own: SiteId,
 ) -> Result<VersionVector> {
     let mut vv = VersionVector::new();
-    let open: i64 = conn.query_row("SELECT dbv FROM quiver_state", [], |r| r.get(0))?;
-    vv.set(own, (open - 1).max(0) as u64);
+    // Sealed versions, but none whose inserts still wait in the log: a
+    // stream reads only the clock, and a claim is a promise to send. One
+    // statement, so both are read from one snapshot.
+    let (open, oldest_logged): (i64, Option<i64>) = conn.query_row(
+        "SELECT dbv, (SELECT p.dbv FROM quiver_pending p ORDER BY p.seq LIMIT 1) FROM quiver_state",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let held = oldest_logged.map_or(open, |l| l.min(open)) - 1;
+    vv.set(own, held.max(0) as u64);
     let rows: Vec<(i64, i64)> = conn
         .prepare_cached("SELECT site, dbv FROM quiver_vv WHERE tbl = ?1")?
         .query_map([t.id], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -110,12 +118,14 @@ impl Store {
     /// This store's version vector for a shard (what it can claim to hold
     /// of every table in it).
     pub fn version_vector(&self, shard: &str) -> Result<VersionVector> {
+        triggers::fold_pending(&self.conn)?;
         triggers::close_open_version(&self.conn)?;
         shard_vv(&self.conn, &mut Sites::default(), shard, self.site)
     }
 
     /// Per table of a shard, what this store holds.
     pub fn table_versions(&self, shard: &str) -> Result<BTreeMap<String, VersionVector>> {
+        triggers::fold_pending(&self.conn)?;
         triggers::close_open_version(&self.conn)?;
         let mut sites = Sites::default();
         let mut out = BTreeMap::new();
@@ -376,5 +386,34 @@ impl Iterator for ChangeStream<'_> {
                 Some(Err(e))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another connection may insert between a reader's fold and its read
+    /// of the versions; a version whose inserts wait in the log must not
+    /// be claimed, since the stream reads only the clock.
+    #[test]
+    fn a_version_whose_inserts_wait_in_the_log_is_not_claimed() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let p = dir.path().join("a.db");
+        let mut s = Store::init(&p)?;
+        s.execute_sql("CREATE TABLE notes(id TEXT PRIMARY KEY, body TEXT)")?;
+        let t = s.add_table("notes", "default", quiver_core::Strategy::Lww)?;
+        let me = s.site_id();
+        let claim = |s: &Store| -> Result<u64> {
+            Ok(table_vv(&s.conn, &mut Sites::default(), &t, me)?.get(&me))
+        };
+        let before = claim(&s)?;
+        rusqlite::Connection::open(&p)?.execute("INSERT INTO notes VALUES ('x', 'one')", [])?;
+        // Sealed, as when the store notices another process's commit.
+        assert!(s.close_open_version()?);
+        assert_eq!(claim(&s)?, before, "not claimed while only in the log");
+        triggers::fold_pending(&s.conn)?;
+        assert_eq!(claim(&s)?, before + 1);
+        Ok(())
     }
 }

@@ -286,28 +286,27 @@ impl Store {
             ])?)
         };
         self.local_write(|tx| {
-            // New rows log their own insert; rows that exist (or repeat
-            // within the batch) then go through the update trigger, which
-            // records the columns that changed.
-            let mut existing = Vec::new();
-            match triggers::DirectLog::begin(tx, &t)? {
-                Some(mut log) => {
-                    {
-                        let mut stmt = tx.prepare_cached(&insert)?;
-                        for r in records {
-                            if write(&mut stmt, r)? == 1 {
-                                log.log(t.id, &r.id)?;
-                            } else {
-                                existing.push(r);
-                            }
+            // New rows log their own insert. From the first id that
+            // exists (or repeats within the batch) on, rows go in order
+            // through the upsert and its update trigger, which records the
+            // columns that changed; keeping the order keeps batches valid
+            // under the user's own unique indexes.
+            let mut rest = records;
+            if let Some(mut log) = triggers::DirectLog::begin(tx, &t)? {
+                {
+                    let mut stmt = tx.prepare_cached(&insert)?;
+                    while let Some((r, more)) = rest.split_first() {
+                        if write(&mut stmt, r)? == 0 {
+                            break;
                         }
+                        log.log(t.id, &r.id)?;
+                        rest = more;
                     }
-                    log.finish()?;
                 }
-                None => existing.extend(records),
+                log.finish()?;
             }
             let mut stmt = tx.prepare_cached(&upsert)?;
-            for r in existing {
+            for r in rest {
                 write(&mut stmt, r)?;
             }
             Ok(records.len())

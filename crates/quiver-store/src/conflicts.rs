@@ -191,7 +191,7 @@ fn query(conn: &Connection, filter: &str) -> Result<Vec<Raw>> {
 
 impl Store {
     fn conflicts_where(&self, filter: &str, shard: Option<&str>) -> Result<Vec<Conflict>> {
-        crate::triggers::fold_pending(&self.conn)?;
+        crate::triggers::try_fold_pending(&self.conn)?;
         let tables = self.tables()?;
         let mut out = Vec::new();
         for (id, tbl, key, col, strategy, detected, versions, resolved, resolution) in

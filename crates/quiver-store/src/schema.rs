@@ -143,9 +143,12 @@ CREATE TABLE quiver_pending(
 /// replaces every table's triggers with this build's.
 const TRIGGERS_CHANGED_AT: i64 = 3;
 
+/// How long a statement waits for another connection's write lock.
+pub(crate) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Pragmas set on every connection we open.
 pub(crate) fn configure(conn: &Connection) -> Result<()> {
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -197,7 +200,16 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path, from: i64) -> Result<(
     }
     if from > 0 && from < TRIGGERS_CHANGED_AT {
         for t in crate::catalog::load_all(&tx)? {
-            crate::triggers::reinstall(&tx, &t)?;
+            // A registered table dropped behind our back has no triggers
+            // to replace; it must not make the store unopenable.
+            let exists: bool = tx.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [&t.name],
+                |r| r.get::<_, i64>(0).map(|n| n > 0),
+            )?;
+            if exists {
+                crate::triggers::reinstall(&tx, &t)?;
+            }
         }
     }
     tx.commit()?;

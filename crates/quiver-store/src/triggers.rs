@@ -99,15 +99,18 @@ impl<'c> DirectLog<'c> {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER, false)?;
-        Ok(Some(DirectLog {
+        // The guard exists before triggers go off, so every way out turns
+        // them back on.
+        let log = DirectLog {
             conn,
             stamp,
             append: conn.prepare_cached(
                 "INSERT INTO quiver_pending(tbl, pk, dbv, hlc) VALUES (?1, ?2, ?3, ?4)",
             )?,
             on: false,
-        }))
+        };
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER, false)?;
+        Ok(Some(log))
     }
 
     /// Records the insert of a new row of table `tid`.
@@ -120,9 +123,9 @@ impl<'c> DirectLog<'c> {
 
     /// Turns the triggers back on.
     pub(crate) fn finish(mut self) -> Result<()> {
-        self.on = true;
         self.conn
             .set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER, true)?;
+        self.on = true;
         Ok(())
     }
 }
@@ -215,6 +218,24 @@ pub(crate) fn reinstall(conn: &Connection, t: &TableInfo) -> Result<()> {
         conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", trigger_name(kind, t)))?;
     }
     install(conn, t)
+}
+
+/// Folds the log if the write lock is free right now; otherwise leaves it
+/// for the next reader. For read-only views (conflict listing) that should
+/// not wait on another writer; an unfolded log only delays what they show
+/// about rows replaced by `INSERT OR REPLACE`.
+pub(crate) fn try_fold_pending(conn: &Connection) -> Result<()> {
+    conn.busy_timeout(std::time::Duration::ZERO)?;
+    let folded = fold_pending(conn);
+    conn.busy_timeout(crate::schema::BUSY_TIMEOUT)?;
+    match folded {
+        Err(crate::StoreError::Sqlite(e))
+            if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) =>
+        {
+            Ok(())
+        }
+        other => other.map(|_| ()),
+    }
 }
 
 /// Moves the logged inserts into the clock (see [`FOLD`]); every reader of

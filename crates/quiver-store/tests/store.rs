@@ -338,20 +338,34 @@ fn a_format_2_store_gets_the_insert_log_and_new_triggers() -> R {
     s.execute_sql("CREATE TABLE notes(id TEXT PRIMARY KEY, body TEXT)")?;
     s.add_table("notes", "default", Strategy::Lww)?;
     s.execute_sql("INSERT INTO notes VALUES ('a', 'kept')")?;
+    // A registered table someone dropped behind quiverdb's back.
+    s.execute_sql("CREATE TABLE gone(id TEXT PRIMARY KEY, x TEXT)")?;
+    s.add_table("gone", "default", Strategy::Lww)?;
     s.fold_pending()?;
     drop(s);
-    // What a format-2 build left: no insert log, triggers of its own.
+    // What a format-2 build left: no insert log, and an insert trigger that
+    // writes the clock directly.
     let c = Connection::open(&p)?;
     c.execute_batch(
         "DROP TABLE quiver_pending;
-         DROP TRIGGER quiver_ins_notes; DROP TRIGGER quiver_del_notes;
-         DROP TRIGGER quiver_rekey_notes; DROP TRIGGER quiver_upd_notes;
+         DROP TABLE gone;
+         DROP TRIGGER quiver_ins_notes;
+         CREATE TRIGGER quiver_ins_notes AFTER INSERT ON notes BEGIN
+           INSERT INTO quiver_clock(tbl, pk, col, site, dbv, hlc, cl)
+           SELECT (SELECT id FROM quiver_tables WHERE name = 'notes'), NEW.id, '', 0, s.dbv, s.hlc_floor, 1
+           FROM quiver_state s WHERE s.applying = 0;
+         END;
          UPDATE quiver_meta SET value = 2 WHERE key = 'format';",
     )?;
     drop(c);
     let s = Store::open(&p)?;
-    assert_eq!(s.status()?.format, quiver_store::FORMAT_VERSION);
     let c = Connection::open(&p)?;
+    let format: i64 = c.query_row(
+        "SELECT value FROM quiver_meta WHERE key = 'format'",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(format, quiver_store::FORMAT_VERSION);
     let triggers: i64 = c.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'notes'",
         [],
@@ -359,6 +373,11 @@ fn a_format_2_store_gets_the_insert_log_and_new_triggers() -> R {
     )?;
     assert_eq!(triggers, 4);
     c.execute("INSERT INTO notes VALUES ('b', 'new')", [])?;
+    let logged: i64 = c.query_row("SELECT count(*) FROM quiver_pending", [], |r| r.get(0))?;
+    assert_eq!(
+        logged, 1,
+        "the new insert trigger logs instead of writing the clock"
+    );
     let changes = all_changes(&s, "default")?;
     for id in ["a", "b"] {
         assert!(
@@ -492,6 +511,19 @@ fn put_many_logs_new_rows_and_tracks_updates_through_the_triggers() -> R {
     assert!(s.put_many("docs", &[d, e]).is_err());
     assert!(on(&s)?);
     assert!(s.get("docs", "d")?.is_none());
+    // Writes keep their order: moving "x" from h to i is valid only if h's
+    // update comes before i's insert, and k before h takes the direct path.
+    let with = |id: &str, content: &str| {
+        let mut r = Record::new(id, vec![1.0, 1.0]);
+        r.content = Some(content.into());
+        r
+    };
+    s.put("docs", &with("h", "x"))?;
+    s.put_many("docs", &[with("k", "z"), with("h", "y"), with("i", "x")])?;
+    assert_eq!(
+        s.get("docs", "i")?.ok_or("i missing")?.content.as_deref(),
+        Some("x")
+    );
     s.execute_sql(
         "INSERT INTO docs(id, vector, metadata) VALUES ('f', x'0000803f0000803f', '{}')",
     )?;

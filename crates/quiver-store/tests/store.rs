@@ -532,6 +532,13 @@ fn put_many_logs_new_rows_and_tracks_updates_through_the_triggers() -> R {
         .any(|c| c.pk == vec![Value::Text("f".into())] && c.alive());
     assert!(f, "a later SQL insert is captured");
 
+    // Keys travel through the log exactly, whatever they contain.
+    let odd = "q\"uo\\te é\n\u{1F600}";
+    s.put("docs", &Record::new(odd, vec![1.0, 1.0]))?;
+    assert!(all_changes(&s, "default")?
+        .iter()
+        .any(|c| c.pk == vec![Value::Text(odd.into())] && c.alive()));
+
     // A trigger of the user's own on the collection still fires (SQLite
     // matches table names without regard to case).
     s.execute_sql(

@@ -330,13 +330,29 @@ fn all_changes(
         .collect())
 }
 
-#[test]
-fn a_format_2_store_gets_the_insert_log_and_new_triggers() -> R {
-    let dir = tempfile::tempdir()?;
-    let p = dir.path().join("old.db");
+/// A store at `dir/name` with a replicated table `notes(id, body)`.
+fn notes_store(
+    dir: &tempfile::TempDir,
+    name: &str,
+) -> Result<(std::path::PathBuf, Store), quiver_store::StoreError> {
+    let p = dir.path().join(name);
     let mut s = Store::init(&p)?;
     s.execute_sql("CREATE TABLE notes(id TEXT PRIMARY KEY, body TEXT)")?;
     s.add_table("notes", "default", Strategy::Lww)?;
+    Ok((p, s))
+}
+
+/// Whether the live row `id` is among the shard's changes.
+fn travels(s: &Store, id: &str) -> Result<bool, quiver_store::StoreError> {
+    Ok(all_changes(s, "default")?
+        .iter()
+        .any(|c| c.pk == vec![Value::Text(id.into())] && c.alive()))
+}
+
+#[test]
+fn a_format_2_store_gets_the_insert_log_and_new_triggers() -> R {
+    let dir = tempfile::tempdir()?;
+    let (p, mut s) = notes_store(&dir, "old.db")?;
     s.execute_sql("INSERT INTO notes VALUES ('a', 'kept')")?;
     // A registered table someone dropped behind quiverdb's back.
     s.execute_sql("CREATE TABLE gone(id TEXT PRIMARY KEY, x TEXT)")?;
@@ -378,14 +394,8 @@ fn a_format_2_store_gets_the_insert_log_and_new_triggers() -> R {
         logged, 1,
         "the new insert trigger logs instead of writing the clock"
     );
-    let changes = all_changes(&s, "default")?;
     for id in ["a", "b"] {
-        assert!(
-            changes
-                .iter()
-                .any(|ch| ch.pk == vec![Value::Text(id.into())] && ch.alive()),
-            "row {id} travels"
-        );
+        assert!(travels(&s, id)?, "row {id} travels");
     }
     Ok(())
 }
@@ -393,10 +403,7 @@ fn a_format_2_store_gets_the_insert_log_and_new_triggers() -> R {
 #[test]
 fn logged_inserts_keep_every_life_of_a_row() -> R {
     let dir = tempfile::tempdir()?;
-    let p = dir.path().join("a.db");
-    let mut s = Store::init(&p)?;
-    s.execute_sql("CREATE TABLE notes(id TEXT PRIMARY KEY, body TEXT)")?;
-    s.add_table("notes", "default", Strategy::Lww)?;
+    let (p, mut s) = notes_store(&dir, "a.db")?;
     let existence = |s: &Store| -> Result<(u64, u64), Box<dyn std::error::Error>> {
         let ch = all_changes(s, "default")?;
         let e = ch
@@ -527,17 +534,12 @@ fn put_many_logs_new_rows_and_tracks_updates_through_the_triggers() -> R {
     s.execute_sql(
         "INSERT INTO docs(id, vector, metadata) VALUES ('f', x'0000803f0000803f', '{}')",
     )?;
-    let f = all_changes(&s, "default")?
-        .into_iter()
-        .any(|c| c.pk == vec![Value::Text("f".into())] && c.alive());
-    assert!(f, "a later SQL insert is captured");
+    assert!(travels(&s, "f")?, "a later SQL insert is captured");
 
     // Keys travel through the log exactly, whatever they contain.
     let odd = "q\"uo\\te é\n\u{1F600}";
     s.put("docs", &Record::new(odd, vec![1.0, 1.0]))?;
-    assert!(all_changes(&s, "default")?
-        .iter()
-        .any(|c| c.pk == vec![Value::Text(odd.into())] && c.alive()));
+    assert!(travels(&s, odd)?);
 
     // A trigger of the user's own on the collection still fires (SQLite
     // matches table names without regard to case).
@@ -552,9 +554,9 @@ fn put_many_logs_new_rows_and_tracks_updates_through_the_triggers() -> R {
                 r.get(0)
             })?;
     assert_eq!(audited, 1);
-    let g = all_changes(&s, "default")?
-        .into_iter()
-        .any(|c| c.pk == vec![Value::Text("g".into())] && c.alive());
-    assert!(g, "and the row is captured by the insert trigger");
+    assert!(
+        travels(&s, "g")?,
+        "and the row is captured by the insert trigger"
+    );
     Ok(())
 }

@@ -52,9 +52,7 @@ fn the_connection_limit_refuses_with_a_retry_hint() {
 fn a_vanished_client_is_cleaned_up_after_the_idle_timeout() {
     let a = Node::new("a");
     a.q(&["collection", "create", "docs", "--dim", "2"]);
-    let cfg = a.dir.path().join("quiver.toml");
-    std::fs::write(&cfg, "idle_timeout_secs = 2\nkeep_alive_secs = 1\n").unwrap();
-    let s = a.serve(&["--config", cfg.to_str().unwrap()]);
+    let s = a.serve_with_config("idle_timeout_secs = 2\nkeep_alive_secs = 1\n");
     let http = s.http.clone().unwrap();
     let b = Node::new("b");
     let mut link = b.live_link(&s, &[], Stdio::null());
@@ -293,9 +291,7 @@ fn health_and_prometheus_metrics() {
 fn rate_limits_refuse_with_a_retry_hint() {
     let a = Node::new("a");
     a.q(&["collection", "create", "docs", "--dim", "2"]);
-    let cfg = a.dir.path().join("limits.toml");
-    std::fs::write(&cfg, "rate_requests_per_min = 2\n").unwrap();
-    let s = a.serve(&["--config", cfg.to_str().unwrap()]);
+    let s = a.serve_with_config("rate_requests_per_min = 2\n");
     let b = Node::new("b");
     b.q(&["collection", "create", "docs", "--dim", "2"]);
     b.q(&["sync", &s.addr, "--pin", &s.fp]);
@@ -309,8 +305,7 @@ fn rate_limits_refuse_with_a_retry_hint() {
     // Bytes per minute: a push bigger than the allowance is refused, nothing applied.
     let a2 = Node::new("a2");
     a2.q(&["collection", "create", "docs", "--dim", "64"]);
-    std::fs::write(&cfg, "rate_bytes_per_min = 4096\n").unwrap();
-    let s2 = a2.serve(&["--config", cfg.to_str().unwrap()]);
+    let s2 = a2.serve_with_config("rate_bytes_per_min = 4096\n");
     let c = Node::new("c");
     c.q(&["collection", "create", "docs", "--dim", "64"]);
     // Values that do not compress: the limit counts bytes on the wire.

@@ -113,6 +113,13 @@ impl Node {
             .unwrap()
     }
 
+    /// Serves with a config file holding `toml`, written into the node's folder.
+    pub fn serve_with_config(&self, toml: &str) -> Served {
+        let cfg = self.dir.path().join("quiver.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        self.serve(&["--config", cfg.to_str().unwrap()])
+    }
+
     pub fn serve(&self, extra: &[&str]) -> Served {
         let mut child = Command::new(bin())
             .arg("--db")

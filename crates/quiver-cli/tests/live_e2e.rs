@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -182,13 +183,36 @@ fn registered_peers_get_live_links_and_watch_prints_events() {
         let st: serde_json::Value = serde_json::from_str(&b.q(&["--json", "status"])).unwrap();
         st["peers"][0]["status"] == "online"
     });
+    // The watcher prints nothing until an event, so it may still have been
+    // opening the store when x arrived; writes after that are seen.
+    let stdout = watcher.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = String::new();
+    let seen =
+        |l: &str| l.contains("\"event\":\"external_change\"") && l.contains("\"remote\":true");
+    for i in 0..40 {
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(250)) {
+            lines.push_str(&l);
+            lines.push('\n');
+        }
+        if seen(&lines) {
+            break;
+        }
+        a.q(&["put", "docs", &format!("y{i}"), "--vector", "[1,2]"]);
+    }
     watcher.kill().unwrap();
-    let out = watcher.wait_with_output().unwrap();
-    let lines = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        lines.contains("\"event\":\"external_change\"") && lines.contains("\"remote\":true"),
-        "{lines}"
-    );
+    watcher.wait().unwrap();
+    assert!(seen(&lines), "{lines}");
     b.q(&["peers", "remove", "a"]);
     assert!(
         b.q(&["peers", "list"]).lines().count() == 1,

@@ -40,7 +40,9 @@ pub enum Command {
     Sync(SyncArgs),
     /// Measure the round trip to a server.
     Ping {
+        /// The server, HOST:PORT.
         addr: String,
+        /// Token the server asks for (or QUIVER_TOKEN).
         #[arg(long, env = "QUIVER_TOKEN")]
         token: Option<String>,
         #[command(flatten)]
@@ -51,7 +53,9 @@ pub enum Command {
     Collection(CollectionCmd),
     /// Insert or replace a record.
     Put {
+        /// The collection.
         collection: String,
+        /// The record's id, unique across replicas (a UUID, say).
         id: String,
         /// The vector as a JSON array, e.g. '[0.1, 0.2]'.
         #[arg(long)]
@@ -59,30 +63,51 @@ pub enum Command {
         /// Metadata as a JSON object.
         #[arg(long)]
         meta: Option<String>,
+        /// Text kept with the record, e.g. the passage the vector embeds.
         #[arg(long)]
         content: Option<String>,
     },
     /// Show a record.
-    Get { collection: String, id: String },
+    Get {
+        /// The collection.
+        collection: String,
+        /// The record's id.
+        id: String,
+    },
     /// Delete a record.
-    Delete { collection: String, id: String },
+    Delete {
+        /// The collection.
+        collection: String,
+        /// The record's id.
+        id: String,
+    },
     /// Import records from a JSON-lines file ({"id","vector","metadata","content"} a line).
     Import {
+        /// The collection.
         collection: String,
+        /// A JSON-lines file: one {"id","vector","metadata","content"} object a line.
         file: PathBuf,
         /// Records per transaction.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+        /// Import the good lines and report the bad ones by number, instead
+        /// of stopping at the first bad line.
+        #[arg(long)]
+        skip_bad: bool,
     },
     /// Print the visible rows of a collection or table as JSON lines, sorted by key.
     Export {
+        /// A collection or a replicated table.
         collection: String,
         /// Write to a file instead of standard output.
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
     /// Run SQL on the store; writes to replicated tables are tracked.
-    Sql { sql: String },
+    Sql {
+        /// One or more statements separated by `;`; each query's rows are printed.
+        sql: String,
+    },
     /// Register tables for replication.
     #[command(subcommand)]
     Table(TableCmd),
@@ -113,6 +138,7 @@ pub enum Command {
     Peers(PeersCmd),
     /// Print store events (local and remote changes, conflicts) as JSON lines.
     Watch {
+        /// Only events of this shard.
         #[arg(long)]
         shard: Option<String>,
     },
@@ -175,6 +201,10 @@ pub struct ServeArgs {
     /// `off` disables it). The bound address is printed.
     #[arg(long)]
     pub http: Option<String>,
+    /// Serve a non-loopback address although neither a token nor a client
+    /// CA guards it: anyone who reaches it may read and write every shard.
+    #[arg(long)]
+    pub allow_anonymous: bool,
 }
 
 /// How to trust the server's certificate (verification is on by default).
@@ -209,11 +239,13 @@ pub struct SyncArgs {
     /// shard's episodes,skills,edges.
     #[arg(long, value_delimiter = ',')]
     pub tables: Vec<String>,
+    /// Token the server asks for (or QUIVER_TOKEN).
     #[arg(long, env = "QUIVER_TOKEN")]
     pub token: Option<String>,
     #[command(flatten)]
     pub trust: TrustArgs,
-    /// Retries of transient failures.
+    /// Retries of transient failures (a lost connection, a busy server); a
+    /// server that never answers is not retried.
     #[arg(long, default_value_t = 4)]
     pub retries: u32,
     /// Keep a live link after catching up: push and pull each change as it
@@ -224,6 +256,7 @@ pub struct SyncArgs {
 
 #[derive(Debug, Args)]
 pub struct SearchArgs {
+    /// The collection.
     pub collection: String,
     /// The query vector as a JSON array.
     #[arg(long)]
@@ -244,8 +277,10 @@ pub struct BenchSearchArgs {
     /// Vectors in the synthetic collection.
     #[arg(long, default_value_t = 100_000)]
     pub n: usize,
+    /// Dimensions of the synthetic vectors.
     #[arg(long, default_value_t = 384)]
     pub dim: usize,
+    /// Number of neighbours per query.
     #[arg(short, long, default_value_t = 10)]
     pub k: usize,
     /// Number of queries to time.
@@ -257,7 +292,9 @@ pub struct BenchSearchArgs {
 pub enum CollectionCmd {
     /// Create a collection.
     Create {
+        /// The collection's name (letters, digits and _).
         name: String,
+        /// Dimensions of every vector in it.
         #[arg(long)]
         dim: usize,
         /// cosine, l2 or dot.
@@ -266,22 +303,30 @@ pub enum CollectionCmd {
         /// lww, fww, merge, manual, local-wins or remote-wins.
         #[arg(long, default_value = "lww")]
         strategy: String,
+        /// The shard it syncs in.
         #[arg(long, default_value = "default")]
         shard: String,
     },
     /// List collections.
     List,
     /// Drop a collection on this replica.
-    Drop { name: String },
+    Drop {
+        /// The collection.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TableCmd {
     /// Register an existing table (it needs an explicit, globally unique PRIMARY KEY).
     Add {
+        /// An existing table of the store (not a view).
         table: String,
+        /// The shard it syncs in.
         #[arg(long, default_value = "default")]
         shard: String,
+        /// How concurrent writes to a column resolve: lww, fww, merge,
+        /// manual, local-wins or remote-wins.
         #[arg(long, default_value = "lww")]
         strategy: String,
     },
@@ -293,6 +338,7 @@ pub enum TableCmd {
 pub enum ConfigCmd {
     /// Print the effective configuration of `quiver serve`.
     Show {
+        /// The TOML file `quiver serve --config` would read.
         #[arg(long)]
         config: Option<std::path::PathBuf>,
     },
@@ -308,25 +354,31 @@ pub enum TokenCmd {
         /// Pull only: pushed changes are refused.
         #[arg(long)]
         read_only: bool,
+        /// A note for `token list`, e.g. who holds it.
         #[arg(long)]
         label: Option<String>,
     },
     /// List tokens (their scope, never the tokens).
     List,
     /// Revoke a token by id.
-    Revoke { id: i64 },
+    Revoke {
+        /// The token's id, from `token list`.
+        id: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum PeersCmd {
     /// Register a peer.
     Add {
+        /// The peer's node name.
         node: String,
         /// HOST:PORT.
         addr: String,
         /// Shards to sync with it (repeatable; default: all).
         #[arg(long = "shard")]
         shards: Vec<String>,
+        /// Token to present to it.
         #[arg(long)]
         token: Option<String>,
         /// SHA-256 fingerprint of its certificate.
@@ -336,7 +388,10 @@ pub enum PeersCmd {
     /// List registered peers and their state.
     List,
     /// Remove a peer.
-    Remove { node: String },
+    Remove {
+        /// The peer's node name.
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -349,6 +404,7 @@ pub enum MemoryCmd {
 pub enum ConflictsCmd {
     /// List open conflicts.
     List {
+        /// Only conflicts of this shard.
         #[arg(long)]
         shard: Option<String>,
         /// Include resolved conflicts.
@@ -359,13 +415,17 @@ pub enum ConflictsCmd {
     Resolve(ResolveArgs),
 }
 
+/// Exactly one of `--keep` and `--value`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("choice").required(true).args(["keep", "value"])))]
 pub struct ResolveArgs {
+    /// The conflict's number, from `quiver conflicts list`.
     pub id: i64,
     /// Keep a recorded version (its site:db_version handle, or a unique prefix).
-    #[arg(long, conflicts_with = "value", required_unless_present = "value")]
+    #[arg(long, value_name = "VERSION")]
     pub keep: Option<String>,
-    /// Write a new value (JSON: a number array for vectors, an object for metadata).
+    /// Write a new value instead (JSON: a number array for vectors, an
+    /// object for metadata, a string or number for a plain column).
     #[arg(long)]
     pub value: Option<String>,
 }
@@ -374,8 +434,10 @@ pub struct ResolveArgs {
 pub enum BenchCmd {
     /// Insert N vectors through quiverdb and through plain SQLite; report the ratio.
     Write {
+        /// Rows to insert on each side.
         #[arg(long, default_value_t = 10_000)]
         n: usize,
+        /// Dimensions of each vector.
         #[arg(long, default_value_t = 384)]
         dim: usize,
         /// Rows per transaction.
@@ -386,6 +448,7 @@ pub enum BenchCmd {
     Search(BenchSearchArgs),
     /// Many clients syncing at once against one `quiver serve`.
     Load {
+        /// Clients syncing at once.
         #[arg(long, default_value_t = 200)]
         clients: usize,
         /// Rows each client writes.
@@ -401,4 +464,21 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 20)]
         bursts: usize,
     },
+}
+
+impl Command {
+    /// Whether the command opens sockets (a server, a client, the demo's
+    /// replicas or a benchmark's): a peer closing one is an error it
+    /// handles, never a signal that ends the process.
+    pub fn uses_network(&self) -> bool {
+        matches!(
+            self,
+            Command::Serve(_)
+                | Command::Sync(_)
+                | Command::Ping { .. }
+                | Command::Demo { .. }
+                | Command::Bench(_)
+                | Command::Status { server: Some(_) }
+        )
+    }
 }

@@ -16,6 +16,14 @@ pub fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     let db = cli.db.clone();
     let open = || Store::open(&db).with_context(|| format!("opening {}", db.display()));
+    // Commands that only read work on a store this user may not write.
+    let read = || {
+        match Store::open(&db) {
+            Err(quiver_store::StoreError::ReadOnly { .. }) => Store::open_read_only(&db),
+            other => other,
+        }
+        .with_context(|| format!("opening {}", db.display()))
+    };
     match cli.command {
         Command::Init { name, sans } => {
             let mut s = Store::init(&db)?;
@@ -36,6 +44,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => crate::net::serve(&db, a, json)?,
         Command::Sync(a) => crate::net::sync(&db, a, json)?,
         Command::Ping { addr, token, trust } => crate::net::ping(&db, &addr, token, &trust, json)?,
+        Command::Collection(CollectionCmd::List) => list_tables(&read()?, json, true)?,
         Command::Collection(c) => collection(open()?, c, json)?,
         Command::Put {
             collection,
@@ -52,12 +61,14 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             r.content = content;
             s.put(&collection, &r)?;
-            if !json {
+            if json {
+                output::json(&serde_json::json!({"put": {"collection": collection, "id": id}}))?;
+            } else {
                 println!("put {collection}/{id}");
             }
         }
         Command::Get { collection, id } => {
-            let s = open()?;
+            let s = read()?;
             match s.get(&collection, &id)? {
                 Some(r) if json => output::json(&r)?,
                 Some(r) => {
@@ -74,7 +85,11 @@ pub fn run(cli: Cli) -> Result<()> {
             if !s.delete(&collection, &id)? {
                 bail!("no record {id:?} in collection {collection:?}");
             }
-            if !json {
+            if json {
+                output::json(
+                    &serde_json::json!({"deleted": {"collection": collection, "id": id}}),
+                )?;
+            } else {
                 println!("deleted {collection}/{id}");
             }
         }
@@ -82,9 +97,19 @@ pub fn run(cli: Cli) -> Result<()> {
             collection,
             file,
             batch,
-        } => import(open()?, &collection, &file, batch.max(1), json)?,
+            skip_bad,
+        } => import(
+            open()?,
+            &collection,
+            &file,
+            ImportOpts {
+                batch: batch.max(1),
+                skip_bad,
+            },
+            json,
+        )?,
         Command::Export { collection, out } => {
-            let s = open()?;
+            let s = read()?;
             let n = match out {
                 Some(path) => {
                     let mut w = BufWriter::new(
@@ -108,29 +133,50 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Sql { sql } => {
-            let mut s = open()?;
-            match s.run_sql(&sql)? {
-                Some((names, rows)) if json => {
-                    let out: Vec<serde_json::Map<String, serde_json::Value>> = rows
-                        .iter()
-                        .map(|r| {
-                            names
-                                .iter()
-                                .cloned()
-                                .zip(r.iter().map(quiver_store::value_to_json))
-                                .collect()
-                        })
-                        .collect();
-                    output::json(&out)?;
+            let mut s = read()?;
+            let results = match s.run_sql(&sql) {
+                Err(_) if s.is_read_only() => {
+                    return Err(quiver_store::StoreError::ReadOnly { path: db.clone() }.into())
                 }
-                Some((names, rows)) => {
-                    let headers: Vec<&str> = names.iter().map(String::as_str).collect();
-                    let rows: Vec<Vec<String>> =
-                        rows.iter().map(|r| r.iter().map(cell).collect()).collect();
-                    output::table(&headers, &rows);
+                other => other?,
+            };
+            // One statement's result a line under --json; a blank line
+            // between the tables of several queries.
+            let mut first = true;
+            for result in &results {
+                match result {
+                    Some((names, rows)) if json => {
+                        let out: Vec<serde_json::Map<String, serde_json::Value>> = rows
+                            .iter()
+                            .map(|r| {
+                                names
+                                    .iter()
+                                    .cloned()
+                                    .zip(r.iter().map(quiver_store::value_to_json))
+                                    .collect()
+                            })
+                            .collect();
+                        output::json(&out)?;
+                    }
+                    Some((names, rows)) => {
+                        if !first {
+                            println!();
+                        }
+                        let headers: Vec<&str> = names.iter().map(String::as_str).collect();
+                        let rows: Vec<Vec<String>> =
+                            rows.iter().map(|r| r.iter().map(cell).collect()).collect();
+                        output::table(&headers, &rows);
+                    }
+                    None => {}
                 }
-                None if !json => println!("ok"),
-                None => output::json(&serde_json::json!({"ok": true}))?,
+                first = false;
+            }
+            if results.iter().all(Option::is_none) {
+                if json {
+                    output::json(&serde_json::json!({"ok": true}))?;
+                } else {
+                    println!("ok");
+                }
             }
         }
         Command::Table(TableCmd::Add {
@@ -149,7 +195,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Table(TableCmd::List) => list_tables(&open()?, json, false)?,
+        Command::Table(TableCmd::List) => list_tables(&read()?, json, false)?,
         Command::Memory(MemoryCmd::Init) => {
             let mut s = open()?;
             let tables = s.init_memory()?;
@@ -159,16 +205,19 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("created agent memory (episodes, skills, edges) in shard memory");
             }
         }
+        Command::Conflicts(c @ ConflictsCmd::List { .. }) => conflicts(read()?, c, json)?,
         Command::Conflicts(c) => conflicts(open()?, c, json)?,
-        Command::Search(a) => crate::search_cmd::run(&open()?, a, json)?,
-        Command::Status { server: None } => status(&open()?, json)?,
+        Command::Search(a) => crate::search_cmd::run(&read()?, a, json)?,
+        Command::Status { server: None } => status(&read()?, json)?,
         Command::Status { server: Some(addr) } => crate::net::server_status(&addr, json)?,
+        Command::Peers(p @ PeersCmd::List) => peers(read()?, p, json)?,
         Command::Peers(p) => peers(open()?, p, json)?,
+        Command::Token(t @ TokenCmd::List) => token(read()?, t, json)?,
         Command::Token(t) => token(open()?, t, json)?,
         Command::Config(crate::args::ConfigCmd::Show { config }) => {
             crate::net::config_show(config.as_deref(), json)?
         }
-        Command::Watch { shard } => crate::net::watch(open()?, shard)?,
+        Command::Watch { shard } => crate::net::watch(read()?, shard)?,
         Command::Demo { rows } => crate::demo::run(rows, json)?,
         Command::Bench(BenchCmd::Write { n, dim, batch }) => {
             crate::bench::write(n, dim, batch, json)?
@@ -222,7 +271,9 @@ fn collection(mut s: Store, c: CollectionCmd, json: bool) -> Result<()> {
         CollectionCmd::List => list_tables(&s, json, true)?,
         CollectionCmd::Drop { name } => {
             s.drop_collection(&name)?;
-            if !json {
+            if json {
+                output::json(&serde_json::json!({"dropped": name}))?;
+            } else {
                 println!("dropped collection {name}");
             }
         }
@@ -268,63 +319,92 @@ fn list_tables(s: &Store, json: bool, collections_only: bool) -> Result<()> {
     Ok(())
 }
 
+/// How an import went: rows written, records equal to what the store held,
+/// and the lines skipped with `--skip-bad` (number and reason).
+#[derive(Default, serde::Serialize)]
+struct Imported {
+    imported: usize,
+    unchanged: usize,
+    skipped: Vec<usize>,
+    #[serde(skip)]
+    reasons: Vec<String>,
+}
+
 fn import(
     mut s: Store,
     coll: &str,
     path: &std::path::Path,
-    batch: usize,
+    opts: ImportOpts,
     json: bool,
 ) -> Result<()> {
     let info = s.collection(coll)?;
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let bar = if std::io::stderr().is_terminal() && !json {
-        let b = indicatif::ProgressBar::new(size);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Some(b)
-    } else {
-        None
-    };
-    let mut records = Vec::with_capacity(batch);
-    let mut written = 0usize;
+    let progress = output::Progress::bytes(size, "importing", json);
+    let mut records = Vec::with_capacity(opts.batch);
+    let mut done = Imported::default();
     let mut read = 0u64;
+    let flush = |s: &mut Store, records: &mut Vec<Record>, done: &mut Imported| -> Result<()> {
+        let n = s.put_many(coll, records)?;
+        done.imported += n;
+        done.unchanged += records.len() - n;
+        records.clear();
+        Ok(())
+    };
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let line = line.with_context(|| format!("reading line {}", i + 1))?;
         read += line.len() as u64 + 1;
         if line.trim().is_empty() {
             continue;
         }
-        let r = Record::from_json(&line)
-            .and_then(|r| check_record(&info, &r).map(|_| r))
-            .map_err(|e| {
-                anyhow!(
-                    "line {}: {e}; {written} records were imported before it, none of its batch",
-                    i + 1
-                )
-            })?;
-        records.push(r);
-        if records.len() == batch {
-            written += s.put_many(coll, &records)?;
-            records.clear();
-            if let Some(b) = &bar {
-                b.set_position(read);
-                b.set_message(format!("{written} records"));
+        match Record::from_json(&line).and_then(|r| check_record(&info, &r).map(|_| r)) {
+            Ok(r) => records.push(r),
+            Err(e) if opts.skip_bad => {
+                done.skipped.push(i + 1);
+                done.reasons.push(format!("line {}: {e}", i + 1));
             }
+            Err(e) => bail!(
+                "line {}: {e}. {} records were written before it, none of its batch; fix the \
+                 line and run the same command again (records already imported are left as \
+                 they are), or pass --skip-bad to import the good lines and list the bad ones",
+                i + 1,
+                done.imported + done.unchanged
+            ),
+        }
+        if records.len() == opts.batch {
+            flush(&mut s, &mut records, &mut done)?;
+            progress.at(read, done.imported + done.unchanged, "records");
         }
     }
-    written += s.put_many(coll, &records)?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    flush(&mut s, &mut records, &mut done)?;
+    progress.finish();
     if json {
-        output::json(&serde_json::json!({"imported": written}))?;
-    } else {
-        println!("imported {written} records into {coll}");
+        return output::json(&done);
+    }
+    for r in &done.reasons {
+        eprintln!("skipped {r}");
+    }
+    print!("imported {} records into {coll}", done.imported);
+    if done.unchanged > 0 {
+        print!(" ({} already held unchanged)", done.unchanged);
+    }
+    println!();
+    if !done.skipped.is_empty() {
+        let lines: Vec<String> = done.skipped.iter().map(ToString::to_string).collect();
+        println!(
+            "skipped {} bad line{}: {}",
+            lines.len(),
+            if lines.len() == 1 { "" } else { "s" },
+            lines.join(", ")
+        );
     }
     Ok(())
+}
+
+/// `import`'s options.
+struct ImportOpts {
+    batch: usize,
+    skip_bad: bool,
 }
 
 fn conflicts(mut s: Store, c: ConflictsCmd, json: bool) -> Result<()> {
@@ -371,7 +451,9 @@ fn conflicts(mut s: Store, c: ConflictsCmd, json: bool) -> Result<()> {
                 (None, None) => bail!("give --keep VERSION or --value VALUE"),
             };
             s.resolve(a.id, choice)?;
-            if !json {
+            if json {
+                output::json(&serde_json::json!({"resolved": a.id}))?;
+            } else {
                 println!("resolved conflict {}", a.id);
             }
         }
@@ -477,7 +559,9 @@ fn token(mut s: Store, t: TokenCmd, json: bool) -> Result<()> {
             if !s.revoke_token(id)? {
                 bail!("no token {id}");
             }
-            if !json {
+            if json {
+                output::json(&serde_json::json!({"revoked": id}))?;
+            } else {
                 println!("revoked token {id}");
             }
         }
@@ -498,7 +582,9 @@ fn peers(mut s: Store, p: PeersCmd, json: bool) -> Result<()> {
             rec.token = token;
             rec.pin = pin;
             s.register_peer(&rec)?;
-            if !json {
+            if json {
+                output::json(&serde_json::json!({"registered": {"node": node, "addr": addr}}))?;
+            } else {
                 println!("registered peer {node} at {addr}");
             }
         }
@@ -538,7 +624,9 @@ fn peers(mut s: Store, p: PeersCmd, json: bool) -> Result<()> {
             if !s.unregister_peer(&node)? {
                 bail!("no peer {node:?} is registered");
             }
-            if !json {
+            if json {
+                output::json(&serde_json::json!({"removed": node}))?;
+            } else {
                 println!("removed peer {node}");
             }
         }

@@ -74,6 +74,11 @@ const KEYS: &[(&str, &[&str], Option<&str>)] = &[
         Some("0"),
     ),
     ("peers", &["QUIVER_PEERS"], None),
+    (
+        "allow_anonymous",
+        &["QUIVER_ALLOW_ANONYMOUS"],
+        Some("false"),
+    ),
     ("peer_token", &["QUIVER_PEER_TOKEN"], None),
 ];
 
@@ -125,6 +130,9 @@ pub struct DaemonConfig {
     /// Per-client limits (0: unlimited).
     #[serde(skip)]
     pub rate: quiver_sync::limits::RateLimits,
+    /// Serve a non-loopback address with neither a token nor a client CA.
+    #[serde(skip)]
+    pub allow_anonymous: bool,
 }
 
 /// Reads a TOML file into a layer, refusing unknown keys and non-scalar values.
@@ -322,6 +330,11 @@ pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<Daemo
             "true or false",
         )?,
         log_json: log_format == "json",
+        allow_anonymous: parse(
+            "allow_anonymous",
+            get("allow_anonymous").unwrap_or(""),
+            "true or false",
+        )?,
         peers: get("peers")
             .map(|p| {
                 p.split(',')

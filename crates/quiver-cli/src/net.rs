@@ -31,7 +31,9 @@ pub fn init_logging_as(default: &str, json: bool) {
         .unwrap_or_else(|_| default.to_string());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into a file or pipe.
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if json {
         builder.json().try_init()
     } else {
@@ -45,14 +47,18 @@ fn node_name(store: &Store) -> Result<String> {
         .unwrap_or_else(|| format!("node-{}", &store.site_id().to_hex()[..8])))
 }
 
-fn trust(t: &TrustArgs) -> Trust {
-    match (&t.ca, &t.pin, t.insecure) {
+fn trust(t: &TrustArgs) -> Result<Trust> {
+    Ok(match (&t.ca, &t.pin, t.insecure) {
         (Some(ca), _, _) => Trust::Ca(ca.clone()),
-        (None, Some(pin), _) => Trust::Pin(pin.clone()),
+        (None, Some(pin), _) => Trust::Pin(quiver_sync::tls::parse_pin(pin)?),
         (None, None, true) => Trust::Insecure,
         (None, None, false) => Trust::Verify,
-    }
+    })
 }
+
+/// How long a one-shot command waits for a QUIC handshake before it says
+/// that nothing answers (not retried: a person is waiting).
+const ONE_SHOT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(2500);
 
 /// The certificate a client presents when a server asks for one: the
 /// named files, else the store's own identity if `quiver init` made one
@@ -99,6 +105,7 @@ fn flag_layer(a: &ServeArgs) -> config::Layer {
     );
     put("log_format", a.log_format.clone());
     put("http_listen", a.http.clone());
+    put("allow_anonymous", a.allow_anonymous.then(|| "true".into()));
     l
 }
 
@@ -114,9 +121,16 @@ pub fn config_show(file: Option<&Path>, json: bool) -> Result<()> {
     if json {
         return output::json(&c.values);
     }
+    let kw = c.values.keys().map(|k| k.len()).max().unwrap_or(0);
+    let vw = c
+        .values
+        .values()
+        .map(|(v, _)| v.chars().count())
+        .max()
+        .unwrap_or(0);
     for (k, (v, src)) in &c.values {
         println!(
-            "{k:<20} = {v:<24} ({})",
+            "{k:<kw$} = {v:<vw$} ({})",
             serde_json::to_value(src)?.as_str().unwrap_or("")
         );
     }
@@ -127,6 +141,8 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
     let cfg = layered(a.config.as_deref(), &flag_layer(&a))?;
     init_logging_as("info", cfg.log_json);
     let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
+    refuse_anonymous_network(&cfg, &store)?;
+    let mut lock = ServeLock::take(db)?;
     let node = cfg
         .node
         .clone()
@@ -161,7 +177,10 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
     let mut peers = Vec::new();
     for p in &cfg.peers {
         let (addr, trust) = match p.split_once('@') {
-            Some((addr, pin)) => (addr.to_string(), Trust::Pin(pin.to_string())),
+            Some((addr, pin)) => (
+                addr.to_string(),
+                Trust::Pin(quiver_sync::tls::parse_pin(pin).with_context(|| format!("peer {p}"))?),
+            ),
             None if a.peer_insecure => (p.clone(), Trust::Insecure),
             None => (p.clone(), Trust::Verify),
         };
@@ -183,6 +202,7 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         let handle = StoreHandle::spawn(store);
         let server = Server::bind(handle.clone(), &id, opts)?;
         let addr = server.local_addr()?;
+        lock.record(addr)?;
         let token = server.shutdown_token();
         let http = match http_listen {
             Some(at) => {
@@ -267,6 +287,80 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
     })
 }
 
+/// Refuses to serve a non-loopback address that nothing guards: no token
+/// (neither `--token` nor scoped tokens in the store) and no client CA,
+/// unless `--allow-anonymous` says that is meant.
+fn refuse_anonymous_network(cfg: &config::DaemonConfig, store: &Store) -> Result<()> {
+    let guarded = cfg.token.is_some() || cfg.client_ca.is_some() || !store.tokens()?.is_empty();
+    if guarded || cfg.listen.ip().is_loopback() || cfg.allow_anonymous {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to serve {} with neither a token nor a client CA: anyone who reaches it could \
+         read and write every shard. Give --token T (or make scoped tokens with `quiver token \
+         create`), or --client-ca FILE; or pass --allow-anonymous (allow_anonymous = true) if \
+         that is really what you want",
+        cfg.listen
+    )
+}
+
+/// One `quiver serve` per store: an exclusive lock on `<db>.serve.lock`,
+/// held for the daemon's life, holding its pid and address so that a
+/// second one can say who serves the store already.
+struct ServeLock {
+    file: std::fs::File,
+}
+
+impl ServeLock {
+    fn path(db: &Path) -> std::path::PathBuf {
+        let name = db.file_name().map(|n| n.to_string_lossy().into_owned());
+        db.with_file_name(format!("{}.serve.lock", name.unwrap_or_default()))
+    }
+
+    fn take(db: &Path) -> Result<ServeLock> {
+        let path = Self::path(db);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("creating the lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let held = std::fs::read_to_string(&path).unwrap_or_default();
+                let held = held.trim();
+                anyhow::bail!(
+                    "{} is already served by another `quiver serve` ({}); stop it first, or \
+                     serve another store",
+                    db.display(),
+                    if held.is_empty() { "starting up" } else { held }
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()))
+            }
+        }
+        let mut lock = ServeLock { file };
+        lock.write(&format!("pid {}", std::process::id()))?;
+        Ok(lock)
+    }
+
+    /// Adds the bound address, once known.
+    fn record(&mut self, addr: std::net::SocketAddr) -> Result<()> {
+        self.write(&format!("pid {}, listening on {addr}", std::process::id()))
+    }
+
+    fn write(&mut self, text: &str) -> Result<()> {
+        use std::io::Seek;
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        writeln!(self.file, "{text}")?;
+        Ok(())
+    }
+}
+
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
@@ -293,11 +387,14 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
     init_logging("warn");
     let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
     let opts = ClientOptions {
-        trust: trust(&a.trust),
+        trust: trust(&a.trust)?,
         client_identity: client_identity(db, &a.trust),
         token: a.token,
         node: node_name(&store)?,
         retries: a.retries,
+        connect_timeout: ONE_SHOT_CONNECT_TIMEOUT,
+        // A live link keeps trying an absent server; a one-shot sync says so.
+        retry_no_answer: a.watch,
         ..Default::default()
     };
     let spec = SyncSpec {
@@ -309,16 +406,23 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
         b.enable_steady_tick(std::time::Duration::from_millis(100));
         b
     });
+    let started = std::time::Instant::now();
     let progress = bar.clone().map(|b| {
+        // A change is one cell (or a row's record), so a row brings several.
+        let counted = move |verb: &str, shard: &str, n: u64| {
+            let secs = started.elapsed().as_secs_f64();
+            format!(
+                "{shard}: {verb} {n} changes (cells), {:.0}/s, {secs:.1} s",
+                n as f64 / secs.max(0.001)
+            )
+        };
         Arc::new(move |p: Progress| {
             b.set_message(match p {
                 Progress::Connecting { addr } => format!("connecting to {addr}"),
                 Progress::Handshaking => "handshaking".into(),
-                Progress::Pulling { shard, changes } => {
-                    format!("{shard}: received {changes} changes")
-                }
-                Progress::Pushing { shard, changes } => format!("{shard}: sent {changes} changes"),
-                Progress::Applying { shard, applied } => format!("{shard}: applied {applied}"),
+                Progress::Pulling { shard, changes } => counted("received", &shard, changes),
+                Progress::Pushing { shard, changes } => counted("sent", &shard, changes),
+                Progress::Applying { shard, applied } => counted("applied", &shard, applied),
                 Progress::Done => "done".into(),
             })
         }) as quiver_sync::ProgressFn
@@ -344,9 +448,20 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
         return output::json(&r);
     }
     println!(
-        "synced with {} in {} ms: sent {} changes, received {} ({} applied), {} conflicts ({} resolved, {} open)",
-        r.peer_node, r.duration_ms, r.changes_sent, r.changes_received, r.applied, r.conflicts_detected, r.conflicts_resolved, r.conflicts_open
+        "synced with {} in {} ms: sent {} changes, received {} ({} applied)",
+        r.peer_node, r.duration_ms, r.changes_sent, r.changes_received, r.applied
     );
+    if r.conflicts_detected + r.peer_conflicts_detected > 0 {
+        println!(
+            "  conflicts here: {} ({} resolved by strategy, {} open: quiver conflicts list); \
+             on {}: {}",
+            r.conflicts_detected,
+            r.conflicts_resolved,
+            r.conflicts_open,
+            r.peer_node,
+            r.peer_conflicts_detected
+        );
+    }
     for s in &r.shards {
         println!(
             "  {:<12} sent {:>7}  received {:>7}  applied {:>7}  bytes out {:>9} in {:>9}{}",
@@ -380,21 +495,25 @@ async fn watch_link(
         shutdown_signal().await;
         signal_stop.cancel();
     });
+    let up = std::sync::atomic::AtomicBool::new(false);
+    let to = addr.clone();
     let on_round: quiver_sync::RoundFn = Arc::new(move |r: &quiver_sync::SyncResult| {
+        // Said once the first round has passed, so that a refusal (a token,
+        // a pin) is the first and only thing printed.
+        if !json && !up.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            println!("live link to {to} ({}) up; Ctrl-C to stop", r.peer_node);
+        }
         if json {
             let _ = output::json(r);
         } else if r.changes_sent + r.changes_received > 0 {
             println!(
-                "sent {} received {} applied {} conflicts {} ({} ms)",
+                "sent {} changes, received {} ({} applied), {} conflicts here ({} ms)",
                 r.changes_sent, r.changes_received, r.applied, r.conflicts_detected, r.duration_ms
             );
         }
         let _ = std::io::stdout().flush();
     });
     let mut client = Client::new(StoreHandle::spawn(store), opts);
-    if !json {
-        println!("live link to {addr}; Ctrl-C to stop");
-    }
     let r = client.live(&addr, &spec, stop, Some(on_round)).await;
     client.close().await;
     Ok(r?)
@@ -510,11 +629,12 @@ pub fn ping(db: &Path, addr: &str, token: Option<String>, t: &TrustArgs, json: b
     init_logging("warn");
     let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
     let opts = ClientOptions {
-        trust: trust(t),
+        trust: trust(t)?,
         client_identity: client_identity(db, t),
         token,
         node: node_name(&store)?,
         retries: 0,
+        connect_timeout: ONE_SHOT_CONNECT_TIMEOUT,
         ..Default::default()
     };
     let rt = runtime()?;

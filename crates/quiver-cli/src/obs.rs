@@ -23,7 +23,59 @@ pub fn install_recorder() -> Result<PrometheusHandle> {
             0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ])?
         .install_recorder()?;
+    zero_series();
     Ok(handle)
+}
+
+/// Every series the daemon exports, described and present at zero from the
+/// start: Prometheus users expect a counter to exist before it moves, so
+/// that rates and alerts work from the first scrape.
+fn zero_series() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    let counters = [
+        ("quiver_connections_total", "QUIC connections accepted"),
+        ("quiver_changes_sent_total", "changes sent to peers"),
+        (
+            "quiver_changes_received_total",
+            "changes received from peers",
+        ),
+        ("quiver_bytes_sent_total", "bytes of change frames sent"),
+        (
+            "quiver_bytes_received_total",
+            "bytes of change frames received",
+        ),
+        (
+            "quiver_conflicts_total",
+            "conflicts recorded while applying",
+        ),
+        (
+            "quiver_rate_limited_total",
+            "requests refused by a rate limit",
+        ),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, help);
+        metrics::counter!(name).absolute(0);
+    }
+    describe_counter!("quiver_syncs_total", "shard exchanges, by result");
+    for result in ["ok", "error"] {
+        metrics::counter!("quiver_syncs_total", "result" => result).absolute(0);
+    }
+    describe_counter!(
+        "quiver_refusals_total",
+        "connections or requests refused, by code"
+    );
+    describe_counter!(
+        "quiver_errors_total",
+        "failed shard exchanges, by error kind"
+    );
+    describe_gauge!("quiver_connections_active", "connections being served");
+    metrics::gauge!("quiver_connections_active").set(0.0);
+    describe_histogram!(
+        "quiver_sync_duration_seconds",
+        Unit::Seconds,
+        "duration of one shard exchange"
+    );
 }
 
 /// What the endpoint reports on.

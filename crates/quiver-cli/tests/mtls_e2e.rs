@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{err, ok, wait_connections, Node};
+use common::{closed_addr, err, ok, wait_connections, Node};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -196,10 +196,8 @@ fn client_certificates_are_required_checked_and_shown() {
     live.wait().unwrap();
 
     // The wrong address gets a hint, not a hang or a panic.
-    let e = err(
-        Path::new("unused.db"),
-        &["status", "--server", "127.0.0.1:1"],
-    );
+    let closed = closed_addr();
+    let e = err(Path::new("unused.db"), &["status", "--server", &closed]);
     assert!(e.contains("HTTP address"), "{e}");
 }
 

@@ -219,13 +219,23 @@ pub(crate) fn register(
     if load(conn, name)?.is_some() {
         return Err(StoreError::AlreadyExists(name.to_string()));
     }
-    let exists: bool = conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
-        [name],
-        |r| r.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !exists {
-        return Err(refuse("no such table; create it first".into()));
+    let object: Option<String> = conn
+        .query_row(
+            "SELECT type FROM sqlite_master WHERE name = ?1 AND type IN ('table', 'view')",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match object.as_deref() {
+        Some("table") => {}
+        Some(_) => {
+            return Err(refuse(
+                "it is a view: a view holds no rows of its own to replicate; replicate the \
+                 tables it reads from, and create the view on each replica"
+                    .into(),
+            ))
+        }
+        None => return Err(refuse("no such table; create it first".into())),
     }
     let mut stmt = conn.prepare(&format!("PRAGMA table_info({})", quote(name)))?;
     let cols: Vec<(String, String, bool, i64)> = stmt

@@ -256,6 +256,9 @@ impl Store {
     }
 
     /// Inserts or replaces many records in one transaction: all or nothing.
+    /// Gives how many rows it wrote: a record equal to the row already held
+    /// is left alone (no write, no new version), so loading the same data
+    /// twice changes nothing the second time.
     pub fn put_many(&mut self, collection: &str, records: &[Record]) -> Result<usize> {
         let t = self.collection(collection)?;
         for r in records {
@@ -274,7 +277,9 @@ impl Store {
         let upsert = format!(
             "INSERT INTO {}(id, vector, metadata, content) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(id) DO UPDATE SET vector = excluded.vector,
-               metadata = excluded.metadata, content = excluded.content",
+               metadata = excluded.metadata, content = excluded.content
+             WHERE vector IS NOT excluded.vector OR metadata IS NOT excluded.metadata
+               OR content IS NOT excluded.content",
             quote(&t.name)
         );
         let write = |stmt: &mut rusqlite::CachedStatement<'_>, r: &Record| -> Result<usize> {
@@ -292,6 +297,7 @@ impl Store {
             // columns that changed; keeping the order keeps batches valid
             // under the user's own unique indexes.
             let mut rest = records;
+            let mut written = 0;
             if let Some(mut log) = triggers::DirectLog::begin(tx, &t)? {
                 {
                     let mut stmt = tx.prepare_cached(&insert)?;
@@ -300,6 +306,7 @@ impl Store {
                             break;
                         }
                         log.log(t.id, &r.id)?;
+                        written += 1;
                         rest = more;
                     }
                 }
@@ -307,9 +314,9 @@ impl Store {
             }
             let mut stmt = tx.prepare_cached(&upsert)?;
             for r in rest {
-                write(&mut stmt, r)?;
+                written += write(&mut stmt, r)?;
             }
-            Ok(records.len())
+            Ok(written)
         })
     }
 

@@ -15,6 +15,18 @@ pub enum StoreError {
     NotAStore { path: PathBuf },
     #[error("{path} does not exist; create a store with `quiver init`")]
     Missing { path: PathBuf },
+    #[error(
+        "{path} is read-only for this user (the file, or the folder that holds it, cannot be \
+         written): reading commands (get, export, search, status, lists) work, writing ones \
+         need write access"
+    )]
+    ReadOnly { path: PathBuf },
+    #[error("{path} uses store format {found}; this read-only access cannot migrate it to format {supported}: open it once with write access")]
+    NeedsMigration {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
     #[error("{path} already holds a quiverdb store")]
     AlreadyInitialised { path: PathBuf },
     #[error("{path} uses store format {found}, newer than this quiver understands ({supported}); upgrade quiver")]

@@ -113,6 +113,13 @@ impl Store {
             })?;
         let format = match schema::format_of(&probe) {
             Ok(Some(f)) => f,
+            // A WAL store whose side files cannot be made: a folder this
+            // user may not write.
+            Err(StoreError::Sqlite(e)) if cannot_make_wal_files(&e) => {
+                return Err(StoreError::ReadOnly {
+                    path: path.to_path_buf(),
+                })
+            }
             Ok(None) | Err(_) => {
                 return Err(StoreError::NotAStore {
                     path: path.to_path_buf(),
@@ -127,10 +134,85 @@ impl Store {
                 supported: FORMAT_VERSION,
             });
         }
+        let read_only = || StoreError::ReadOnly {
+            path: path.to_path_buf(),
+        };
         let mut conn = Connection::open(path)?;
-        schema::configure(&conn)?;
-        schema::migrate(&mut conn, path, format)?;
+        // SQLite falls back to reading a file it may not write: say so now,
+        // not at the first write.
+        if triggers::read_only(&conn)? {
+            return Err(read_only());
+        }
+        let prepared =
+            schema::configure(&conn).and_then(|_| schema::migrate(&mut conn, path, format));
+        match prepared {
+            // WAL needs its side files beside the store: a folder this user
+            // may not write refuses them.
+            Err(StoreError::Sqlite(e))
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen)
+                ) =>
+            {
+                return Err(read_only())
+            }
+            other => other?,
+        }
         Self::from_conn(conn, path)
+    }
+
+    /// Opens a store for reading only, as a user who may not write its file
+    /// or folder can: nothing is migrated, folded or otherwise written. A
+    /// store of an older format is refused (it needs a writer to migrate).
+    /// When the folder refuses WAL's side files and none exist (no writer
+    /// has it open), the file is read as immutable.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Store> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(StoreError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)?;
+        let conn = match schema::format_of(&conn) {
+            Err(StoreError::Sqlite(e)) if cannot_make_wal_files(&e) => {
+                let uri = format!("file:{}?immutable=1", uri_path(path));
+                Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI)?
+            }
+            _ => conn,
+        };
+        let format = match schema::format_of(&conn) {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(_) => {
+                return Err(StoreError::NotAStore {
+                    path: path.to_path_buf(),
+                })
+            }
+        };
+        if format != FORMAT_VERSION {
+            let (path, found, supported) = (path.to_path_buf(), format, FORMAT_VERSION);
+            return Err(if format > FORMAT_VERSION {
+                StoreError::NewerFormat {
+                    path,
+                    found,
+                    supported,
+                }
+            } else {
+                StoreError::NeedsMigration {
+                    path,
+                    found,
+                    supported,
+                }
+            });
+        }
+        conn.busy_timeout(schema::BUSY_TIMEOUT)?;
+        Self::from_conn(conn, path)
+    }
+
+    /// Whether this handle can write the store.
+    pub fn is_read_only(&self) -> bool {
+        triggers::read_only(&self.conn).unwrap_or(true)
     }
 
     fn from_conn(conn: Connection, path: &Path) -> Result<Store> {
@@ -268,6 +350,9 @@ impl Store {
     /// another process writing the file) a db_version of its own, so it can
     /// be synced. Returns whether there was any.
     pub fn close_open_version(&mut self) -> Result<bool> {
+        if self.is_read_only() {
+            return Ok(false);
+        }
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -294,18 +379,39 @@ impl Store {
         self.local_write(|tx| Ok(tx.execute_batch(sql)?))
     }
 
-    /// Runs SQL: a single read-only statement returns its column names and
-    /// rows; anything else runs as a local write and returns `None`.
-    pub fn run_sql(&mut self, sql: &str) -> Result<Option<SqlRows>> {
-        let query = {
-            let stmt = self.conn.prepare(sql)?;
-            stmt.readonly() && stmt.column_count() > 0
+    /// Runs SQL, any number of statements, in order: each gives its column
+    /// names and rows if it returns rows, `None` otherwise. Statements that
+    /// only read run as they are (on a read-only store too); anything that
+    /// writes makes the whole text one local write, tracked by the triggers.
+    pub fn run_sql(&mut self, sql: &str) -> Result<Vec<Option<SqlRows>>> {
+        let reads_only = {
+            let mut batch = rusqlite::Batch::new(&self.conn, sql);
+            let mut all = true;
+            // A statement that cannot be prepared yet (it needs an earlier
+            // one run first) counts as a write.
+            while let Ok(Some(stmt)) = batch.next() {
+                all &= stmt.readonly();
+            }
+            all && batch.next().is_ok()
         };
-        if !query {
-            self.execute_sql(sql)?;
-            return Ok(None);
+        if reads_only {
+            return run_statements(&self.conn, sql);
         }
-        let mut stmt = self.conn.prepare(sql)?;
+        self.local_write(|tx| run_statements(tx, sql))
+    }
+}
+
+/// Runs each statement of `sql` in turn, collecting the rows of those that
+/// return some.
+fn run_statements(conn: &Connection, sql: &str) -> Result<Vec<Option<SqlRows>>> {
+    let mut out = Vec::new();
+    let mut batch = rusqlite::Batch::new(conn, sql);
+    while let Some(mut stmt) = batch.next()? {
+        if stmt.column_count() == 0 {
+            stmt.raw_execute()?;
+            out.push(None);
+            continue;
+        }
         let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
         let n = names.len();
         let rows = stmt
@@ -315,8 +421,31 @@ impl Store {
                     .collect()
             })?
             .collect::<rusqlite::Result<Vec<Vec<_>>>>()?;
-        Ok(Some((names, rows)))
+        out.push(Some((names, rows)));
     }
+    Ok(out)
+}
+
+/// Whether a read-only connection failed because WAL's side files
+/// (`-shm`, `-wal`) neither exist nor can be made: SQLite answers
+/// "attempt to write a readonly database" or "unable to open".
+fn cannot_make_wal_files(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen)
+    )
+}
+
+/// A path as an SQLite URI path: the characters URIs reserve, escaped.
+fn uri_path(path: &Path) -> String {
+    let mut out = String::new();
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' | '?' | '#' | ' ' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// A read-only connection that tells when anyone commits to the store file

@@ -241,6 +241,11 @@ pub(crate) fn try_fold_pending(conn: &Connection) -> Result<()> {
 /// Moves the logged inserts into the clock (see [`FOLD`]); every reader of
 /// the clock calls this first. Returns whether anything was pending.
 pub(crate) fn fold_pending(conn: &Connection) -> Result<bool> {
+    // A store opened read-only leaves the log for a writer; readers of the
+    // clock stay right, as no version is claimed past an unfolded insert.
+    if read_only(conn)? {
+        return Ok(false);
+    }
     let pending: bool = conn
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM quiver_pending)")?
         .query_row([], |r| r.get(0))?;
@@ -310,6 +315,9 @@ pub(crate) fn backfill(conn: &Connection, t: &TableInfo) -> Result<()> {
 /// Seals the open db_version if any change carries it (a logged insert or
 /// a clock record), so later writes get the next one. Returns whether it sealed one.
 pub(crate) fn close_open_version(conn: &Connection) -> Result<bool> {
+    if read_only(conn)? {
+        return Ok(false);
+    }
     let n = conn.execute(
         "UPDATE quiver_state SET dbv = dbv + 1
          WHERE (SELECT p.dbv FROM quiver_pending p ORDER BY p.seq DESC LIMIT 1) = quiver_state.dbv
@@ -353,4 +361,9 @@ pub(crate) fn touch_cell(
         rusqlite::params![tid, P(key)],
     )?;
     Ok(())
+}
+
+/// Whether this connection cannot write the store (opened read-only).
+pub(crate) fn read_only(conn: &Connection) -> Result<bool> {
+    Ok(conn.is_readonly(rusqlite::DatabaseName::Main)?)
 }

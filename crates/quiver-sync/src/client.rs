@@ -33,9 +33,15 @@ pub struct ClientOptions {
     pub client_identity: Option<(PathBuf, PathBuf)>,
     pub token: Option<String>,
     pub node: String,
+    /// How long the QUIC handshake may take before the server counts as
+    /// not answering.
     pub connect_timeout: Duration,
     /// Retries after the first attempt, for transient failures only.
     pub retries: u32,
+    /// Whether a one-shot sync retries a server that never answered
+    /// (live links always keep trying). A person at a terminal would rather
+    /// hear at once that nothing is there.
+    pub retry_no_answer: bool,
     pub limits: TransportLimits,
     pub max_frame: u32,
     pub compression: bool,
@@ -51,6 +57,7 @@ impl Default for ClientOptions {
             node: "quiver".into(),
             connect_timeout: Duration::from_secs(5),
             retries: 4,
+            retry_no_answer: true,
             limits: TransportLimits::default(),
             max_frame: DEFAULT_MAX_FRAME,
             compression: true,
@@ -77,9 +84,14 @@ pub struct SyncResult {
     pub changes_sent: u64,
     pub changes_received: u64,
     pub applied: u64,
+    /// Conflicts this replica recorded while applying what it received
+    /// (each concurrent cell once); what `quiver conflicts list` shows here.
     pub conflicts_detected: u64,
     pub conflicts_resolved: u64,
     pub conflicts_open: u64,
+    /// Conflicts the server recorded on its side while applying what this
+    /// replica pushed (the same concurrent writes seen from there).
+    pub peer_conflicts_detected: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ms: u64,
@@ -128,22 +140,33 @@ pub struct Client {
 
 /// Resolves `host:port` and gives the TLS server name.
 async fn resolve(addr: &str) -> Result<(SocketAddr, String)> {
-    let bad = |reason: String| SyncError::Connect {
+    let malformed = |reason: &str| SyncError::BadAddress {
         addr: addr.to_string(),
-        reason,
+        reason: reason.to_string(),
     };
-    let (host, _) = addr
+    let (host, port) = addr
         .rsplit_once(':')
-        .ok_or_else(|| bad("expected HOST:PORT, e.g. 127.0.0.1:4433".into()))?;
+        .ok_or_else(|| malformed("expected HOST:PORT, e.g. 127.0.0.1:4433"))?;
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(malformed("the port must be a number from 1 to 65535"));
+    }
     let host = host
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(malformed("expected HOST:PORT, e.g. 127.0.0.1:4433"));
+    }
+    // A failed lookup may be the network (offline, DNS down): transient.
+    let lookup_failed = |reason: String| SyncError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
     let sock = tokio::net::lookup_host(addr)
         .await
-        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| lookup_failed(format!("looking up {host}: {e}")))?
         .next()
-        .ok_or_else(|| bad("the name resolved to no address".into()))?;
+        .ok_or_else(|| lookup_failed("the name resolved to no address".into()))?;
     Ok((sock, host))
 }
 
@@ -295,10 +318,15 @@ impl Client {
                     Ok(Err(e)) => {
                         return Err(self.untrusted(&seen, &e).unwrap_or(SyncError::Connect {
                             addr: addr.to_string(),
-                            reason: e.to_string(),
+                            reason: crate::error::connection_reason(&e),
                         }))
                     }
-                    Err(_) => return Err(SyncError::Timeout(format!("connecting to {addr}"))),
+                    Err(_) => {
+                        return Err(SyncError::NoAnswer {
+                            addr: addr.to_string(),
+                            waited_ms: self.opts.connect_timeout.as_millis() as u64,
+                        })
+                    }
                 }
             }
         };
@@ -330,7 +358,11 @@ impl Client {
             }
         };
         let (welcome, reader, writer, ours) =
-            match tokio::time::timeout(self.opts.connect_timeout, hs).await {
+            // The QUIC handshake is done: the server is there, so give its
+            // welcome (which reads its store) more time than the handshake.
+            match tokio::time::timeout(self.opts.connect_timeout.max(Duration::from_secs(5)), hs)
+                .await
+            {
                 Ok(Ok(x)) => x,
                 Ok(Err(SyncError::Connection(c))) => {
                     let e = quinn::ConnectionError::LocallyClosed;
@@ -362,6 +394,23 @@ impl Client {
         Ok((sock, false))
     }
 
+    /// Counts each shard exchanged in the store's sync state, as the server
+    /// does on its side and as `quiver_syncs_total` counts them.
+    async fn record_exchanges(&self, r: &SyncResult) -> Result<()> {
+        let each: Vec<(u64, u64)> = r
+            .shards
+            .iter()
+            .map(|s| (s.changes_sent, s.changes_received))
+            .collect();
+        self.handle
+            .call(move |s| {
+                each.iter()
+                    .try_for_each(|(sent, received)| s.record_sync(*sent, *received, None))
+            })
+            .await??;
+        Ok(())
+    }
+
     /// Keeps the error in the store's sync state (last error, count).
     async fn record_failure(&self, e: &SyncError) {
         let msg = e.to_string();
@@ -384,16 +433,18 @@ impl Client {
             match self.sync_once(addr, spec, &progress).await {
                 Ok(mut r) => {
                     r.attempts = attempt;
-                    let (sent, received) = (r.changes_sent, r.changes_received);
-                    self.handle
-                        .call(move |s| s.record_sync(sent, received, None))
-                        .await??;
+                    self.record_exchanges(&r).await?;
                     if let Some(p) = &progress {
                         p(Progress::Done);
                     }
                     return Ok(r);
                 }
-                Err(e) if e.is_transient() && attempt <= self.opts.retries => {
+                Err(e)
+                    if e.is_transient()
+                        && attempt <= self.opts.retries
+                        && (self.opts.retry_no_answer
+                            || !matches!(e, SyncError::NoAnswer { .. })) =>
+                {
                     let wait = match &e {
                         SyncError::Peer {
                             retry_after_ms: Some(ms),
@@ -559,9 +610,10 @@ impl Client {
             result.changes_sent += s.changes_sent;
             result.changes_received += s.changes_received;
             result.applied += s.local.applied;
-            result.conflicts_detected += s.local.conflicts_detected + s.remote.conflicts_detected;
-            result.conflicts_resolved += s.local.conflicts_resolved + s.remote.conflicts_resolved;
-            result.conflicts_open += s.local.conflicts_open + s.remote.conflicts_open;
+            result.conflicts_detected += s.local.conflicts_detected;
+            result.conflicts_resolved += s.local.conflicts_resolved;
+            result.conflicts_open += s.local.conflicts_open;
+            result.peer_conflicts_detected += s.remote.conflicts_detected;
             result.bytes_sent += s.bytes_sent;
             result.bytes_received += s.bytes_received;
         }
@@ -620,12 +672,7 @@ impl Client {
         on_round: &Option<RoundFn>,
     ) -> Result<()> {
         let r = self.sync_once(addr, spec, &None).await?;
-        let (sent, received) = (r.changes_sent, r.changes_received);
-        if sent + received > 0 {
-            self.handle
-                .call(move |s| s.record_sync(sent, received, None))
-                .await??;
-        }
+        self.record_exchanges(&r).await?;
         if let Some(f) = on_round {
             f(&r);
         }
@@ -710,11 +757,19 @@ impl Client {
 
     /// Closes every connection politely.
     pub async fn close(&mut self) {
+        let had_links = !self.links.is_empty();
         for (_, link) in self.links.drain() {
             link.conn.close(0u32.into(), b"done");
         }
         if let Some((ep, _)) = &self.endpoint {
-            let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+            if had_links {
+                // Lets the close reach the servers, so they free the
+                // connection now instead of at their idle timeout.
+                let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+            } else {
+                // Only failed attempts: no server holds anything to free.
+                ep.close(0u32.into(), b"done");
+            }
         }
     }
 }

@@ -9,6 +9,21 @@ pub enum SyncError {
     Connect { addr: String, reason: String },
     #[error("timed out {0}")]
     Timeout(String),
+    /// Nothing answered the QUIC handshake: no server there, or UDP is
+    /// blocked on the way.
+    #[error(
+        "no QUIC server answered at {addr} within {waited_ms} ms: is `quiver serve` running \
+         there, and can UDP reach it?"
+    )]
+    NoAnswer { addr: String, waited_ms: u64 },
+    #[error(
+        "the pin {0:?} is not a SHA-256 fingerprint: expected 64 hex digits (colons between \
+         bytes allowed), as `quiver init` and `quiver serve` print it"
+    )]
+    BadPin(String),
+    /// An address that cannot be right, whatever the network does.
+    #[error("bad address {addr:?}: {reason}")]
+    BadAddress { addr: String, reason: String },
     #[error("{0}")]
     Untrusted(String),
     #[error("TLS setup failed: {0}")]
@@ -36,8 +51,11 @@ pub enum SyncError {
     Wire(#[from] WireError),
     #[error(transparent)]
     Store(#[from] quiver_store::StoreError),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The server's socket could not be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
     #[error("the store thread has stopped")]
     StoreGone,
 }
@@ -46,7 +64,10 @@ impl SyncError {
     /// Whether a retry may succeed (network trouble, not a refusal).
     pub fn is_transient(&self) -> bool {
         match self {
-            SyncError::Connect { .. } | SyncError::Timeout(_) | SyncError::Connection(_) => true,
+            SyncError::Connect { .. }
+            | SyncError::Timeout(_)
+            | SyncError::NoAnswer { .. }
+            | SyncError::Connection(_) => true,
             SyncError::Peer { code, .. } => matches!(
                 code,
                 ErrorCode::RateLimited | ErrorCode::ShuttingDown | ErrorCode::Internal
@@ -56,21 +77,48 @@ impl SyncError {
     }
 }
 
+/// Why a connection ended, in words: once, and saying which end or what
+/// (quinn's own texts are terse: "timed out", "reset by peer").
+pub(crate) fn connection_reason(e: &quinn::ConnectionError) -> String {
+    use quinn::ConnectionError as C;
+    match e {
+        C::TimedOut => "the peer went silent (idle timeout)".into(),
+        C::Reset => "reset by the peer (it restarted or forgot the connection)".into(),
+        C::ApplicationClosed(c) => {
+            let why = String::from_utf8_lossy(&c.reason);
+            if why.is_empty() {
+                "closed by the peer".into()
+            } else {
+                format!("closed by the peer ({why})")
+            }
+        }
+        C::ConnectionClosed(c) => format!("closed by the peer's QUIC stack: {c}"),
+        C::LocallyClosed => "closed by this side".into(),
+        other => other.to_string(),
+    }
+}
+
 impl From<quinn::ConnectionError> for SyncError {
     fn from(e: quinn::ConnectionError) -> Self {
-        SyncError::Connection(e.to_string())
+        SyncError::Connection(connection_reason(&e))
     }
 }
 
 impl From<quinn::WriteError> for SyncError {
     fn from(e: quinn::WriteError) -> Self {
-        SyncError::Connection(e.to_string())
+        match e {
+            quinn::WriteError::ConnectionLost(c) => c.into(),
+            other => SyncError::Connection(format!("stream ended: {other}")),
+        }
     }
 }
 
 impl From<quinn::ReadError> for SyncError {
     fn from(e: quinn::ReadError) -> Self {
-        SyncError::Connection(e.to_string())
+        match e {
+            quinn::ReadError::ConnectionLost(c) => c.into(),
+            other => SyncError::Connection(format!("stream ended: {other}")),
+        }
     }
 }
 

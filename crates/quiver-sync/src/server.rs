@@ -614,7 +614,7 @@ async fn serve_shard(
         }))
         .await?;
     let theirs = their_versions(&names, &req.versions, &req.tables);
-    exchange(
+    let r = exchange(
         &ctx.handle,
         peer,
         &req.shard,
@@ -625,5 +625,19 @@ async fn serve_shard(
         ctx.opts.stream,
         None,
     )
-    .await
+    .await;
+    // The served side counts its exchanges too, so that `quiver status` on
+    // a daemon's store agrees with its `quiver_syncs_total`.
+    let (sent, received, error) = match &r {
+        Ok(s) => (s.changes_sent, s.changes_received, None),
+        Err(e) => (0, 0, Some(e.to_string())),
+    };
+    if let Ok(Err(e)) = ctx
+        .handle
+        .call(move |s| s.record_sync(sent, received, error.as_deref()))
+        .await
+    {
+        tracing::warn!("recording a served sync: {e}");
+    }
+    r
 }

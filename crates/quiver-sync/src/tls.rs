@@ -56,6 +56,17 @@ fn normalise_fp(fp: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// Checks a pin as a person typed it: 64 hex digits, any case, with or
+/// without colons between the bytes (`ab:cd:…`). Gives it normalised.
+pub fn parse_pin(pin: &str) -> Result<String> {
+    let digits = pin.chars().filter(|c| *c != ':').count();
+    let hex = normalise_fp(pin);
+    if hex.len() != 64 || digits != 64 {
+        return Err(SyncError::BadPin(pin.to_string()));
+    }
+    Ok(hex)
+}
+
 /// Whether a pinned fingerprint (any case, any separators) names `fp`.
 pub(crate) fn same_fingerprint(pin: &str, fp: &str) -> bool {
     quiver_core::wire::constant_time_eq(normalise_fp(pin).as_bytes(), fp.as_bytes())
@@ -197,7 +208,7 @@ pub fn client_crypto(
         Trust::Ca(path) => builder.with_root_certificates(load_roots(path)?),
         other => {
             let pin = match other {
-                Trust::Pin(fp) => Some(normalise_fp(fp)),
+                Trust::Pin(fp) => Some(parse_pin(fp)?),
                 _ => None,
             };
             let verifier = Arc::new(FingerprintVerifier {

@@ -60,7 +60,23 @@ pub fn server_endpoint(
         .map_err(|e| SyncError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(limits)?);
-    Ok(quinn::Endpoint::server(cfg, addr)?)
+    quinn::Endpoint::server(cfg, addr).map_err(|e| SyncError::Listen {
+        addr: addr.to_string(),
+        reason: match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "the address is already in use (another `quiver serve`, or another program, \
+                 listens there; pick another port with --listen)"
+                    .into()
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                "no interface of this machine has that address".into()
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied (ports below 1024 need privileges)".into()
+            }
+            _ => e.to_string(),
+        },
+    })
 }
 
 /// A client endpoint on an ephemeral port of the right address family.

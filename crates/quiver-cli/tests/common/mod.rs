@@ -174,3 +174,13 @@ impl Drop for Served {
         let _ = self.child.wait();
     }
 }
+
+/// A loopback address where nothing listens, over TCP or UDP: a port the
+/// kernel handed out and that was closed again, instead of guessing one.
+pub fn closed_addr() -> String {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tcp.local_addr().unwrap();
+    // The same port number is free for UDP too, or the bind says so.
+    let _udp = std::net::UdpSocket::bind(addr).unwrap();
+    addr.to_string()
+}

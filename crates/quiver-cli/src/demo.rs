@@ -4,7 +4,7 @@
 //! how fast a write shows elsewhere, and checking that all three hold
 //! identical data. Exits 0 only if they converged.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -133,7 +133,6 @@ async fn demo(rows: usize, json: bool) -> Result<()> {
     // Live links in a ring: each replica follows the next one; every
     // committed change is pushed as it commits.
     let stop = CancellationToken::new();
-    let conflicts = Arc::new(AtomicU64::new(0));
     let quiet = Arc::new(AtomicBool::new(json));
     let mut links = Vec::new();
     for (i, r) in replicas.iter().enumerate() {
@@ -145,14 +144,12 @@ async fn demo(rows: usize, json: bool) -> Result<()> {
         };
         let mut client = Client::new(r.handle.clone(), opts);
         let (addr, stop, from, peer) = (to.addr.clone(), stop.clone(), r.name, to.name);
-        let counted = conflicts.clone();
         let quiet = quiet.clone();
         let on_round: RoundFn = Arc::new(move |res| {
-            counted.fetch_add(res.conflicts_detected, Ordering::Relaxed);
             if res.changes_sent + res.changes_received > 0 && !quiet.load(Ordering::Relaxed) {
                 println!(
-                    "  live {from:<5} <-> {peer:<5} sent {:>5} received {:>5} conflicts {:>3} ({} resolved) in {:>3} ms",
-                    res.changes_sent, res.changes_received, res.conflicts_detected, res.conflicts_resolved, res.duration_ms
+                    "  live {from:<5} <-> {peer:<5} sent {:>5} changes, received {:>5}, {:>3} conflicting cells on {from} in {:>3} ms",
+                    res.changes_sent, res.changes_received, res.conflicts_detected, res.duration_ms
                 );
             }
         });
@@ -184,23 +181,42 @@ async fn demo(rows: usize, json: bool) -> Result<()> {
         t.elapsed().as_millis()
     ));
 
-    // How conflicts were resolved, as one replica recorded them.
-    let sample = replicas[0].handle.call(|s| s.conflicts(None)).await??;
-    if let Some(c) = sample.iter().find(|c| c.column == "vector") {
+    // How conflicts were resolved, as alpha recorded them: versions named
+    // by the replica that wrote them rather than by site id.
+    let recorded = replicas[0].handle.call(|s| s.conflicts(None)).await??;
+    let by_site: Vec<(String, &str)> = replicas
+        .iter()
+        .map(|r| (r.handle.site_id().to_hex(), r.name))
+        .collect();
+    let writer = |version: &str| {
+        by_site
+            .iter()
+            .find(|(site, _)| version.starts_with(site.as_str()))
+            .map_or_else(|| version.to_string(), |(_, name)| name.to_string())
+    };
+    let mut ids: Vec<&str> = recorded.iter().map(|c| c.pk.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let conflicting_ids = ids.len();
+    say(format!(
+        "  alpha recorded conflicts on {conflicting_ids} of the {shared} shared ids ({} cells), \
+         each resolved by lww",
+        recorded.len()
+    ));
+    if let Some(c) = recorded.iter().find(|c| c.column == "vector") {
+        let names: Vec<String> = c.versions.iter().map(|v| writer(&v.version)).collect();
         let kept = c
             .versions
             .iter()
             .find(|v| v.kept)
-            .map(|v| v.version.clone())
+            .map(|v| writer(&v.version))
             .unwrap_or_default();
         say(format!(
-            "  e.g. conflict on {}.{} [{}]: {} versions, {}, kept {}",
-            c.table,
+            "  e.g. {} [{}]: written by {}; {} kept {kept}'s, the latest by its hybrid clock",
             c.column,
             c.pk,
-            c.versions.len(),
+            names.join(", "),
             c.resolution.as_deref().unwrap_or("open"),
-            kept
         ));
     }
 
@@ -232,7 +248,6 @@ async fn demo(rows: usize, json: bool) -> Result<()> {
         l.await
             .map_err(|e| anyhow::anyhow!("live link task: {e}"))??;
     }
-    let total_conflicts = conflicts.load(Ordering::Relaxed);
 
     let exports = [
         export(&replicas[0].handle).await?,
@@ -246,12 +261,14 @@ async fn demo(rows: usize, json: bool) -> Result<()> {
     }
     if json {
         crate::output::json(&serde_json::json!({
-            "converged": converged, "replicas": 3, "rows": n, "conflicts": total_conflicts,
+            "converged": converged, "replicas": 3, "rows": n, "shared_ids": shared,
+            "conflicts": conflicting_ids,
             "write_to_visible_ms": latency, "duration_ms": started.elapsed().as_millis() as u64,
         }))?;
     } else if converged {
         println!(
-            "converged: all 3 replicas hold the same {n} rows (byte-identical exports), {total_conflicts} conflicts resolved, {:.1} s in all",
+            "converged: all 3 replicas hold the same {n} rows (byte-identical exports), \
+             {conflicting_ids} conflicting ids resolved, {:.1} s in all",
             started.elapsed().as_secs_f64()
         );
     }

@@ -39,7 +39,25 @@ fn two_way_sync_with_concurrent_conflicting_writes() {
     ]);
     let s = a.serve(&["--token", "t0k"]);
     let r = sync_json(&b, &s.addr, &["--token", "t0k", "--pin", &s.fp]);
-    assert!(r["conflicts_detected"].as_u64().unwrap() >= 2, "{r}");
+    let both_ends =
+        r["conflicts_detected"].as_u64().unwrap() + r["peer_conflicts_detected"].as_u64().unwrap();
+    assert!(both_ends >= 2, "{r}");
+    // The summary counts what this replica recorded, as `conflicts list`
+    // shows it here; the server's own count is beside it.
+    let here: Vec<serde_json::Value> =
+        serde_json::from_str(&b.q(&["--json", "conflicts", "list", "--all"])).unwrap();
+    assert_eq!(
+        r["conflicts_detected"].as_u64(),
+        Some(here.len() as u64),
+        "{r}"
+    );
+    let there: Vec<serde_json::Value> =
+        serde_json::from_str(&a.q(&["--json", "conflicts", "list", "--all"])).unwrap();
+    assert_eq!(
+        r["peer_conflicts_detected"].as_u64(),
+        Some(there.len() as u64),
+        "{r}"
+    );
     assert_eq!(a.export("docs"), b.export("docs"));
     assert_eq!(a.export("docs").lines().count(), 3);
     // Nothing moves on a second sync.

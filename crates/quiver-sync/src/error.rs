@@ -129,3 +129,47 @@ impl From<quinn::ClosedStream> for SyncError {
 }
 
 pub type Result<T, E = SyncError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lost connection is said once, with why, whichever quinn type
+    /// carried it.
+    #[test]
+    fn a_lost_connection_says_why_once() {
+        let lost = |e: SyncError| e.to_string();
+        let timed_out =
+            lost(quinn::ReadError::ConnectionLost(quinn::ConnectionError::TimedOut).into());
+        assert_eq!(
+            timed_out,
+            "connection lost: the peer went silent (idle timeout)"
+        );
+        let reset = lost(quinn::WriteError::ConnectionLost(quinn::ConnectionError::Reset).into());
+        assert!(
+            reset.starts_with("connection lost: reset by the peer"),
+            "{reset}"
+        );
+        for text in [timed_out, reset] {
+            assert_eq!(text.matches("connection lost").count(), 1, "{text}");
+        }
+        let local = lost(quinn::ConnectionError::LocallyClosed.into());
+        assert_eq!(local, "connection lost: closed by this side");
+    }
+
+    #[test]
+    fn a_silent_server_is_transient_for_live_links_and_a_bad_address_never() {
+        let silent = SyncError::NoAnswer {
+            addr: "127.0.0.1:9".into(),
+            waited_ms: 2500,
+        };
+        assert!(silent.is_transient());
+        assert!(silent.to_string().contains("can UDP reach it"));
+        let bad = SyncError::BadAddress {
+            addr: "x".into(),
+            reason: "no port".into(),
+        };
+        assert!(!bad.is_transient());
+        assert!(!SyncError::BadPin("xyz".into()).is_transient());
+    }
+}

@@ -420,7 +420,32 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
             b.set_message(match p {
                 Progress::Connecting { addr } => format!("connecting to {addr}"),
                 Progress::Handshaking => "handshaking".into(),
-                Progress::Pulling { shard, changes } => counted("received", &shard, changes),
+                Progress::Pulling {
+                    shard,
+                    changes,
+                    versions_done,
+                    versions_total,
+                } => {
+                    let line = counted("received", &shard, changes);
+                    if versions_total == 0 {
+                        line
+                    } else {
+                        // The share of the offered versions the batches
+                        // reach: a bar's worth of "how far", and from its
+                        // pace, how long is left.
+                        let done = versions_done as f64 / versions_total as f64;
+                        let secs = started.elapsed().as_secs_f64();
+                        let left = if done > 0.0 {
+                            format!(", ~{:.0} s left", secs * (1.0 - done) / done)
+                        } else {
+                            String::new()
+                        };
+                        format!(
+                            "{line}, {:.0}% of {versions_total} versions{left}",
+                            done * 100.0
+                        )
+                    }
+                }
                 Progress::Pushing { shard, changes } => counted("sent", &shard, changes),
                 Progress::Applying { shard, applied } => counted("applied", &shard, applied),
                 Progress::Done => "done".into(),

@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::actor::StoreHandle;
 use crate::framed::{FrameReader, FrameWriter};
-use crate::protocol::{exchange, their_versions, Peer, Progress, ProgressFn, ShardResult};
+use crate::protocol::{
+    exchange, their_versions, Peer, Progress, ProgressFn, PullPlan, ShardProgress, ShardResult,
+};
 use crate::schema::{ensure_tables, shard_defs, shard_infos};
 use crate::tls::{Identity, SeenFingerprint, Trust};
 use crate::transport::{client_endpoint, TransportLimits};
@@ -525,6 +527,7 @@ impl Client {
                         .into_iter()
                         .filter(|(t, _)| tables.is_empty() || tables.contains(t))
                         .collect();
+                    let held = progress.is_some().then(|| versions.clone());
                     writer
                         .send(&Message::SyncRequest(SyncRequest {
                             shard: shard.clone(),
@@ -552,6 +555,10 @@ impl Client {
                     } else {
                         their_versions(&names, &reply.versions, &tables)
                     };
+                    let progress = progress.map(|report| ShardProgress {
+                        report,
+                        plan: PullPlan::new(held.as_deref().unwrap_or_default(), &reply.versions),
+                    });
                     let mut r = exchange(
                         &handle, peer, &shard, &tables, theirs, reader, writer, stream, progress,
                     )

@@ -39,11 +39,28 @@ pub struct ShardResult {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum Progress {
-    Connecting { addr: String },
+    Connecting {
+        addr: String,
+    },
     Handshaking,
-    Pulling { shard: String, changes: u64 },
-    Pushing { shard: String, changes: u64 },
-    Applying { shard: String, applied: u64 },
+    /// `versions_done` of `versions_total`: how far the received batches
+    /// reach into the version ranges the peer said it would send (origin
+    /// transactions, so an estimate of the share of the work, for a bar and
+    /// a time left); `versions_total` is 0 when unknown.
+    Pulling {
+        shard: String,
+        changes: u64,
+        versions_done: u64,
+        versions_total: u64,
+    },
+    Pushing {
+        shard: String,
+        changes: u64,
+    },
+    Applying {
+        shard: String,
+        applied: u64,
+    },
     Done,
 }
 
@@ -52,6 +69,58 @@ pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(12
 
 /// Receives progress reports.
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// What a puller expects of one shard: per table and origin site, the
+/// version range (held, offered] the peer will send. The `covered` claims
+/// of arriving batches say how far into each range they reach.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PullPlan {
+    ranges: BTreeMap<(String, quiver_core::SiteId), (u64, u64)>,
+    reached: BTreeMap<(String, quiver_core::SiteId), u64>,
+    total: u64,
+}
+
+impl PullPlan {
+    /// From the versions this side stated and those the peer replied with.
+    pub(crate) fn new(
+        mine: &[(String, VersionVector)],
+        theirs: &[(String, VersionVector)],
+    ) -> Self {
+        let empty = VersionVector::new();
+        let mut plan = PullPlan::default();
+        for (table, offered) in theirs {
+            let held = mine
+                .iter()
+                .find(|(t, _)| t == table)
+                .map_or(&empty, |(_, v)| v);
+            for (site, from, to) in offered.ahead_of(held) {
+                plan.total += to - from;
+                plan.ranges.insert((table.clone(), site), (from, to));
+            }
+        }
+        plan
+    }
+
+    /// Takes in a batch's claims; gives the versions reached so far.
+    fn advance(&mut self, covered: &[quiver_core::Covered]) -> u64 {
+        for c in covered {
+            let key = (c.table.clone(), c.site);
+            if let Some((from, to)) = self.ranges.get(&key) {
+                let reached = c.version.clamp(*from, *to) - from;
+                let slot = self.reached.entry(key).or_default();
+                *slot = (*slot).max(reached);
+            }
+        }
+        self.reached.values().sum()
+    }
+}
+
+/// Progress reports of one shard exchange, with what the pull expects.
+#[derive(Clone)]
+pub(crate) struct ShardProgress {
+    pub report: ProgressFn,
+    pub plan: PullPlan,
+}
 
 /// How the exchange treats the peer.
 #[derive(Clone)]
@@ -145,7 +214,7 @@ pub(crate) async fn exchange(
     reader: FrameReader,
     writer: FrameWriter,
     limits: StreamLimits,
-    progress: Option<ProgressFn>,
+    progress: Option<ShardProgress>,
 ) -> Result<ShardResult> {
     let started = std::time::Instant::now();
     let r = exchange_inner(
@@ -187,7 +256,7 @@ async fn exchange_inner(
     mut reader: FrameReader,
     mut writer: FrameWriter,
     limits: StreamLimits,
-    progress: Option<ProgressFn>,
+    mut progress: Option<ShardProgress>,
 ) -> Result<ShardResult> {
     let mut result = ShardResult {
         shard: shard.to_string(),
@@ -220,7 +289,7 @@ async fn exchange_inner(
     });
     // Sender: batches, then Done, then the final report (or an error).
     let (final_tx, mut final_rx) = oneshot::channel::<Final>();
-    let send_progress = progress.clone();
+    let send_progress = progress.as_ref().map(|p| p.report.clone());
     let send_shard = shard.to_string();
     let sender = tokio::spawn(async move {
         let (mut batches, mut changes) = (0u64, 0u64);
@@ -313,10 +382,13 @@ async fn exchange_inner(
                     }
                     result.batches_received += 1;
                     result.changes_received += b.changes.len() as u64;
-                    if let Some(p) = &progress {
-                        p(Progress::Pulling {
+                    if let Some(p) = &mut progress {
+                        let versions_done = p.plan.advance(&b.covered);
+                        (p.report)(Progress::Pulling {
                             shard: shard.to_string(),
                             changes: result.changes_received,
+                            versions_done,
+                            versions_total: p.plan.total,
                         });
                     }
                     let name = peer.name.clone();
@@ -325,7 +397,7 @@ async fn exchange_inner(
                         Ok(r) => {
                             result.local.add(&r);
                             if let Some(p) = &progress {
-                                p(Progress::Applying {
+                                (p.report)(Progress::Applying {
                                     shard: shard.to_string(),
                                     applied: result.local.applied,
                                 });
@@ -416,5 +488,43 @@ fn error_code(e: &SyncError) -> ErrorCode {
         SyncError::Rejected { code, .. } => *code,
         SyncError::Refused { code, .. } | SyncError::Peer { code, .. } => *code,
         _ => ErrorCode::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_core::{Covered, SiteId};
+
+    #[test]
+    fn a_pull_plan_counts_the_offered_ranges_and_how_far_batches_reach() {
+        let (a, b) = (SiteId::from_bytes([1; 16]), SiteId::from_bytes([2; 16]));
+        let vv = |pairs: &[(SiteId, u64)]| {
+            let mut v = VersionVector::new();
+            for (s, n) in pairs {
+                v.set(*s, *n);
+            }
+            v
+        };
+        let mine = vec![("docs".to_string(), vv(&[(a, 2)]))];
+        let theirs = vec![
+            ("docs".to_string(), vv(&[(a, 10), (b, 5)])),
+            ("notes".to_string(), vv(&[(a, 3)])),
+        ];
+        let mut plan = PullPlan::new(&mine, &theirs);
+        assert_eq!(plan.total, 8 + 5 + 3);
+        let cov = |t: &str, s: SiteId, v: u64| Covered {
+            table: t.into(),
+            site: s,
+            version: v,
+        };
+        assert_eq!(plan.advance(&[cov("docs", a, 6)]), 4);
+        // A claim below what was reached, or of a range not offered, moves nothing.
+        assert_eq!(plan.advance(&[cov("docs", a, 3), cov("other", a, 9)]), 4);
+        assert_eq!(
+            plan.advance(&[cov("docs", b, 5), cov("notes", a, 99)]),
+            4 + 5 + 3
+        );
+        assert_eq!(plan.advance(&[cov("docs", a, 10)]), plan.total);
     }
 }

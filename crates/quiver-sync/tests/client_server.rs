@@ -187,3 +187,63 @@ async fn does_not_retry_refusals() {
         .unwrap_err();
     assert!(matches!(e, SyncError::Untrusted(_)), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_progress_says_how_far_into_the_offered_versions() {
+    let a = side("a", 0);
+    for i in 0..8 {
+        let rec = Record::new(&format!("single{i}"), vec![i as f32, 2.0]);
+        a.handle
+            .call(move |s| s.put("docs", &rec))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let b = side("b", 0);
+    // The server sends one change a batch, so that progress moves step by step.
+    let opts = ServerOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        stream: quiver_store::StreamLimits {
+            max_changes: 1,
+            max_bytes: 1 << 20,
+        },
+        ..Default::default()
+    };
+    let server = Server::bind(a.handle.clone(), &a.id, opts).unwrap();
+    let addr = server.local_addr().unwrap().to_string();
+    tokio::spawn(server.run());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let progress: quiver_sync::ProgressFn = std::sync::Arc::new(move |p| {
+        if let quiver_sync::Progress::Pulling {
+            versions_done,
+            versions_total,
+            ..
+        } = p
+        {
+            log.lock().unwrap().push((versions_done, versions_total));
+        }
+    });
+    let mut client = Client::new(
+        b.handle.clone(),
+        ClientOptions {
+            trust: Trust::Pin(a.fp.clone()),
+            ..Default::default()
+        },
+    );
+    client
+        .sync(&addr, &SyncSpec::default(), Some(progress))
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty());
+    let (done, total) = *seen.last().unwrap();
+    assert!(total >= 8, "eight transactions offered: {seen:?}");
+    assert_eq!(done, total, "all of them received: {seen:?}");
+    assert!(seen.len() >= 8, "one report a batch: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0].0 <= w[1].0),
+        "progress never goes back: {seen:?}"
+    );
+    assert!(seen[0].0 < total, "it starts below the end: {seen:?}");
+}

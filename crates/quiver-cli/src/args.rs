@@ -244,10 +244,11 @@ pub struct SyncArgs {
     pub token: Option<String>,
     #[command(flatten)]
     pub trust: TrustArgs,
-    /// Retries of transient failures (a lost connection, a busy server); a
-    /// server that never answers is not retried.
-    #[arg(long, default_value_t = 4)]
-    pub retries: u32,
+    /// Retries of transient failures (a lost connection, a busy server;
+    /// default 4). A server that does not answer the handshake is retried
+    /// only when --retries is given.
+    #[arg(long)]
+    pub retries: Option<u32>,
     /// Keep a live link after catching up: push and pull each change as it
     /// commits, until interrupted.
     #[arg(long)]

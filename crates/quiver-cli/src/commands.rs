@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
 
 use anyhow::{anyhow, bail, Context, Result};
-use quiver_core::{ColumnKind, Strategy, Value};
+use quiver_core::Strategy;
 use quiver_store::{check_record, CollectionSpec, Record, Resolution, Store};
 
 use crate::args::{
@@ -135,7 +135,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sql { sql } => {
             let mut s = read()?;
             let results = match s.run_sql(&sql) {
-                Err(_) if s.is_read_only() => {
+                Err(quiver_store::StoreError::Sqlite(e))
+                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ReadOnly) =>
+                {
                     return Err(quiver_store::StoreError::ReadOnly { path: db.clone() }.into())
                 }
                 other => other?,
@@ -166,10 +168,10 @@ pub fn run(cli: Cli) -> Result<()> {
                         let rows: Vec<Vec<String>> =
                             rows.iter().map(|r| r.iter().map(cell).collect()).collect();
                         output::table(&headers, &rows);
+                        first = false;
                     }
                     None => {}
                 }
-                first = false;
             }
             if results.iter().all(Option::is_none) {
                 if json {
@@ -217,7 +219,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Config(crate::args::ConfigCmd::Show { config }) => {
             crate::net::config_show(config.as_deref(), json)?
         }
-        Command::Watch { shard } => crate::net::watch(read()?, shard)?,
+        Command::Watch { shard } => crate::net::watch(open()?, shard)?,
         Command::Demo { rows } => crate::demo::run(rows, json)?,
         Command::Bench(BenchCmd::Write { n, dim, batch }) => {
             crate::bench::write(n, dim, batch, json)?
@@ -447,7 +449,11 @@ fn conflicts(mut s: Store, c: ConflictsCmd, json: bool) -> Result<()> {
         ConflictsCmd::Resolve(a) => {
             let choice = match (a.keep, a.value) {
                 (Some(k), _) => Resolution::Keep(k),
-                (None, Some(v)) => Resolution::Value(value_for(&s, a.id, &v)?),
+                (None, Some(v)) => {
+                    let j: serde_json::Value = serde_json::from_str(&v)
+                        .map_err(|e| anyhow!("--value is not valid JSON: {e}"))?;
+                    Resolution::Value(s.conflict_value(a.id, &j)?)
+                }
                 (None, None) => bail!("give --keep VERSION or --value VALUE"),
             };
             s.resolve(a.id, choice)?;
@@ -459,38 +465,6 @@ fn conflicts(mut s: Store, c: ConflictsCmd, json: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Turns a `--value` argument into the value of the conflicted column.
-fn value_for(s: &Store, id: i64, text: &str) -> Result<Value> {
-    let c = s
-        .conflicts(None)?
-        .into_iter()
-        .find(|c| c.id == id)
-        .ok_or_else(|| anyhow!("conflict {id} does not exist"))?;
-    let t = s.table(&c.table)?;
-    let col = t
-        .column(&c.column)
-        .ok_or_else(|| anyhow!("column {} is gone", c.column))?;
-    let j: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| anyhow!("--value is not valid JSON: {e}"))?;
-    Ok(match (t.column_kind(col), j) {
-        (ColumnKind::Vector, j) => {
-            let v: Vec<f32> = serde_json::from_value(j)
-                .map_err(|e| anyhow!("--value must be a number array: {e}"))?;
-            Value::Blob(v.iter().flat_map(|f| f.to_le_bytes()).collect())
-        }
-        (ColumnKind::JsonObject, j @ serde_json::Value::Object(_)) => Value::Text(j.to_string()),
-        (ColumnKind::JsonObject, _) => bail!("--value must be a JSON object for {}", c.column),
-        (_, serde_json::Value::Null) => Value::Null,
-        (_, serde_json::Value::String(s)) => Value::Text(s),
-        (_, serde_json::Value::Number(n)) => match n.as_i64() {
-            Some(i) => Value::Integer(i),
-            None => Value::Real(n.as_f64().unwrap_or_default()),
-        },
-        (_, serde_json::Value::Bool(b)) => Value::Integer(b as i64),
-        (_, other) => Value::Text(other.to_string()),
-    })
 }
 
 fn token(mut s: Store, t: TokenCmd, json: bool) -> Result<()> {
@@ -580,7 +554,7 @@ fn peers(mut s: Store, p: PeersCmd, json: bool) -> Result<()> {
         } => {
             let mut rec = quiver_store::PeerRecord::new(&node, &addr, shards);
             rec.token = token;
-            rec.pin = pin;
+            rec.pin = pin.map(|p| quiver_sync::tls::parse_pin(&p)).transpose()?;
             s.register_peer(&rec)?;
             if json {
                 output::json(&serde_json::json!({"registered": {"node": node, "addr": addr}}))?;

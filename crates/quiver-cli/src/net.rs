@@ -140,9 +140,10 @@ pub fn config_show(file: Option<&Path>, json: bool) -> Result<()> {
 pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
     let cfg = layered(a.config.as_deref(), &flag_layer(&a))?;
     init_logging_as("info", cfg.log_json);
-    let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
-    refuse_anonymous_network(&cfg, &store)?;
+    // The lock first: a second daemon is refused before it touches the store.
     let mut lock = ServeLock::take(db)?;
+    let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
+    let require_token = refuse_anonymous_network(&cfg, &store)?;
     let node = cfg
         .node
         .clone()
@@ -161,6 +162,7 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         max_connections: cfg.max_connections,
         rate: cfg.rate,
         client_ca: cfg.client_ca.clone(),
+        require_token,
         limits: quiver_sync::transport::TransportLimits {
             idle_timeout: cfg.idle_timeout,
             keep_alive: cfg.keep_alive,
@@ -189,7 +191,10 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
     // Registered peers get live links too.
     for p in store.peers()? {
         let trust = match (&p.pin, a.peer_insecure) {
-            (Some(pin), _) => Trust::Pin(pin.clone()),
+            (Some(pin), _) => Trust::Pin(
+                quiver_sync::tls::parse_pin(pin)
+                    .with_context(|| format!("registered peer {}", p.node))?,
+            ),
             (None, true) => Trust::Insecure,
             (None, false) => Trust::Verify,
         };
@@ -289,11 +294,14 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
 
 /// Refuses to serve a non-loopback address that nothing guards: no token
 /// (neither `--token` nor scoped tokens in the store) and no client CA,
-/// unless `--allow-anonymous` says that is meant.
-fn refuse_anonymous_network(cfg: &config::DaemonConfig, store: &Store) -> Result<()> {
-    let guarded = cfg.token.is_some() || cfg.client_ca.is_some() || !store.tokens()?.is_empty();
-    if guarded || cfg.listen.ip().is_loopback() || cfg.allow_anonymous {
-        return Ok(());
+/// unless `--allow-anonymous` says that is meant. Gives whether the server
+/// must keep refusing tokenless clients (should the last token be revoked
+/// while it runs).
+fn refuse_anonymous_network(cfg: &config::DaemonConfig, store: &Store) -> Result<bool> {
+    let exposed = !cfg.listen.ip().is_loopback() && cfg.client_ca.is_none() && !cfg.allow_anonymous;
+    let guarded = cfg.token.is_some() || !store.tokens()?.is_empty();
+    if guarded || !exposed {
+        return Ok(exposed);
     }
     anyhow::bail!(
         "refusing to serve {} with neither a token nor a client CA: anyone who reaches it could \
@@ -391,10 +399,11 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
         client_identity: client_identity(db, &a.trust),
         token: a.token,
         node: node_name(&store)?,
-        retries: a.retries,
+        retries: a.retries.unwrap_or(4),
         connect_timeout: ONE_SHOT_CONNECT_TIMEOUT,
-        // A live link keeps trying an absent server; a one-shot sync says so.
-        retry_no_answer: a.watch,
+        // A live link keeps trying an absent server; a one-shot sync says
+        // so at once, unless retries were asked for.
+        retry_no_answer: a.watch || a.retries.is_some(),
         ..Default::default()
     };
     let spec = SyncSpec {

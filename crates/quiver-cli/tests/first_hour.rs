@@ -146,14 +146,16 @@ fn a_second_daemon_on_one_store_is_refused_with_the_first_ones_pid_and_address()
 
 /// Runs `quiver` as a user who may read the store but not write it: as
 /// `nobody` when these tests run as root (root writes anything), else as
-/// ourselves after taking the write bits away.
-fn as_reader(db: &Path, args: &[&str]) -> std::process::Output {
+/// ourselves after taking the write bits away. `exe` is a copy of the
+/// binary that user can reach.
+fn as_reader(exe: &Path, db: &Path, args: &[&str]) -> std::process::Output {
     let mut cmd = if is_root() {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()]);
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        c.arg(exe);
         c
     } else {
-        Command::new(bin())
+        Command::new(exe)
     };
     cmd.arg("--db").arg(db).args(args).output().unwrap()
 }
@@ -178,13 +180,17 @@ fn reading_commands_work_on_a_store_that_cannot_be_written() {
         "INSERT INTO docs(id, vector) VALUES ('y', x'0000803f0000803f0000803f')",
     ]);
     let before = a.q(&["export", "docs"]);
+    // The build folder may be closed to other users: a copy beside the store.
+    let exe = a.dir.path().join("quiver-copy");
+    std::fs::copy(bin(), &exe).unwrap();
     for entry in std::fs::read_dir(a.dir.path()).unwrap() {
         let p = entry.unwrap().path();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let mode = if p == exe { 0o555 } else { 0o444 };
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
     std::fs::set_permissions(a.dir.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
     let read = |args: &[&str]| {
-        let out = as_reader(&a.db, args);
+        let out = as_reader(&exe, &a.db, args);
         assert!(
             out.status.success(),
             "{args:?}: {}",
@@ -203,7 +209,7 @@ fn reading_commands_work_on_a_store_that_cannot_be_written() {
         &["put", "docs", "z", "--vector", "[1,2,3]"][..],
         &["sql", "DELETE FROM docs"][..],
     ] {
-        let out = as_reader(&a.db, write);
+        let out = as_reader(&exe, &a.db, write);
         let e = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{write:?}: {e}");
         assert!(e.contains("read-only"), "{write:?}: {e}");
@@ -349,8 +355,19 @@ fn daemon_output_is_plain_in_files_and_counts_agree() {
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
         .unwrap();
-    let st: serde_json::Value = serde_json::from_str(&a.q(&["--json", "status"])).unwrap();
-    assert_eq!(st["sync"]["sync_count"].as_u64(), Some(ok_syncs), "{st}");
+    // The server counts its side after the client has its answer: wait.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st: serde_json::Value = serde_json::from_str(&a.q(&["--json", "status"])).unwrap();
+        if st["sync"]["sync_count"].as_u64() == Some(ok_syncs) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status {st} against metrics {ok_syncs}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(ok_syncs >= 2);
     child.kill().unwrap();
     child.wait().unwrap();
@@ -372,4 +389,38 @@ fn config_show_lines_up() {
 fn help_names_both_ways_to_resolve_a_conflict() {
     let out = ok(Path::new("unused.db"), &["conflicts", "resolve", "--help"]);
     assert!(out.contains("--keep <VERSION>|--value <VALUE>"), "{out}");
+}
+
+#[test]
+fn a_network_daemon_whose_last_token_is_revoked_lets_nobody_in() {
+    let a = Node::new("a");
+    let token = a.q(&["token", "create", "--label", "only"]);
+    let token = token.trim();
+    let mut child = Command::new(bin())
+        .arg("--db")
+        .arg(&a.db)
+        .args(["serve", "--listen", "0.0.0.0:0", "--http", "off"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let port = line
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let addr = format!("127.0.0.1:{port}");
+    let b = Node::new("b");
+    b.q(&["sync", &addr, "--insecure", "--token", token]);
+    a.q(&["token", "revoke", "1"]);
+    let e = err(&b.db, &["sync", &addr, "--insecure"]);
+    assert!(e.contains("takes only clients with a token"), "{e}");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

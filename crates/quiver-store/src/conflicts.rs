@@ -236,6 +236,47 @@ impl Store {
 
     /// Resolves an open conflict with a local write that replaces every
     /// version it saw, so the choice wins on every replica after sync.
+    /// A JSON value as the value of conflict `id`'s column: a number array
+    /// for a vector (stored as little-endian f32), an object for metadata,
+    /// a string, number, boolean or null for a plain column.
+    pub fn conflict_value(&self, id: i64, json: &serde_json::Value) -> Result<Value> {
+        use quiver_core::ColumnKind;
+        let c = self
+            .conflicts(None)?
+            .into_iter()
+            .find(|c| c.id == id)
+            .ok_or(StoreError::NoSuchConflict(id))?;
+        let t = self.table(&c.table)?;
+        let col = t
+            .column(&c.column)
+            .ok_or_else(|| StoreError::InvalidValue(format!("column {} is gone", c.column)))?;
+        let bad = |m: String| StoreError::InvalidValue(m);
+        Ok(match (t.column_kind(col), json) {
+            (ColumnKind::Vector, j) => {
+                let v: Vec<f32> = serde_json::from_value(j.clone())
+                    .map_err(|e| bad(format!("the value must be a number array: {e}")))?;
+                Value::Blob(v.iter().flat_map(|f| f.to_le_bytes()).collect())
+            }
+            (ColumnKind::JsonObject, j @ serde_json::Value::Object(_)) => {
+                Value::Text(j.to_string())
+            }
+            (ColumnKind::JsonObject, _) => {
+                return Err(bad(format!(
+                    "the value must be a JSON object for {}",
+                    c.column
+                )))
+            }
+            (_, serde_json::Value::Null) => Value::Null,
+            (_, serde_json::Value::String(s)) => Value::Text(s.clone()),
+            (_, serde_json::Value::Number(n)) => match n.as_i64() {
+                Some(i) => Value::Integer(i),
+                None => Value::Real(n.as_f64().unwrap_or_default()),
+            },
+            (_, serde_json::Value::Bool(b)) => Value::Integer(*b as i64),
+            (_, other) => Value::Text(other.to_string()),
+        })
+    }
+
     pub fn resolve(&mut self, id: i64, choice: Resolution) -> Result<()> {
         crate::triggers::fold_pending(&self.conn)?;
         let raw = query(&self.conn, &format!("WHERE id = {id}"))?;

@@ -175,8 +175,15 @@ impl Store {
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags)?;
+        let side_files = ["-wal", "-shm"].iter().any(|ext| {
+            let mut p = path.as_os_str().to_owned();
+            p.push(ext);
+            Path::new(&p).exists()
+        });
         let conn = match schema::format_of(&conn) {
-            Err(StoreError::Sqlite(e)) if cannot_make_wal_files(&e) => {
+            // Immutable only when no writer has the file open (no side
+            // files): with a WAL present it would miss its commits.
+            Err(StoreError::Sqlite(e)) if cannot_make_wal_files(&e) && !side_files => {
                 let uri = format!("file:{}?immutable=1", uri_path(path));
                 Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI)?
             }
@@ -384,6 +391,16 @@ impl Store {
     /// only read run as they are (on a read-only store too); anything that
     /// writes makes the whole text one local write, tracked by the triggers.
     pub fn run_sql(&mut self, sql: &str) -> Result<Vec<Option<SqlRows>>> {
+        self.run_sql_with(sql, &[])
+    }
+
+    /// [`Store::run_sql`] with `?` parameters bound in order; parameters go
+    /// with a text of one statement.
+    pub fn run_sql_with(
+        &mut self,
+        sql: &str,
+        params: &[quiver_core::Value],
+    ) -> Result<Vec<Option<SqlRows>>> {
         let reads_only = {
             let mut batch = rusqlite::Batch::new(&self.conn, sql);
             let mut all = true;
@@ -395,18 +412,41 @@ impl Store {
             all && batch.next().is_ok()
         };
         if reads_only {
-            return run_statements(&self.conn, sql);
+            // Several queries read one snapshot.
+            let tx = self.conn.transaction()?;
+            let out = run_statements(&tx, sql, params)?;
+            tx.commit()?;
+            return Ok(out);
         }
-        self.local_write(|tx| run_statements(tx, sql))
+        self.local_write(|tx| run_statements(tx, sql, params))
     }
 }
 
 /// Runs each statement of `sql` in turn, collecting the rows of those that
 /// return some.
-fn run_statements(conn: &Connection, sql: &str) -> Result<Vec<Option<SqlRows>>> {
+fn run_statements(
+    conn: &Connection,
+    sql: &str,
+    params: &[quiver_core::Value],
+) -> Result<Vec<Option<SqlRows>>> {
     let mut out = Vec::new();
     let mut batch = rusqlite::Batch::new(conn, sql);
     while let Some(mut stmt) = batch.next()? {
+        if !params.is_empty() && !out.is_empty() {
+            return Err(StoreError::InvalidValue(
+                "parameters go with one statement; this text has several".into(),
+            ));
+        }
+        if stmt.parameter_count() != params.len() {
+            return Err(StoreError::InvalidValue(format!(
+                "the statement takes {} parameters, {} were given",
+                stmt.parameter_count(),
+                params.len()
+            )));
+        }
+        for (i, v) in params.iter().enumerate() {
+            stmt.raw_bind_parameter(i + 1, sqlvalue::P(v))?;
+        }
         if stmt.column_count() == 0 {
             stmt.raw_execute()?;
             out.push(None);
@@ -414,13 +454,15 @@ fn run_statements(conn: &Connection, sql: &str) -> Result<Vec<Option<SqlRows>>> 
         }
         let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
         let n = names.len();
-        let rows = stmt
-            .query_map([], |r| {
+        let mut rows = Vec::new();
+        let mut cursor = stmt.raw_query();
+        while let Some(r) = cursor.next()? {
+            rows.push(
                 (0..n)
                     .map(|i| r.get_ref(i).map(sqlvalue::from_ref))
-                    .collect()
-            })?
-            .collect::<rusqlite::Result<Vec<Vec<_>>>>()?;
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+            );
+        }
         out.push(Some((names, rows)));
     }
     Ok(out)

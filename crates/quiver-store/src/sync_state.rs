@@ -47,10 +47,27 @@ impl Store {
 
     /// Records the end of a sync: its counts, or the error that ended it.
     pub fn record_sync(&mut self, sent: u64, received: u64, error: Option<&str>) -> Result<()> {
+        self.record_syncs(1, sent, received, error)
+    }
+
+    /// Records `count` exchanges at once (the shards of one sync).
+    pub fn record_syncs(
+        &mut self,
+        count: u64,
+        sent: u64,
+        received: u64,
+        error: Option<&str>,
+    ) -> Result<()> {
         self.conn.execute(
             "UPDATE quiver_sync_state SET last_sync = ?1, total_sent = total_sent + ?2,
-               total_received = total_received + ?3, sync_count = sync_count + 1, last_error = ?4",
-            params![wall_ms() as i64, sent as i64, received as i64, error],
+               total_received = total_received + ?3, sync_count = sync_count + ?5, last_error = ?4",
+            params![
+                wall_ms() as i64,
+                sent as i64,
+                received as i64,
+                error,
+                count as i64
+            ],
         )?;
         Ok(())
     }

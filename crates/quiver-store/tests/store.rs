@@ -560,3 +560,90 @@ fn put_many_logs_new_rows_and_tracks_updates_through_the_triggers() -> R {
     );
     Ok(())
 }
+
+#[test]
+fn run_sql_runs_every_statement_in_one_transaction_or_none() -> quiver_store::Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::init(dir.path().join("s.db"))?;
+    let out = s.run_sql("CREATE TABLE t(id TEXT PRIMARY KEY, v INTEGER); INSERT INTO t VALUES ('a', 1); SELECT v FROM t")?;
+    assert_eq!(out.len(), 3);
+    assert!(out[0].is_none() && out[1].is_none());
+    assert_eq!(
+        out[2].as_ref().unwrap().1,
+        vec![vec![quiver_core::Value::Integer(1)]]
+    );
+    // A failing statement undoes the ones before it.
+    assert!(s
+        .run_sql("INSERT INTO t VALUES ('b', 2); INSERT INTO nosuch VALUES (1)")
+        .is_err());
+    let n = s.run_sql("SELECT count(*) FROM t")?;
+    assert_eq!(
+        n[0].as_ref().unwrap().1,
+        vec![vec![quiver_core::Value::Integer(1)]]
+    );
+    // Parameters go with one statement, and their number must match.
+    let p = s.run_sql_with(
+        "SELECT v FROM t WHERE id = ?",
+        &[quiver_core::Value::Text("a".into())],
+    )?;
+    assert_eq!(p[0].as_ref().unwrap().1.len(), 1);
+    assert!(s
+        .run_sql_with("SELECT 1; SELECT ?", &[quiver_core::Value::Integer(1)])
+        .is_err());
+    assert!(
+        s.run_sql("SELECT ?").is_err(),
+        "an unbound parameter is an error, not NULL"
+    );
+    Ok(())
+}
+
+#[test]
+fn put_many_writes_only_what_changed() -> quiver_store::Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::init(dir.path().join("s.db"))?;
+    s.create_collection(&CollectionSpec::new("docs", 2))?;
+    let recs = vec![
+        Record::new("a", vec![1.0, 2.0]),
+        Record::new("b", vec![3.0, 4.0]),
+    ];
+    assert_eq!(s.put_many("docs", &recs)?, 2);
+    let before = s.status()?.db_version;
+    assert_eq!(
+        s.put_many("docs", &recs)?,
+        0,
+        "the same records again write nothing"
+    );
+    assert_eq!(s.status()?.db_version, before, "and claim no new version");
+    let changed = vec![
+        Record::new("a", vec![1.0, 2.0]),
+        Record::new("b", vec![3.0, 5.0]),
+    ];
+    assert_eq!(s.put_many("docs", &changed)?, 1);
+    Ok(())
+}
+
+#[test]
+fn a_read_only_handle_reads_and_writes_nothing() -> quiver_store::Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    {
+        let mut s = Store::init(&path)?;
+        s.create_collection(&CollectionSpec::new("docs", 2))?;
+        s.connection().execute(
+            "INSERT INTO docs(id, vector) VALUES ('x', x'0000803f00000040')",
+            [],
+        )?;
+    }
+    let mut r = Store::open_read_only(&path)?;
+    assert!(r.is_read_only());
+    assert_eq!(r.count("docs")?, 1);
+    let status = r.status()?;
+    assert_eq!(status.shards.len(), 1);
+    assert!(r.put("docs", &Record::new("y", vec![1.0, 1.0])).is_err());
+    drop(r);
+    // The insert by another connection still waits in the log for a writer.
+    let w = Store::open(&path)?;
+    assert!(!w.is_read_only());
+    assert!(w.fold_pending()?, "the reader did not fold the log");
+    Ok(())
+}

@@ -399,16 +399,9 @@ impl Client {
     /// Counts each shard exchanged in the store's sync state, as the server
     /// does on its side and as `quiver_syncs_total` counts them.
     async fn record_exchanges(&self, r: &SyncResult) -> Result<()> {
-        let each: Vec<(u64, u64)> = r
-            .shards
-            .iter()
-            .map(|s| (s.changes_sent, s.changes_received))
-            .collect();
+        let (count, sent, received) = (r.shards.len() as u64, r.changes_sent, r.changes_received);
         self.handle
-            .call(move |s| {
-                each.iter()
-                    .try_for_each(|(sent, received)| s.record_sync(*sent, *received, None))
-            })
+            .call(move |s| s.record_syncs(count, sent, received, None))
             .await??;
         Ok(())
     }
@@ -774,8 +767,9 @@ impl Client {
                 // connection now instead of at their idle timeout.
                 let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
             } else {
-                // Only failed attempts: no server holds anything to free.
+                // No open link: at most a dropped one's close to send.
                 ep.close(0u32.into(), b"done");
+                let _ = tokio::time::timeout(Duration::from_millis(200), ep.wait_idle()).await;
             }
         }
     }

@@ -17,8 +17,8 @@ pub enum SyncError {
     )]
     NoAnswer { addr: String, waited_ms: u64 },
     #[error(
-        "the pin {0:?} is not a SHA-256 fingerprint: expected 64 hex digits (colons between \
-         bytes allowed), as `quiver init` and `quiver serve` print it"
+        "the pin {0:?} is not a SHA-256 fingerprint: expected 64 hex digits (colons, dashes \
+         or spaces between bytes allowed), as `quiver init` and `quiver serve` print it"
     )]
     BadPin(String),
     /// An address that cannot be right, whatever the network does.

@@ -46,6 +46,10 @@ pub struct ServerOptions {
     /// Mutual TLS: clients must present a certificate that chains to one
     /// in this PEM file.
     pub client_ca: Option<PathBuf>,
+    /// Refuse clients while the server has no token at all (neither
+    /// `token` nor scoped tokens in the store), instead of letting everyone
+    /// in: for a daemon on the network whose last token was revoked.
+    pub require_token: bool,
 }
 
 impl Default for ServerOptions {
@@ -62,6 +66,7 @@ impl Default for ServerOptions {
             max_connections: 1024,
             rate: Default::default(),
             client_ca: None,
+            require_token: false,
         }
     }
 }
@@ -378,6 +383,11 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
         return Err(refuse_after(&mut writer, &conn, ErrorCode::RateLimited, m, Some(1000)).await);
     }
     let tokens = ctx.read(|s| s.tokens()).await?;
+    if ctx.opts.require_token && ctx.opts.token.is_none() && tokens.is_empty() {
+        let m = "this server takes only clients with a token, and it has none now (the last \
+                 one was revoked); its operator can make one with `quiver token create`";
+        return Err(refuse(&mut writer, &conn, ErrorCode::Unauthorized, m.into()).await);
+    }
     let access = match authorize(hello.token.as_deref(), ctx.opts.token.as_deref(), &tokens) {
         Ok(a) => a,
         Err(m) => return Err(refuse(&mut writer, &conn, ErrorCode::Unauthorized, m.into()).await),

@@ -57,9 +57,14 @@ fn normalise_fp(fp: &str) -> String {
 }
 
 /// Checks a pin as a person typed it: 64 hex digits, any case, with or
-/// without colons between the bytes (`ab:cd:…`). Gives it normalised.
+/// without separators between the bytes (`ab:cd:…`, dashes or spaces).
+/// Gives it normalised.
 pub fn parse_pin(pin: &str) -> Result<String> {
-    let digits = pin.chars().filter(|c| *c != ':').count();
+    let digits = pin
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, ':' | '-' | ' '))
+        .count();
     let hex = normalise_fp(pin);
     if hex.len() != 64 || digits != 64 {
         return Err(SyncError::BadPin(pin.to_string()));

@@ -1,0 +1,497 @@
+//! The network: one-shot sync, live links, a server, and the store's events.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyAttributeError, PyStopIteration};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use quiver_sync::{
+    CancellationToken, Client, ClientOptions, Identity, Server, ServerOptions, SyncSpec, Trust,
+};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinHandle;
+
+use crate::convert::{bad, internal, json_to_py, sync_err};
+use crate::db::Database;
+use crate::{runtime, wait};
+
+/// Everything running in the background, stopped by `close`/`stop`, at
+/// interpreter exit, or by `_shutdown()`.
+fn background() -> &'static Mutex<Vec<CancellationToken>> {
+    static ALL: std::sync::OnceLock<Mutex<Vec<CancellationToken>>> = std::sync::OnceLock::new();
+    ALL.get_or_init(Mutex::default)
+}
+
+fn track(stop: &CancellationToken) {
+    if let Ok(mut all) = background().lock() {
+        all.retain(|t| !t.is_cancelled());
+        all.push(stop.clone());
+    }
+}
+
+pub(crate) fn shutdown_all(py: Python<'_>) {
+    let all: Vec<CancellationToken> = background()
+        .lock()
+        .map(|mut a| std::mem::take(&mut *a))
+        .unwrap_or_default();
+    for t in &all {
+        t.cancel();
+    }
+    // A moment for links and servers to close their connections politely.
+    if !all.is_empty() {
+        py.detach(|| std::thread::sleep(Duration::from_millis(100)));
+    }
+}
+
+/// How a client trusts the server: a pinned fingerprint, a CA file, or
+/// (only when asked) nothing.
+fn trust(pin: Option<String>, ca: Option<String>, insecure: bool) -> PyResult<Trust> {
+    Ok(match (pin, ca, insecure) {
+        (Some(p), None, false) => Trust::Pin(quiver_sync::tls::parse_pin(&p).map_err(sync_err)?),
+        (None, Some(c), false) => Trust::Ca(c.into()),
+        (None, None, true) => Trust::Insecure,
+        (None, None, false) => Trust::Verify,
+        _ => return Err(bad("give at most one of pin=, ca= and insecure=True")),
+    })
+}
+
+/// The client options the CLI would use for this store: its node name, and
+/// its own certificate for servers that ask for one.
+fn client_options(
+    py: Python<'_>,
+    db: &Database,
+    trust: Trust,
+    token: Option<String>,
+) -> PyResult<ClientOptions> {
+    let node = db
+        .call(py, |s| s.node_name())?
+        .unwrap_or_else(|| "python".to_string());
+    let (cert, key) = quiver_sync::tls::identity_paths(db.path());
+    let client_identity = Identity::load(&cert, &key).ok().map(|_| (cert, key));
+    Ok(ClientOptions {
+        trust,
+        client_identity,
+        token,
+        node,
+        ..Default::default()
+    })
+}
+
+impl Database {
+    /// Syncs both ways with the server at `address` ("host:port") and gives
+    /// a `SyncResult` with the fields of `quiver sync --json`. Trust the
+    /// server with `pin` (its certificate's SHA-256 fingerprint) or `ca` (a
+    /// PEM file); `shards` and `tables` narrow the sync. Transient failures
+    /// are retried `retries` times. Ctrl-C interrupts it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn sync_impl(
+        &self,
+        py: Python<'_>,
+        address: String,
+        pin: Option<String>,
+        token: Option<String>,
+        ca: Option<String>,
+        insecure: bool,
+        shards: Option<Vec<String>>,
+        tables: Option<Vec<String>>,
+        retries: u32,
+    ) -> PyResult<SyncResult> {
+        let mut opts = client_options(py, self, trust(pin, ca, insecure)?, token)?;
+        opts.retries = retries;
+        // As `quiver sync`: a server that does not answer the handshake
+        // within 2.5 s is reported at once rather than retried.
+        opts.connect_timeout = Duration::from_millis(2500);
+        opts.retry_no_answer = false;
+        let spec = SyncSpec {
+            shards: shards.unwrap_or_default(),
+            tables: tables.unwrap_or_default(),
+        };
+        let mut client = Client::new(self.handle()?, opts);
+        let r = wait(py, async move {
+            let r = client.sync(&address, &spec, None).await;
+            client.close().await;
+            r
+        })?
+        .map_err(sync_err)?;
+        SyncResult::new(py, &r)
+    }
+
+    /// A live link to the server at `address`, in the background: catch up,
+    /// then push and pull each change as it commits, reconnecting after a
+    /// loss. Use it as a context manager, or call `stop()`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn live_impl(
+        &self,
+        py: Python<'_>,
+        address: String,
+        pin: Option<String>,
+        token: Option<String>,
+        ca: Option<String>,
+        insecure: bool,
+        shards: Option<Vec<String>>,
+    ) -> PyResult<LiveLink> {
+        let opts = client_options(py, self, trust(pin, ca, insecure)?, token)?;
+        let spec = SyncSpec {
+            shards: shards.unwrap_or_default(),
+            tables: vec![],
+        };
+        let stop = CancellationToken::new();
+        track(&stop);
+        let state = Arc::new(Mutex::new(LinkState::default()));
+        let seen = state.clone();
+        let on_round: quiver_sync::RoundFn = Arc::new(move |r| {
+            if let Ok(mut s) = seen.lock() {
+                s.rounds += 1;
+                s.received += r.changes_received;
+                s.sent += r.changes_sent;
+            }
+        });
+        let mut client = Client::new(self.handle()?, opts);
+        let (to, until) = (address.clone(), stop.clone());
+        let ended = state.clone();
+        let task = runtime().spawn(async move {
+            let r = client.live(&to, &spec, until, Some(on_round)).await;
+            client.close().await;
+            if let (Err(e), Ok(mut s)) = (&r, ended.lock()) {
+                s.error = Some(e.to_string());
+            }
+            r
+        });
+        Ok(LiveLink {
+            address,
+            stop,
+            task: Mutex::new(Some(task)),
+            state,
+        })
+    }
+
+    /// Serves this store over QUIC at `listen` (port 0 picks one; see
+    /// `.address`), in the background, with this store's certificate.
+    /// Clients must present `token` when one is given (or one of the
+    /// store's scoped tokens).
+    pub(crate) fn serve_impl(
+        &self,
+        py: Python<'_>,
+        listen: &str,
+        token: Option<String>,
+        client_ca: Option<String>,
+    ) -> PyResult<ServerHandle> {
+        let listen = listen.parse().map_err(|_| {
+            bad(format!(
+                "listen: {listen:?} is not an address like 127.0.0.1:4433"
+            ))
+        })?;
+        let (cert, key) = quiver_sync::tls::identity_paths(self.path());
+        let id = Identity::load(&cert, &key).map_err(sync_err)?;
+        let node = self
+            .call(py, |s| s.node_name())?
+            .unwrap_or_else(|| "python".to_string());
+        let opts = ServerOptions {
+            listen,
+            token,
+            node,
+            client_ca: client_ca.map(Into::into),
+            ..Default::default()
+        };
+        let handle = self.handle()?;
+        let server = {
+            let _guard = runtime().enter();
+            Server::bind(handle, &id, opts).map_err(sync_err)?
+        };
+        let address = server.local_addr().map_err(sync_err)?.to_string();
+        let stop = server.shutdown_token();
+        track(&stop);
+        let task = runtime().spawn(server.run());
+        Ok(ServerHandle {
+            address,
+            fingerprint: id.fingerprint(),
+            stop,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    /// The store's events as dicts (the same as `quiver watch`): local
+    /// commits, commits by other processes, remote changes, conflicts.
+    /// Iterating waits up to `timeout` seconds for each next event and ends
+    /// when none comes. Events are kept from the moment the store was
+    /// opened.
+    pub(crate) fn events_impl(slf: Py<Self>, timeout: f64) -> PyResult<Events> {
+        if !(timeout.is_finite() && timeout >= 0.0) {
+            return Err(bad("timeout is a number of seconds, 0 or more"));
+        }
+        Ok(Events {
+            db: slf,
+            timeout: Duration::from_secs_f64(timeout),
+        })
+    }
+}
+
+/// What a sync did: the fields of `quiver sync --json` as attributes
+/// (`changes_sent`, `changes_received`, `applied`, `conflicts_detected`,
+/// `peer_node`, `shards`, `duration_ms`, …); `to_dict()` gives them all.
+#[pyclass(module = "quiverdb", frozen)]
+pub struct SyncResult {
+    fields: Py<PyDict>,
+}
+
+impl SyncResult {
+    fn new(py: Python<'_>, r: &quiver_sync::SyncResult) -> PyResult<SyncResult> {
+        let j = serde_json::to_value(r).map_err(internal)?;
+        let d = json_to_py(py, &j)?.into_bound(py).cast_into::<PyDict>()?;
+        Ok(SyncResult { fields: d.unbind() })
+    }
+}
+
+#[pymethods]
+impl SyncResult {
+    fn __getattr__(&self, py: Python<'_>, name: &str) -> PyResult<Py<PyAny>> {
+        match self.fields.bind(py).get_item(name)? {
+            Some(v) => Ok(v.unbind()),
+            None => Err(PyAttributeError::new_err(format!(
+                "SyncResult has no field {name:?}"
+            ))),
+        }
+    }
+
+    fn to_dict(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+        Ok(self.fields.bind(py).copy()?.unbind())
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let f = self.fields.bind(py);
+        let get = |k: &str| -> String {
+            f.get_item(k)
+                .ok()
+                .flatten()
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        };
+        Ok(format!(
+            "SyncResult(peer_node={}, changes_sent={}, changes_received={}, applied={}, conflicts_detected={}, duration_ms={})",
+            get("peer_node"),
+            get("changes_sent"),
+            get("changes_received"),
+            get("applied"),
+            get("conflicts_detected"),
+            get("duration_ms")
+        ))
+    }
+}
+
+#[derive(Default)]
+struct LinkState {
+    rounds: u64,
+    sent: u64,
+    received: u64,
+    error: Option<String>,
+}
+
+/// A live link running in the background.
+#[pyclass(module = "quiverdb")]
+pub struct LiveLink {
+    address: String,
+    stop: CancellationToken,
+    task: Mutex<Option<JoinHandle<quiver_sync::Result<()>>>>,
+    state: Arc<Mutex<LinkState>>,
+}
+
+#[pymethods]
+impl LiveLink {
+    #[getter]
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    /// Rounds completed (each catch-up or push/pull of a change).
+    #[getter]
+    fn rounds(&self) -> u64 {
+        self.state.lock().map(|s| s.rounds).unwrap_or(0)
+    }
+
+    /// Changes received over the link so far.
+    #[getter]
+    fn received(&self) -> u64 {
+        self.state.lock().map(|s| s.received).unwrap_or(0)
+    }
+
+    /// Changes sent over the link so far.
+    #[getter]
+    fn sent(&self) -> u64 {
+        self.state.lock().map(|s| s.sent).unwrap_or(0)
+    }
+
+    /// Why the link ended, if it ended on an error (a refused token, an
+    /// untrusted certificate); lost connections are retried, not errors.
+    #[getter]
+    fn error(&self) -> Option<String> {
+        self.state.lock().ok().and_then(|s| s.error.clone())
+    }
+
+    /// Whether the link still runs.
+    #[getter]
+    fn running(&self) -> bool {
+        self.task
+            .lock()
+            .map(|t| t.as_ref().is_some_and(|t| !t.is_finished()))
+            .unwrap_or(false)
+    }
+
+    /// Waits until at least `rounds` rounds have completed, for `timeout`
+    /// seconds at most; gives whether they did. Raises the link's error if
+    /// it ended on one.
+    #[pyo3(signature = (rounds=1, timeout=10.0))]
+    fn wait_rounds(&self, py: Python<'_>, rounds: u64, timeout: f64) -> PyResult<bool> {
+        let state = self.state.clone();
+        let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+        let reached = wait(py, async move {
+            loop {
+                if let Ok(s) = state.lock() {
+                    if s.rounds >= rounds {
+                        return Ok(true);
+                    }
+                    if let Some(e) = &s.error {
+                        return Err(e.clone());
+                    }
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Ok(false);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })?;
+        reached.map_err(crate::SyncError::new_err)
+    }
+
+    /// Stops the link and waits for it to close its connection.
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        self.stop.cancel();
+        let task = self.task.lock().map_err(internal)?.take();
+        if let Some(t) = task {
+            let _ = wait(py, async move {
+                tokio::time::timeout(Duration::from_secs(5), t).await
+            })?;
+        }
+        Ok(())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+        self.stop(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "LiveLink({:?}, rounds={}, running={})",
+            self.address,
+            self.rounds(),
+            self.running()
+        )
+    }
+}
+
+/// A server running in the background.
+#[pyclass(module = "quiverdb")]
+pub struct ServerHandle {
+    address: String,
+    fingerprint: String,
+    stop: CancellationToken,
+    task: Mutex<Option<JoinHandle<quiver_sync::Result<()>>>>,
+}
+
+#[pymethods]
+impl ServerHandle {
+    /// The bound address, "host:port".
+    #[getter]
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    /// The SHA-256 fingerprint clients pin.
+    #[getter]
+    fn fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+
+    /// Stops accepting, lets in-flight batches finish, closes connections.
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        self.stop.cancel();
+        let task = self.task.lock().map_err(internal)?.take();
+        if let Some(t) = task {
+            let _ = wait(py, async move {
+                tokio::time::timeout(Duration::from_secs(10), t).await
+            })?;
+        }
+        Ok(())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+        self.stop(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Server({:?}, fingerprint={:?})",
+            self.address, self.fingerprint
+        )
+    }
+}
+
+/// An iterator over a store's events; see `Database.events`.
+#[pyclass(module = "quiverdb")]
+pub struct Events {
+    db: Py<Database>,
+    timeout: Duration,
+}
+
+#[pymethods]
+impl Events {
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let db = self.db.borrow(py);
+        let events = &db.events;
+        let timeout = self.timeout;
+        let next = py.detach(|| -> PyResult<Option<quiver_store::StoreEvent>> {
+            let mut rx = events.lock().map_err(internal)?;
+            runtime().block_on(async {
+                let deadline = tokio::time::sleep(timeout);
+                tokio::pin!(deadline);
+                loop {
+                    tokio::select! {
+                        r = rx.recv() => match r {
+                            Ok(e) => return Ok(Some(e)),
+                            // Too many unread events: the oldest are gone.
+                            Err(RecvError::Lagged(_)) => continue,
+                            Err(RecvError::Closed) => return Ok(None),
+                        },
+                        _ = &mut deadline => return Ok(None),
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                            Python::attach(|py| py.check_signals())?;
+                        }
+                    }
+                }
+            })
+        })?;
+        match next {
+            Some(e) => {
+                let j = serde_json::to_value(&e).map_err(internal)?;
+                json_to_py(py, &j)
+            }
+            None => Err(PyStopIteration::new_err(())),
+        }
+    }
+}

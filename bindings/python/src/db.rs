@@ -42,6 +42,7 @@ pub(crate) fn open(py: Python<'_>, path: PathBuf, name: Option<String>) -> PyRes
         handle: RwLock::new(Some(handle)),
         path,
         events,
+        background: Mutex::default(),
     })
 }
 
@@ -54,6 +55,8 @@ pub struct Database {
     path: PathBuf,
     /// Events from the moment the store was opened (`events()` drains it).
     pub(crate) events: Mutex<broadcast::Receiver<StoreEvent>>,
+    /// Its live links and servers, stopped by `close()`.
+    background: Mutex<Vec<crate::net::Background>>,
 }
 
 impl Database {
@@ -67,6 +70,17 @@ impl Database {
 
     pub(crate) fn path(&self) -> &std::path::Path {
         &self.path
+    }
+
+    /// Keeps a live link or server of this store, to stop at `close()`.
+    pub(crate) fn adopt(&self, task: crate::net::Background) -> PyResult<()> {
+        let mut all = self
+            .background
+            .lock()
+            .map_err(|_| crate::convert::internal("lock poisoned"))?;
+        all.retain(crate::net::Background::running);
+        all.push(task);
+        Ok(())
     }
 
     /// Runs `f` on the store thread, the GIL released; store errors become
@@ -315,8 +329,17 @@ impl Database {
         json_to_py(py, &j)
     }
 
-    /// Closes the store; later calls raise `quiverdb.Error`.
-    fn close(&self) -> PyResult<()> {
+    /// Stops the store's live links and servers, then closes the store;
+    /// later calls raise `quiverdb.Error`.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let tasks: Vec<_> = self
+            .background
+            .lock()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default();
+        for t in tasks {
+            t.stop(py)?;
+        }
         self.handle
             .write()
             .map_err(|_| crate::convert::internal("lock poisoned"))?
@@ -329,8 +352,8 @@ impl Database {
     }
 
     #[pyo3(signature = (*_args))]
-    fn __exit__(&self, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
-        self.close()
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
+        self.close(py)
     }
 
     fn __repr__(&self) -> String {

@@ -16,31 +16,67 @@ use crate::convert::{bad, internal, json_to_py, sync_err};
 use crate::db::Database;
 use crate::{runtime, wait};
 
-/// Everything running in the background, stopped by `close`/`stop`, at
-/// interpreter exit, or by `_shutdown()`.
-fn background() -> &'static Mutex<Vec<CancellationToken>> {
-    static ALL: std::sync::OnceLock<Mutex<Vec<CancellationToken>>> = std::sync::OnceLock::new();
+/// A task on the package's runtime (a live link, a server) and the token
+/// that stops it. Shared by its Python object, its store (which stops it at
+/// `close()`) and the process (which stops it at interpreter exit).
+#[derive(Clone)]
+pub(crate) struct Background(Arc<Task>);
+
+struct Task {
+    stop: CancellationToken,
+    handle: Mutex<Option<JoinHandle<quiver_sync::Result<()>>>>,
+}
+
+/// Every background task of the process, for `_shutdown()` at exit.
+fn everything() -> &'static Mutex<Vec<Background>> {
+    static ALL: std::sync::OnceLock<Mutex<Vec<Background>>> = std::sync::OnceLock::new();
     ALL.get_or_init(Mutex::default)
 }
 
-fn track(stop: &CancellationToken) {
-    if let Ok(mut all) = background().lock() {
-        all.retain(|t| !t.is_cancelled());
-        all.push(stop.clone());
+impl Background {
+    fn spawn(
+        stop: CancellationToken,
+        fut: impl std::future::Future<Output = quiver_sync::Result<()>> + Send + 'static,
+    ) -> Background {
+        let b = Background(Arc::new(Task {
+            stop,
+            handle: Mutex::new(Some(runtime().spawn(fut))),
+        }));
+        if let Ok(mut all) = everything().lock() {
+            all.retain(Background::running);
+            all.push(b.clone());
+        }
+        b
+    }
+
+    pub(crate) fn running(&self) -> bool {
+        self.0
+            .handle
+            .lock()
+            .map(|t| t.as_ref().is_some_and(|t| !t.is_finished()))
+            .unwrap_or(false)
+    }
+
+    /// Stops the task and waits for it to close its connections.
+    pub(crate) fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        self.0.stop.cancel();
+        let task = self.0.handle.lock().map_err(internal)?.take();
+        if let Some(t) = task {
+            let _ = wait(py, async move {
+                tokio::time::timeout(Duration::from_secs(10), t).await
+            })?;
+        }
+        Ok(())
     }
 }
 
 pub(crate) fn shutdown_all(py: Python<'_>) {
-    let all: Vec<CancellationToken> = background()
+    let all: Vec<Background> = everything()
         .lock()
         .map(|mut a| std::mem::take(&mut *a))
         .unwrap_or_default();
-    for t in &all {
-        t.cancel();
-    }
-    // A moment for links and servers to close their connections politely.
-    if !all.is_empty() {
-        py.detach(|| std::thread::sleep(Duration::from_millis(100)));
+    for b in &all {
+        let _ = b.stop(py);
     }
 }
 
@@ -137,7 +173,6 @@ impl Database {
             tables: vec![],
         };
         let stop = CancellationToken::new();
-        track(&stop);
         let state = Arc::new(Mutex::new(LinkState::default()));
         let seen = state.clone();
         let on_round: quiver_sync::RoundFn = Arc::new(move |r| {
@@ -150,7 +185,7 @@ impl Database {
         let mut client = Client::new(self.handle()?, opts);
         let (to, until) = (address.clone(), stop.clone());
         let ended = state.clone();
-        let task = runtime().spawn(async move {
+        let task = Background::spawn(stop, async move {
             let r = client.live(&to, &spec, until, Some(on_round)).await;
             client.close().await;
             if let (Err(e), Ok(mut s)) = (&r, ended.lock()) {
@@ -158,10 +193,10 @@ impl Database {
             }
             r
         });
+        self.adopt(task.clone())?;
         Ok(LiveLink {
             address,
-            stop,
-            task: Mutex::new(Some(task)),
+            task,
             state,
         })
     }
@@ -200,14 +235,12 @@ impl Database {
             Server::bind(handle, &id, opts).map_err(sync_err)?
         };
         let address = server.local_addr().map_err(sync_err)?.to_string();
-        let stop = server.shutdown_token();
-        track(&stop);
-        let task = runtime().spawn(server.run());
+        let task = Background::spawn(server.shutdown_token(), server.run());
+        self.adopt(task.clone())?;
         Ok(ServerHandle {
             address,
             fingerprint: id.fingerprint(),
-            stop,
-            task: Mutex::new(Some(task)),
+            task,
         })
     }
 
@@ -291,8 +324,7 @@ struct LinkState {
 #[pyclass(module = "quiverdb")]
 pub struct LiveLink {
     address: String,
-    stop: CancellationToken,
-    task: Mutex<Option<JoinHandle<quiver_sync::Result<()>>>>,
+    task: Background,
     state: Arc<Mutex<LinkState>>,
 }
 
@@ -331,10 +363,7 @@ impl LiveLink {
     /// Whether the link still runs.
     #[getter]
     fn running(&self) -> bool {
-        self.task
-            .lock()
-            .map(|t| t.as_ref().is_some_and(|t| !t.is_finished()))
-            .unwrap_or(false)
+        self.task.running()
     }
 
     /// Waits until at least `rounds` rounds have completed, for `timeout`
@@ -365,14 +394,7 @@ impl LiveLink {
 
     /// Stops the link and waits for it to close its connection.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        self.stop.cancel();
-        let task = self.task.lock().map_err(internal)?.take();
-        if let Some(t) = task {
-            let _ = wait(py, async move {
-                tokio::time::timeout(Duration::from_secs(5), t).await
-            })?;
-        }
-        Ok(())
+        self.task.stop(py)
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -400,8 +422,7 @@ impl LiveLink {
 pub struct ServerHandle {
     address: String,
     fingerprint: String,
-    stop: CancellationToken,
-    task: Mutex<Option<JoinHandle<quiver_sync::Result<()>>>>,
+    task: Background,
 }
 
 #[pymethods]
@@ -420,14 +441,13 @@ impl ServerHandle {
 
     /// Stops accepting, lets in-flight batches finish, closes connections.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        self.stop.cancel();
-        let task = self.task.lock().map_err(internal)?.take();
-        if let Some(t) = task {
-            let _ = wait(py, async move {
-                tokio::time::timeout(Duration::from_secs(10), t).await
-            })?;
-        }
-        Ok(())
+        self.task.stop(py)
+    }
+
+    /// Whether the server still runs.
+    #[getter]
+    fn running(&self) -> bool {
+        self.task.running()
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {

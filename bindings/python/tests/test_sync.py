@@ -269,3 +269,34 @@ def test_ctrl_c_interrupts_a_waiting_sync(tmp_path):
         assert "interrupted" in out, out + err
     finally:
         p.kill()
+
+
+def test_close_stops_the_stores_links_and_servers(tmp_path):
+    a, b = two(tmp_path)
+    srv = a.serve()
+    link = b.live(srv.address, pin=srv.fingerprint)
+    assert link.wait_rounds(1, timeout=20)
+    b.close()
+    assert not link.running
+    a.close()
+    assert not srv.running
+
+
+LEFT_RUNNING = r"""
+import sys, quiverdb
+a = quiverdb.open(sys.argv[1] + "/a.db")
+b = quiverdb.open(sys.argv[1] + "/b.db")
+srv = a.serve()
+link = b.live(srv.address, pin=srv.fingerprint)
+link.wait_rounds(1, timeout=20)
+print("leaving them running", flush=True)
+"""
+
+
+def test_the_interpreter_exits_cleanly_with_links_and_servers_running(tmp_path):
+    t = time.monotonic()
+    out = run_python(LEFT_RUNNING, str(tmp_path), timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "leaving them running" in out.stdout
+    assert "panicked" not in out.stderr and "Error" not in out.stderr, out.stderr
+    assert time.monotonic() - t < 20

@@ -278,6 +278,25 @@ impl ChangeStream<'_> {
         Ok(bytes)
     }
 
+    /// One batch, read in one read transaction: the clock and the row
+    /// values it pairs with come from the same snapshot, so a row deleted
+    /// (or rewritten) by another connection while the batch is read is
+    /// either wholly there or wholly gone, never a record with the values
+    /// of another moment.
+    fn next_batch_in_one_snapshot(&mut self) -> Result<Option<ChangeBatch>> {
+        if !self.conn.is_autocommit() {
+            // The caller's own transaction already holds one snapshot.
+            return self.next_batch();
+        }
+        self.conn.execute_batch("BEGIN DEFERRED")?;
+        let out = self.next_batch();
+        // A read transaction: ending it cannot lose anything.
+        let ended = self.conn.execute_batch("COMMIT");
+        let out = out?;
+        ended?;
+        Ok(out)
+    }
+
     fn next_batch(&mut self) -> Result<Option<ChangeBatch>> {
         if self.done {
             return Ok(None);
@@ -378,7 +397,7 @@ impl Iterator for ChangeStream<'_> {
     type Item = Result<ChangeBatch>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        match self.next_batch() {
+        match self.next_batch_in_one_snapshot() {
             Ok(Some(b)) => Some(Ok(b)),
             Ok(None) => None,
             Err(e) => {

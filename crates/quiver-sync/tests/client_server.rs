@@ -247,3 +247,76 @@ async fn pull_progress_says_how_far_into_the_offered_versions() {
     );
     assert!(seen[0].0 < total, "it starts below the end: {seen:?}");
 }
+
+/// A row inserted and deleted again and again by another connection while
+/// its store serves syncs: every batch must be read from one snapshot, or a
+/// batch pairs the row's record with values of another moment (a deleted
+/// row's NULLs) and the receiver refuses it. `QUIVER_RACE_SYNCS` sets the
+/// number of syncs (default 300).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncs_stay_consistent_while_a_row_is_inserted_and_deleted() {
+    let syncs: usize = std::env::var("QUIVER_RACE_SYNCS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let x = side("x", 20);
+    let y = side("y", 0);
+    let (addr, _stop) = serve(&x, "127.0.0.1:0", None);
+    let path = x.handle.path().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writing = stop.clone();
+    // Another writer of x's file, as an application with its own driver.
+    let writer = std::thread::spawn(move || {
+        let mut s = Store::open(&path).unwrap();
+        let mut n = 0u64;
+        while !writing.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut r = Record::new("id0", vec![n as f32, 1.0]);
+            r.metadata = serde_json::json!({"n": n});
+            s.put("docs", &r).unwrap();
+            s.delete("docs", "id0").unwrap();
+            n += 1;
+        }
+        n
+    });
+    let mut client = Client::new(
+        y.handle.clone(),
+        ClientOptions {
+            trust: Trust::Pin(x.fp.clone()),
+            retries: 0,
+            ..Default::default()
+        },
+    );
+    let mut failures = Vec::new();
+    for _ in 0..syncs {
+        if let Err(e) = client.sync(&addr, &SyncSpec::default(), None).await {
+            failures.push(e.to_string());
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let cycles = writer.join().unwrap();
+    assert!(cycles > 0);
+    assert!(
+        failures.is_empty(),
+        "{} of {syncs} syncs failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    // Once the writer stops, one more sync leaves y as x.
+    client
+        .sync(&addr, &SyncSpec::default(), None)
+        .await
+        .unwrap();
+    let export = |h: StoreHandle| async move {
+        h.call(|s| {
+            let mut out = Vec::new();
+            s.export("docs", &mut out).map(|_| out)
+        })
+        .await
+        .unwrap()
+        .unwrap()
+    };
+    assert_eq!(
+        export(x.handle.clone()).await,
+        export(y.handle.clone()).await
+    );
+}

@@ -160,7 +160,9 @@ def test_events_say_what_happened(tmp_path):
     notes = db.create_collection("notes", dim=2, strategy="manual")
     list(db.events(timeout=0.2))
     notes.put("x", [1.0, 2.0])
-    assert {"event": "local_commit"} in list(db.events(timeout=0.3))
+    local = [e for e in db.events(timeout=0.3) if e["event"] == "local_commit"]
+    assert local and local[-1]["site"] == db.site_id
+    assert local[-1]["changes"] == [{"shard": "default", "table": "notes", "rows": 1, "keys": ["x"]}]
     # Remote changes and conflicts, as `quiver watch` prints them.
     other = quiverdb.open(str(tmp_path / "o.db"))
     other.create_collection("notes", dim=2, strategy="manual")

@@ -233,7 +233,7 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
             println!("certificate SHA-256 {}", id.fingerprint());
             if let Some(h) = http {
                 println!(
-                    "health and metrics on http://{h}/health and /metrics, live connections on /connections"
+                    "health and metrics on http://{h}/health and /metrics, live connections on /connections, events on /events"
                 );
             }
         }
@@ -572,11 +572,15 @@ pub fn watch(store: Store, shard: Option<String>) -> Result<()> {
                 e = events.recv() => e,
             };
             match e {
-                Ok(quiver_store::StoreEvent::RemoteChange { shard: s, .. })
-                    if shard.as_ref().is_some_and(|w| *w != s) => {}
                 Ok(e) => {
-                    output::json(&e)?;
-                    std::io::stdout().flush()?;
+                    let shown = match &shard {
+                        Some(s) => e.in_shard(s),
+                        None => Some(e),
+                    };
+                    if let Some(e) = shown {
+                        output::json(&e)?;
+                        std::io::stdout().flush()?;
+                    }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     eprintln!("({n} events skipped)")

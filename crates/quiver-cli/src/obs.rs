@@ -1,7 +1,8 @@
 //! The daemon's HTTP endpoint (loopback by default, a port of its own):
 //! `/health` says whether it is ready and why not, `/metrics` gives
 //! Prometheus text, `/connections` lists the live connections (what
-//! `quiver status --server` shows).
+//! `quiver status --server` shows), `/events` streams the store's events
+//! (what `quiver watch` prints) as server-sent events.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use http_body_util::combinators::BoxBody;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
@@ -139,11 +141,97 @@ async fn health(h: &Health) -> (StatusCode, String) {
     }
 }
 
+/// A response body fed by a channel: the lines of an event stream.
+struct EventStream(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for EventStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// `/events[?shard=S]`: the store's events as server-sent events, one
+/// `data:` line of JSON each (what `quiver watch` prints), until the client
+/// goes or the daemon stops. A comment every 15 s keeps proxies from
+/// closing a quiet stream and tells a gone client from a quiet one.
+fn events(h: &Health, query: Option<&str>) -> Response<BoxBody<Bytes, Infallible>> {
+    let shard = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("shard="))
+        .map(str::to_string);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let mut store_events = h.store.events();
+    let stop = h.shutdown.clone();
+    tokio::spawn(async move {
+        if tx
+            .send(Bytes::from_static(b": quiver events\n\n"))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            let line = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(15)) => Bytes::from_static(b": keep-alive\n\n"),
+                e = store_events.recv() => match e {
+                    Ok(e) => {
+                        let Some(e) = (match &shard {
+                            Some(s) => e.in_shard(s),
+                            None => Some(e),
+                        }) else { continue };
+                        let json = serde_json::to_string(&e).unwrap_or_default();
+                        Bytes::from(format!("event: {}\ndata: {json}\n\n", event_name(&e)))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        Bytes::from(format!(": {n} events skipped\n\n"))
+                    }
+                    Err(_) => return,
+                },
+            };
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut resp = Response::new(BoxBody::new(EventStream(rx)));
+    let headers = resp.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-cache"),
+    );
+    resp
+}
+
+/// The `event:` name of a store event (its JSON `event` field).
+fn event_name(e: &quiver_store::StoreEvent) -> String {
+    serde_json::to_value(e)
+        .ok()
+        .and_then(|v| v["event"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "event".into())
+}
+
 async fn route(
     req: Request<hyper::body::Incoming>,
     prom: PrometheusHandle,
     h: Arc<Health>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+    if req.uri().path() == "/events" {
+        return Ok(events(&h, req.uri().query()));
+    }
     let (status, kind, body) = match req.uri().path() {
         "/health" => {
             let (s, b) = health(&h).await;
@@ -154,10 +242,10 @@ async fn route(
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /health, /metrics or /connections\n".to_string(),
+            "try /health, /metrics, /connections or /events\n".to_string(),
         ),
     };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(BoxBody::new(Full::new(Bytes::from(body))));
     *resp.status_mut() = status;
     if let Ok(v) = hyper::header::HeaderValue::from_str(kind) {
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);

@@ -220,3 +220,84 @@ fn registered_peers_get_live_links_and_watch_prints_events() {
     );
     assert!(common::err(&b.db, &["peers", "remove", "a"]).contains("no peer"));
 }
+
+/// Lines of a child's output or a socket, as they come.
+fn lines_of(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Writes rows with another SQLite driver (rusqlite, as an application
+/// would) until `rx` shows a line naming one of them and the table.
+fn insert_until_reported(
+    db: &std::path::Path,
+    prefix: &str,
+    rx: &std::sync::mpsc::Receiver<String>,
+) -> String {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut seen = String::new();
+    for i in 0..40 {
+        conn.execute(
+            "INSERT INTO notes(id, body) VALUES (?1, 'hi')",
+            [format!("{prefix}{i}")],
+        )
+        .unwrap();
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(250)) {
+            if l.contains(prefix) && l.contains("\"table\":\"notes\"") {
+                return l;
+            }
+            seen.push_str(&l);
+            seen.push('\n');
+        }
+    }
+    panic!("no event named a {prefix}… row of notes: {seen}");
+}
+
+#[test]
+fn watch_and_the_daemons_event_stream_name_what_another_driver_wrote() {
+    let a = Node::new("a");
+    a.q(&["sql", "CREATE TABLE notes(id TEXT PRIMARY KEY, body TEXT)"]);
+    a.q(&["table", "add", "notes"]);
+    let mut watcher = Command::new(bin())
+        .arg("--db")
+        .arg(&a.db)
+        .arg("watch")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(watcher.stdout.take().unwrap());
+    let line = insert_until_reported(&a.db, "drv-", &rx);
+    let e: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(e["event"], "external_change", "{line}");
+    assert_eq!(e["local"], true, "{line}");
+    assert_eq!(e["changes"][0]["shard"], "default", "{line}");
+    assert_eq!(e["changes"][0]["rows"], 1, "{line}");
+    assert!(e["site"].as_str().is_some_and(|s| s.len() == 32), "{line}");
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+
+    // The daemon streams the same events on /events.
+    let s = a.serve(&[]);
+    let http = s.http.clone().unwrap();
+    let mut sock = std::net::TcpStream::connect(&http).unwrap();
+    use std::io::Write;
+    write!(sock, "GET /events HTTP/1.1\r\nHost: {http}\r\n\r\n").unwrap();
+    let rx = lines_of(sock.try_clone().unwrap());
+    let line = insert_until_reported(&a.db, "sse-", &rx);
+    let data: serde_json::Value =
+        serde_json::from_str(line.strip_prefix("data: ").expect("a data: line")).unwrap();
+    assert_eq!(data["event"], "external_change");
+    assert!(data["changes"][0]["keys"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("sse-"));
+}

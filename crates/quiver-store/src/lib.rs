@@ -34,7 +34,7 @@ pub use changes::{ChangeStream, StreamLimits};
 pub use collections::{check_record, CollectionSpec, Metric, Record};
 pub use conflicts::{Conflict, ConflictVersion, Resolution};
 pub use error::{Result, StoreError};
-pub use events::StoreEvent;
+pub use events::{StoreEvent, TableChanges, KEYS_LISTED};
 pub use memory::MEMORY_SHARD;
 pub use names::DEFAULT_SHARD;
 pub use schema::FORMAT_VERSION;
@@ -308,6 +308,7 @@ impl Store {
             "UPDATE quiver_state SET hlc_floor = max(hlc_floor, ?1)",
             [stamp.as_i64()],
         )?;
+        let before: i64 = tx.query_row("SELECT dbv FROM quiver_state", [], |r| r.get(0))?;
         let out = f(&tx)?;
         let sealed = triggers::close_open_version(&tx)?;
         tx.commit()?;
@@ -315,7 +316,13 @@ impl Store {
             self.changes += 1;
         }
         self.revision = self.read_revision()?;
-        self.events.emit_local_commit();
+        if self.events.wanted() {
+            let changes = events::written_rows(&self.conn, before, self.revision.0)?;
+            self.events.emit(StoreEvent::LocalCommit {
+                site: self.site.to_hex(),
+                changes,
+            });
+        }
         Ok(out)
     }
 
@@ -332,17 +339,31 @@ impl Store {
     /// writes and moves the change counter if the store gained versions
     /// (local writes, or remote changes applied by another process).
     pub fn notice_external_changes(&mut self) -> Result<bool> {
-        self.close_open_version()?;
+        let before = self.revision;
+        // Sealing moves the counter and the revision itself; what counts
+        // is the revision before it (a write by the `sqlite3` shell is
+        // only sealed here).
+        let sealed = self.close_open_version()?;
         let now = self.read_revision()?;
-        if now != self.revision {
-            let (local, remote) = (now.0 != self.revision.0, now.1 != self.revision.1);
-            self.revision = now;
-            self.changes += 1;
-            self.events
-                .emit(StoreEvent::ExternalChange { local, remote });
-            return Ok(true);
+        if now == before {
+            return Ok(false);
         }
-        Ok(false)
+        if !sealed {
+            self.changes += 1;
+        }
+        self.revision = now;
+        let changes = if self.events.wanted() {
+            events::written_rows(&self.conn, before.0, now.0)?
+        } else {
+            Vec::new()
+        };
+        self.events.emit(StoreEvent::ExternalChange {
+            local: now.0 != before.0,
+            remote: now.1 != before.1,
+            site: self.site.to_hex(),
+            changes,
+        });
+        Ok(true)
     }
 
     /// A counter that moves whenever this store gains changes its peers

@@ -347,11 +347,27 @@ mod tests {
 
     #[test]
     fn garbage_bodies_give_errors_not_panics() {
-        for kind in 0..=12u8 {
+        // Every kind, Notify included: an empty body, a reserved marker, a
+        // truncated array, and a run of negative integers are errors.
+        for kind in 1..=13u8 {
             for body in [vec![], vec![0xc1], vec![0x93, 0x01], vec![0xff; 40]] {
-                let _ = Message::decode(&Frame { kind, body });
+                let decoded = Message::decode(&Frame {
+                    kind,
+                    body: body.clone(),
+                });
+                assert!(
+                    decoded.is_err(),
+                    "kind {kind}, body {body:02x?}: {decoded:?}"
+                );
             }
         }
+        assert!(matches!(
+            Message::decode(&Frame {
+                kind: 0,
+                body: vec![]
+            }),
+            Err(WireError::UnknownKind(0))
+        ));
         assert!(matches!(
             Message::decode(&Frame {
                 kind: 99,

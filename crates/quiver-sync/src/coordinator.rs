@@ -448,8 +448,25 @@ impl ShardCoordinator {
         d.sort_by(f64::total_cmp);
         if !d.is_empty() {
             s.avg_duration_ms = d.iter().sum::<f64>() / d.len() as f64;
-            s.p95_duration_ms = d[((d.len() as f64 - 1.0) * 0.95).round() as usize];
+            s.p95_duration_ms = percentile(&d, 0.95);
         }
         s
+    }
+}
+
+/// The `q` quantile of sorted, non-empty samples (nearest rank).
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn p95_is_the_nearest_rank() {
+        let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(super::percentile(&hundred, 0.95), 95.0);
+        assert_eq!(super::percentile(&[1.0, 2.0, 3.0, 40.0], 0.95), 40.0);
+        assert_eq!(super::percentile(&[7.0], 0.95), 7.0);
+        assert_eq!(super::percentile(&hundred, 0.5), 51.0);
     }
 }

@@ -77,7 +77,9 @@ async fn sync_all_honours_the_concurrency_limit() {
     for (i, s) in servers.iter().enumerate() {
         c.register_peer(record(&format!("s{i}"), s)).await.unwrap();
     }
+    let started = std::time::Instant::now();
     let results = c.sync_all().await.unwrap();
+    let whole_ms = started.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(results.len(), 4);
     assert!(results.iter().all(|(_, r)| r.is_ok()), "{results:?}");
     assert_eq!(count(&local.handle).await, 400);
@@ -87,7 +89,14 @@ async fn sync_all_honours_the_concurrency_limit() {
         "never more than two at once, and the limit was reached"
     );
     assert_eq!((st.total_syncs, st.failures), (4, 0));
-    assert!(st.p95_duration_ms >= st.avg_duration_ms * 0.5);
+    // Four syncs: their p95 is the slowest, at least the mean, and each
+    // took some time but less than the whole run.
+    assert!(st.avg_duration_ms > 0.0, "{st:?}");
+    assert!(st.p95_duration_ms >= st.avg_duration_ms, "{st:?}");
+    assert!(
+        st.p95_duration_ms <= whole_ms,
+        "{st:?} within {whole_ms} ms"
+    );
     let peers = c.peers().await.unwrap();
     assert!(peers
         .iter()

@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::actor::StoreHandle;
 use crate::framed::{FrameReader, FrameWriter};
 use crate::protocol::{
-    exchange, their_versions, Peer, Progress, ProgressFn, PullPlan, ShardProgress, ShardResult,
+    exchange, their_versions, Peer, Progress, ProgressFn, PullPlan, ShardExchange, ShardProgress,
+    ShardResult,
 };
 use crate::schema::{ensure_tables, shard_defs, shard_infos};
 use crate::tls::{Identity, SeenFingerprint, Trust};
@@ -552,10 +553,16 @@ impl Client {
                         report,
                         plan: PullPlan::new(held.as_deref().unwrap_or_default(), &reply.versions),
                     });
-                    let mut r = exchange(
-                        &handle, peer, &shard, &tables, theirs, reader, writer, stream, progress,
-                    )
-                    .await?;
+                    let x = ShardExchange {
+                        handle: &handle,
+                        peer,
+                        shard: &shard,
+                        filter: &tables,
+                        theirs,
+                        limits: stream,
+                        progress,
+                    };
+                    let mut r = exchange(x, reader, writer).await?;
                     r.tables_created = created;
                     Ok::<_, SyncError>(r)
                 }

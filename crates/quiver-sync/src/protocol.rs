@@ -203,24 +203,27 @@ fn check_batch(
     Ok(())
 }
 
-/// Runs the exchange of one shard and records its metrics.
-#[allow(clippy::too_many_arguments)]
+/// What one shard exchange works on, either side: the store, the peer,
+/// the shard and its table filter (empty: every table), what the peer holds
+/// per table, the batch limits, and progress reports (a client's).
+pub(crate) struct ShardExchange<'a> {
+    pub handle: &'a StoreHandle,
+    pub peer: Peer,
+    pub shard: &'a str,
+    pub filter: &'a [String],
+    pub theirs: BTreeMap<String, VersionVector>,
+    pub limits: StreamLimits,
+    pub progress: Option<ShardProgress>,
+}
+
+/// Runs the exchange of one shard over its stream and records its metrics.
 pub(crate) async fn exchange(
-    handle: &StoreHandle,
-    peer: Peer,
-    shard: &str,
-    filter: &[String],
-    theirs: BTreeMap<String, VersionVector>,
+    x: ShardExchange<'_>,
     reader: FrameReader,
     writer: FrameWriter,
-    limits: StreamLimits,
-    progress: Option<ShardProgress>,
 ) -> Result<ShardResult> {
     let started = std::time::Instant::now();
-    let r = exchange_inner(
-        handle, peer, shard, filter, theirs, reader, writer, limits, progress,
-    )
-    .await;
+    let r = exchange_inner(x, reader, writer).await;
     record_metrics(&r, started.elapsed());
     r
 }
@@ -246,18 +249,20 @@ fn record_metrics(r: &Result<ShardResult>, took: std::time::Duration) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn exchange_inner(
-    handle: &StoreHandle,
-    peer: Peer,
-    shard: &str,
-    filter: &[String],
-    theirs: BTreeMap<String, VersionVector>,
+    x: ShardExchange<'_>,
     mut reader: FrameReader,
     mut writer: FrameWriter,
-    limits: StreamLimits,
-    mut progress: Option<ShardProgress>,
 ) -> Result<ShardResult> {
+    let ShardExchange {
+        handle,
+        peer,
+        shard,
+        filter,
+        theirs,
+        limits,
+        mut progress,
+    } = x;
     let mut result = ShardResult {
         shard: shard.to_string(),
         ..Default::default()

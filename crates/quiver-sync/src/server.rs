@@ -20,7 +20,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::actor::StoreHandle;
 use crate::auth::authorize;
 use crate::framed::{FrameReader, FrameWriter};
-use crate::protocol::{exchange, their_versions, Peer};
+use crate::protocol::{exchange, their_versions, Peer, ShardExchange};
 use crate::schema::{ensure_tables, shard_defs, shard_infos};
 use crate::tls::Identity;
 use crate::transport::{server_endpoint, TransportLimits};
@@ -624,18 +624,16 @@ async fn serve_shard(
         }))
         .await?;
     let theirs = their_versions(&names, &req.versions, &req.tables);
-    let r = exchange(
-        &ctx.handle,
+    let x = ShardExchange {
+        handle: &ctx.handle,
         peer,
-        &req.shard,
-        &req.tables,
+        shard: &req.shard,
+        filter: &req.tables,
         theirs,
-        reader,
-        writer,
-        ctx.opts.stream,
-        None,
-    )
-    .await;
+        limits: ctx.opts.stream,
+        progress: None,
+    };
+    let r = exchange(x, reader, writer).await;
     // The served side counts its exchanges too, so that `quiver status` on
     // a daemon's store agrees with its `quiver_syncs_total`.
     let (sent, received, error) = match &r {

@@ -649,6 +649,20 @@ fn status(s: &Store, json: bool) -> Result<()> {
             .map(|e| format!(", last error: {e}"))
             .unwrap_or_default()
     );
+    if let Some(c) = &st.coordinator {
+        let n = |k: &str| c[k].as_f64().unwrap_or(0.0);
+        println!(
+            "peers      {} syncs and live rounds ({} failed), avg {:.1} ms, p95 {:.1} ms, \
+             bytes out {} in {}, {} conflicts (the daemon's coordinator)",
+            n("total_syncs"),
+            n("failures"),
+            n("avg_duration_ms"),
+            n("p95_duration_ms"),
+            n("bytes_sent"),
+            n("bytes_received"),
+            n("conflicts")
+        );
+    }
     for sh in &st.shards {
         println!("\nshard {}", sh.name);
         for (site, v) in &sh.version_vector {

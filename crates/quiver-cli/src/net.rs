@@ -7,7 +7,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use quiver_store::Store;
 use quiver_sync::{
-    Client, ClientOptions, Identity, Progress, Server, ServerOptions, StoreHandle, SyncSpec, Trust,
+    Client, ClientOptions, CoordinatorOptions, Identity, Progress, Server, ServerOptions,
+    ShardCoordinator, StoreHandle, SyncSpec, Trust,
 };
 
 use crate::args::{ServeArgs, SyncArgs, TrustArgs};
@@ -176,31 +177,31 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         },
         ..Default::default()
     };
+    // The daemon's peers: those of --peer (and `peers` in the config), then
+    // the registry's. Pins are checked before anything starts.
     let mut peers = Vec::new();
     for p in &cfg.peers {
-        let (addr, trust) = match p.split_once('@') {
+        let (addr, pin) = match p.split_once('@') {
             Some((addr, pin)) => (
                 addr.to_string(),
-                Trust::Pin(quiver_sync::tls::parse_pin(pin).with_context(|| format!("peer {p}"))?),
+                Some(quiver_sync::tls::parse_pin(pin).with_context(|| format!("peer {p}"))?),
             ),
-            None if a.peer_insecure => (p.clone(), Trust::Insecure),
-            None => (p.clone(), Trust::Verify),
+            None => (p.clone(), None),
         };
-        peers.push((addr, trust, None));
+        let mut rec = quiver_store::PeerRecord::new(&addr, &addr, vec![]);
+        rec.pin = pin;
+        peers.push(rec);
     }
-    // Registered peers get live links too.
-    for p in store.peers()? {
-        let trust = match (&p.pin, a.peer_insecure) {
-            (Some(pin), _) => Trust::Pin(
-                quiver_sync::tls::parse_pin(pin)
-                    .with_context(|| format!("registered peer {}", p.node))?,
-            ),
-            (None, true) => Trust::Insecure,
-            (None, false) => Trust::Verify,
-        };
-        peers.push((p.addr.clone(), trust, Some(p.node.clone())));
+    for mut p in store.peers()? {
+        p.pin = p
+            .pin
+            .map(|pin| quiver_sync::tls::parse_pin(&pin))
+            .transpose()
+            .with_context(|| format!("registered peer {}", p.node))?;
+        peers.push(p);
     }
     let peer_token = cfg.peer_token.clone();
+    let peer_insecure = a.peer_insecure;
     let http_listen = cfg.http_listen;
     let rt = runtime()?;
     rt.block_on(async move {
@@ -238,50 +239,27 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
             }
         }
         std::io::stdout().flush()?;
-        // Live links to peers run until shutdown.
-        for (addr, trust, registered) in peers {
-            // Peers that require client certificates get this daemon's own.
-            let opts = ClientOptions {
-                trust,
-                client_identity: Some((cert.clone(), key.clone())),
-                token: peer_token.clone(),
-                node: node.clone(),
+        // The shard coordinator keeps a live link to every peer until
+        // shutdown, and owns their state, statistics and events.
+        let coordinator = ShardCoordinator::new(
+            handle.clone(),
+            CoordinatorOptions {
+                client: ClientOptions {
+                    trust: if peer_insecure {
+                        Trust::Insecure
+                    } else {
+                        Trust::Verify
+                    },
+                    // Peers that require client certificates get this daemon's own.
+                    client_identity: Some((cert.clone(), key.clone())),
+                    token: peer_token.clone(),
+                    node: node.clone(),
+                    ..CoordinatorOptions::default().client
+                },
                 ..Default::default()
-            };
-            let mut client = Client::new(handle.clone(), opts);
-            let stop = token.clone();
-            // A registry peer's state follows its link.
-            let on_round = registered.clone().map(|peer| {
-                let h = handle.clone();
-                let marked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                Arc::new(move |_: &quiver_sync::SyncResult| {
-                    if !marked.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                        let (h, peer) = (h.clone(), peer.clone());
-                        tokio::spawn(async move {
-                            h.call(move |s| s.set_peer_status(&peer, "online", None))
-                                .await
-                        });
-                    }
-                }) as quiver_sync::RoundFn
-            });
-            let h = handle.clone();
-            tokio::spawn(async move {
-                tracing::info!(%addr, "keeping a live link");
-                if let Err(e) = client
-                    .live(&addr, &SyncSpec::default(), stop, on_round)
-                    .await
-                {
-                    tracing::error!(%addr, "live link ended: {e}");
-                    if let Some(peer) = registered {
-                        let msg = e.to_string();
-                        let _ = h
-                            .call(move |s| s.set_peer_status(&peer, "degraded", Some(&msg)))
-                            .await;
-                    }
-                }
-                client.close().await;
-            });
-        }
+            },
+        );
+        coordinator.keep_live_links(peers, token.clone());
         let signal_token = token.clone();
         tokio::spawn(async move {
             shutdown_signal().await;

@@ -183,6 +183,12 @@ fn registered_peers_get_live_links_and_watch_prints_events() {
         let st: serde_json::Value = serde_json::from_str(&b.q(&["--json", "status"])).unwrap();
         st["peers"][0]["status"] == "online"
     });
+    // The daemon's coordinator keeps its statistics where `status` shows them.
+    wait_until("the coordinator's statistics in status", || {
+        let st: serde_json::Value = serde_json::from_str(&b.q(&["--json", "status"])).unwrap();
+        st["coordinator"]["total_syncs"].as_u64().unwrap_or(0) >= 1
+    });
+    assert!(b.q(&["status"]).contains("(the daemon's coordinator)"));
     // The watcher prints nothing until an event, so it may still have been
     // opening the store when x arrived; writes after that are seen.
     let stdout = watcher.stdout.take().unwrap();

@@ -276,15 +276,21 @@ impl Store {
     }
 
     pub fn set_node_name(&mut self, name: &str) -> Result<()> {
+        self.set_meta("node_name", name)
+    }
+
+    /// Keeps `value` under `key` in the store's own metadata (for example
+    /// the daemon's coordinator statistics, which `status` shows).
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO quiver_meta(key, value) VALUES ('node_name', ?1)
+            "INSERT INTO quiver_meta(key, value) VALUES (?1, ?2)
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [name],
+            [key, value],
         )?;
         Ok(())
     }
 
-    fn meta(&self, key: &str) -> Result<Option<String>> {
+    pub(crate) fn meta(&self, key: &str) -> Result<Option<String>> {
         use rusqlite::OptionalExtension;
         Ok(self
             .conn

@@ -35,6 +35,9 @@ pub struct StoreStatus {
     pub open_conflicts: usize,
     pub shards: Vec<ShardStatus>,
     pub sync: SyncState,
+    /// The statistics of the daemon's shard coordinator (syncs and live
+    /// rounds with its peers), as it last kept them in the store.
+    pub coordinator: Option<serde_json::Value>,
 }
 
 impl Store {
@@ -76,6 +79,9 @@ impl Store {
             open_conflicts: open as usize,
             shards,
             sync: self.sync_state()?,
+            coordinator: self
+                .meta("coordinator_stats")?
+                .and_then(|s| serde_json::from_str(&s).ok()),
         })
     }
 }

@@ -290,20 +290,30 @@ impl ShardCoordinator {
             .await;
         self.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        {
-            let mut st = lock(&self.inner.stats);
-            st.0.total_syncs += 1;
-            st.1.push(ms);
-            match &outcome {
-                Ok(r) => {
-                    st.0.bytes_sent += r.bytes_sent;
-                    st.0.bytes_received += r.bytes_received;
-                    st.0.conflicts += r.conflicts_detected;
-                }
-                Err(_) => st.0.failures += 1,
+        self.count(ms, &outcome);
+        self.report(&p, &outcome).await;
+        outcome
+    }
+
+    /// Adds a sync (or a live round) to the statistics.
+    fn count(&self, ms: f64, outcome: &Result<SyncResult>) {
+        let mut st = lock(&self.inner.stats);
+        st.0.total_syncs += 1;
+        st.1.push(ms);
+        match outcome {
+            Ok(r) => {
+                st.0.bytes_sent += r.bytes_sent;
+                st.0.bytes_received += r.bytes_received;
+                st.0.conflicts += r.conflicts_detected;
             }
+            Err(_) => st.0.failures += 1,
         }
-        if let Ok(r) = &outcome {
+    }
+
+    /// Tells subscribers how a sync with `p` went, and records the peer's
+    /// state.
+    async fn report(&self, p: &PeerRecord, outcome: &Result<SyncResult>) {
+        if let Ok(r) = outcome {
             for shard in &r.schema_outdated {
                 let _ = self.inner.events.send(Event::SchemaOutdated {
                     node: p.node.clone(),
@@ -324,8 +334,78 @@ impl ShardCoordinator {
                 error: e.to_string(),
             },
         });
-        self.record(&p, &outcome).await;
-        outcome
+        self.record(p, outcome).await;
+        self.save_stats().await;
+    }
+
+    /// Keeps the statistics in the store, so that `quiver status` on the
+    /// store of a running daemon shows them.
+    async fn save_stats(&self) {
+        let stats = serde_json::to_string(&self.stats()).unwrap_or_default();
+        if let Ok(Err(e)) = self
+            .inner
+            .handle
+            .call(move |s| s.set_meta("coordinator_stats", &stats))
+            .await
+        {
+            tracing::warn!("keeping the coordinator's statistics: {e}");
+        }
+    }
+
+    /// Keeps a live link to each of `peers` until `stop` is cancelled. A
+    /// peer's state follows its link: online from its first round (with a
+    /// `PeerConnected` event), degraded with the reason when refused (a
+    /// token, a certificate); each round that moved changes counts in the
+    /// statistics and sends `SyncCompleted`. Peers need not be registered
+    /// (the daemon's `--peer` ones are not); registered ones keep their
+    /// state in the registry.
+    pub fn keep_live_links(&self, peers: Vec<PeerRecord>, stop: CancellationToken) {
+        for p in peers {
+            let me = self.clone();
+            let stop = stop.clone();
+            let mut opts = self.inner.opts.client.clone();
+            if let Some(pin) = &p.pin {
+                opts.trust = Trust::Pin(pin.clone());
+            }
+            if p.token.is_some() {
+                opts.token = p.token.clone();
+            }
+            // A live link retries an absent peer until stopped.
+            opts.retry_no_answer = true;
+            let mut client = Client::new(self.inner.handle.clone(), opts);
+            let spec = SyncSpec {
+                shards: p.shards.clone(),
+                tables: vec![],
+            };
+            let (rounds_tx, mut rounds) = tokio::sync::mpsc::unbounded_channel::<SyncResult>();
+            let on_round: crate::RoundFn = Arc::new(move |r: &SyncResult| {
+                let _ = rounds_tx.send(r.clone());
+            });
+            // Rounds are reported off the link's own task.
+            let (reporter, mut peer) = (self.clone(), p.clone());
+            tokio::spawn(async move {
+                let mut first = true;
+                while let Some(r) = rounds.recv().await {
+                    if first || r.changes_sent + r.changes_received > 0 {
+                        reporter.count(r.duration_ms as f64, &Ok(r.clone()));
+                        reporter.report(&peer, &Ok(r)).await;
+                        // Known online from now on: no second PeerConnected.
+                        peer.status = "online".into();
+                    }
+                    first = false;
+                }
+            });
+            tokio::spawn(async move {
+                tracing::info!(addr = %p.addr, node = %p.node, "keeping a live link");
+                let ended = client.live(&p.addr, &spec, stop, Some(on_round)).await;
+                client.close().await;
+                if let Err(e) = ended {
+                    tracing::error!(addr = %p.addr, "live link ended: {e}");
+                    me.count(0.0, &Err(SyncError::Connection(e.to_string())));
+                    me.report(&p, &Err(e)).await;
+                }
+            });
+        }
     }
 
     async fn sync_many(

@@ -210,6 +210,27 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         let addr = server.local_addr()?;
         lock.record(addr)?;
         let token = server.shutdown_token();
+        // The shard coordinator keeps a live link to every peer until
+        // shutdown (started once the daemon is announced), and owns their
+        // state, statistics and events.
+        let coordinator = ShardCoordinator::new(
+            handle.clone(),
+            CoordinatorOptions {
+                client: ClientOptions {
+                    trust: if peer_insecure {
+                        Trust::Insecure
+                    } else {
+                        Trust::Verify
+                    },
+                    // Peers that require client certificates get this daemon's own.
+                    client_identity: Some((cert.clone(), key.clone())),
+                    token: peer_token.clone(),
+                    node: node.clone(),
+                    ..CoordinatorOptions::default().client
+                },
+                ..Default::default()
+            },
+        );
         let http = match http_listen {
             Some(at) => {
                 let health = crate::obs::Health {
@@ -219,6 +240,7 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
                     connections: server.active_connections(),
                     list: server.connections(),
                     shutdown: token.clone(),
+                    coordinator: coordinator.clone(),
                 };
                 Some(crate::obs::serve(at, crate::obs::install_recorder()?, health).await?)
             }
@@ -239,26 +261,6 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
             }
         }
         std::io::stdout().flush()?;
-        // The shard coordinator keeps a live link to every peer until
-        // shutdown, and owns their state, statistics and events.
-        let coordinator = ShardCoordinator::new(
-            handle.clone(),
-            CoordinatorOptions {
-                client: ClientOptions {
-                    trust: if peer_insecure {
-                        Trust::Insecure
-                    } else {
-                        Trust::Verify
-                    },
-                    // Peers that require client certificates get this daemon's own.
-                    client_identity: Some((cert.clone(), key.clone())),
-                    token: peer_token.clone(),
-                    node: node.clone(),
-                    ..CoordinatorOptions::default().client
-                },
-                ..Default::default()
-            },
-        );
         coordinator.keep_live_links(peers, token.clone());
         let signal_token = token.clone();
         tokio::spawn(async move {

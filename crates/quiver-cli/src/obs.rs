@@ -92,6 +92,8 @@ pub struct Health {
     /// Connections past the handshake, with their peers and traffic.
     pub list: Arc<dyn Fn() -> Vec<ConnectionInfo> + Send + Sync>,
     pub shutdown: CancellationToken,
+    /// The daemon's coordinator: store events, and its peers' and syncs'.
+    pub coordinator: quiver_sync::ShardCoordinator,
 }
 
 fn connections(h: &Health) -> String {
@@ -158,10 +160,11 @@ impl hyper::body::Body for EventStream {
     }
 }
 
-/// `/events[?shard=S]`: the store's events as server-sent events, one
-/// `data:` line of JSON each (what `quiver watch` prints), until the client
-/// goes or the daemon stops. A comment every 15 s keeps proxies from
-/// closing a quiet stream and tells a gone client from a quiet one.
+/// `/events[?shard=S]`: the store's events (what `quiver watch` prints) and
+/// the coordinator's peer and sync events, as server-sent events with one
+/// `data:` line of JSON each, until the client goes or the daemon stops. A
+/// comment every 15 s keeps proxies from closing a quiet stream and tells a
+/// gone client from a quiet one.
 fn events(h: &Health, query: Option<&str>) -> Response<BoxBody<Bytes, Infallible>> {
     let shard = query
         .into_iter()
@@ -169,7 +172,7 @@ fn events(h: &Health, query: Option<&str>) -> Response<BoxBody<Bytes, Infallible
         .find_map(|kv| kv.strip_prefix("shard="))
         .map(str::to_string);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-    let mut store_events = h.store.events();
+    let mut all_events = h.coordinator.subscribe();
     let stop = h.shutdown.clone();
     tokio::spawn(async move {
         if tx
@@ -183,14 +186,23 @@ fn events(h: &Health, query: Option<&str>) -> Response<BoxBody<Bytes, Infallible
             let line = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(15)) => Bytes::from_static(b": keep-alive\n\n"),
-                e = store_events.recv() => match e {
+                e = all_events.recv() => match e {
                     Ok(e) => {
-                        let Some(e) = (match &shard {
-                            Some(s) => e.in_shard(s),
-                            None => Some(e),
-                        }) else { continue };
-                        let json = serde_json::to_string(&e).unwrap_or_default();
-                        Bytes::from(format!("event: {}\ndata: {json}\n\n", event_name(&e)))
+                        // A store event as `quiver watch` prints it; the
+                        // coordinator's own as they are.
+                        let json = match e {
+                            quiver_sync::Event::Store { change } => {
+                                let Some(change) = (match &shard {
+                                    Some(s) => change.in_shard(s),
+                                    None => Some(change),
+                                }) else { continue };
+                                serde_json::to_value(&change)
+                            }
+                            other => serde_json::to_value(&other),
+                        }
+                        .unwrap_or_default();
+                        let name = json["event"].as_str().unwrap_or("event").to_string();
+                        Bytes::from(format!("event: {name}\ndata: {json}\n\n"))
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         Bytes::from(format!(": {n} events skipped\n\n"))
@@ -214,14 +226,6 @@ fn events(h: &Health, query: Option<&str>) -> Response<BoxBody<Bytes, Infallible
         hyper::header::HeaderValue::from_static("no-cache"),
     );
     resp
-}
-
-/// The `event:` name of a store event (its JSON `event` field).
-fn event_name(e: &quiver_store::StoreEvent) -> String {
-    serde_json::to_value(e)
-        .ok()
-        .and_then(|v| v["event"].as_str().map(str::to_string))
-        .unwrap_or_else(|| "event".into())
 }
 
 async fn route(

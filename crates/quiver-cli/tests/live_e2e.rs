@@ -306,4 +306,31 @@ fn watch_and_the_daemons_event_stream_name_what_another_driver_wrote() {
         .as_str()
         .unwrap()
         .starts_with("sse-"));
+
+    // A daemon with a peer streams its coordinator's sync events too.
+    let b = Node::new("b");
+    let peer = format!("{}@{}", s.addr, s.fp);
+    let sb = b.serve(&["--peer", &peer]);
+    let http = sb.http.clone().unwrap();
+    let mut sock = std::net::TcpStream::connect(&http).unwrap();
+    write!(sock, "GET /events HTTP/1.1\r\nHost: {http}\r\n\r\n").unwrap();
+    let rx = lines_of(sock.try_clone().unwrap());
+    let mut seen = String::new();
+    for i in 0..40 {
+        rusqlite::Connection::open(&a.db)
+            .unwrap()
+            .execute(
+                "INSERT INTO notes(id, body) VALUES (?1, 'x')",
+                [format!("peer-{i}")],
+            )
+            .unwrap();
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(250)) {
+            seen.push_str(&l);
+            seen.push('\n');
+        }
+        if seen.contains("\"event\":\"sync_completed\"") {
+            break;
+        }
+    }
+    assert!(seen.contains("\"event\":\"sync_completed\""), "{seen}");
 }

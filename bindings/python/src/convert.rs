@@ -178,6 +178,51 @@ pub(crate) fn metadata(obj: Option<&Bound<'_, PyAny>>) -> PyResult<serde_json::V
     }
 }
 
+/// A list of `n` metadata dicts (None for `{}`), converted in one pass by
+/// Python's C `json` encoder rather than value by value (as
+/// `json.dumps`: keys are strings, and int, float, bool and None keys
+/// become strings; NaN and infinity are refused).
+pub(crate) fn metadatas(list: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<serde_json::Value>> {
+    let py = list.py();
+    let items: Vec<Bound<'_, PyAny>> = list.try_iter()?.collect::<PyResult<_>>()?;
+    if items.len() != n {
+        return Err(bad(format!("{n} ids but {} metadatas", items.len())));
+    }
+    if let Some((i, x)) = items
+        .iter()
+        .enumerate()
+        .find(|(_, x)| !x.is_none() && !x.is_instance_of::<PyDict>())
+    {
+        return Err(bad(format!(
+            "metadatas[{i}]: metadata must be a dict, got a {}",
+            x.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        )));
+    }
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("allow_nan", false)?;
+    kwargs.set_item("separators", (",", ":"))?;
+    let text: String = py
+        .import("json")?
+        .call_method("dumps", (PyList::new(py, &items)?,), Some(&kwargs))
+        .map_err(|e| bad(format!("metadatas: {}", e.value(py))))?
+        .extract()?;
+    let values: Vec<serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| bad(format!("metadatas: {e}")))?;
+    Ok(values
+        .into_iter()
+        .map(|v| {
+            if v.is_null() {
+                serde_json::json!({})
+            } else {
+                v
+            }
+        })
+        .collect())
+}
+
 fn dtype_of(obj: &Bound<'_, PyAny>) -> Option<String> {
     obj.getattr("dtype").ok().map(|d| d.to_string())
 }

@@ -12,7 +12,7 @@ use quiver_sync::StoreHandle;
 use tokio::sync::broadcast;
 
 use crate::convert::{
-    bad, gone, json_to_py, matrix, metadata, py_to_json, sql_to_py, sql_value, store_err, vector,
+    bad, gone, json_to_py, matrix, py_to_json, sql_to_py, sql_value, store_err, vector,
 };
 use crate::wait;
 
@@ -428,20 +428,7 @@ impl Collection {
         let metas: Vec<serde_json::Value> = match &metadatas {
             None => vec![serde_json::json!({}); ids.len()],
             Some(m) if m.is_none() => vec![serde_json::json!({}); ids.len()],
-            Some(m) => {
-                let list = m
-                    .try_iter()?
-                    .map(|x| metadata(Some(&x?)))
-                    .collect::<PyResult<Vec<_>>>()?;
-                if list.len() != ids.len() {
-                    return Err(bad(format!(
-                        "{} ids but {} metadatas",
-                        ids.len(),
-                        list.len()
-                    )));
-                }
-                list
-            }
+            Some(m) => crate::convert::metadatas(m, ids.len())?,
         };
         if let Some(c) = &contents {
             if c.len() != ids.len() {
@@ -451,13 +438,15 @@ impl Collection {
         let name = self.name.clone();
         let h = self.db.borrow(py).handle()?;
         let written = wait(py, async move {
+            let mut contents = contents.map(Vec::into_iter);
             let records: Vec<StoreRecord> = ids
                 .iter()
-                .enumerate()
-                .map(|(i, id)| {
-                    let mut r = StoreRecord::new(id, values[i * width..(i + 1) * width].to_vec());
-                    r.metadata = metas[i].clone();
-                    r.content = contents.as_ref().and_then(|c| c[i].clone());
+                .zip(values.chunks_exact(width.max(1)))
+                .zip(metas)
+                .map(|((id, v), meta)| {
+                    let mut r = StoreRecord::new(id, v.to_vec());
+                    r.metadata = meta;
+                    r.content = contents.as_mut().and_then(|c| c.next().flatten());
                     r
                 })
                 .collect();

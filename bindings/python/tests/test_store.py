@@ -120,6 +120,12 @@ def test_bad_input_is_refused_and_writes_nothing(db, rng):
         notes.put_many(["p", "q"], np.ones((3, 4), dtype=np.float32))
     with pytest.raises(quiverdb.ValidationError, match="metadatas"):
         notes.put_many(["p"], np.ones((1, 4), dtype=np.float32), metadatas=[{}, {}])
+    with pytest.raises(quiverdb.ValidationError, match="must be a dict"):
+        notes.put_many(["p", "q"], np.ones((2, 4), dtype=np.float32), metadatas=[{}, ["x"]])
+    with pytest.raises(quiverdb.ValidationError, match="metadatas"):
+        notes.put_many(["p"], np.ones((1, 4), dtype=np.float32), metadatas=[{"f": float("nan")}])
+    with pytest.raises(quiverdb.ValidationError, match="metadatas"):
+        notes.put_many(["p"], np.ones((1, 4), dtype=np.float32), metadatas=[{"o": object()}])
     assert len(notes) == 1
     assert [r["id"] for r in db.sql("SELECT id FROM notes")] == ["ok"]
 

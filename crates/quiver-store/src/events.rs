@@ -104,45 +104,64 @@ impl crate::Store {
 
 /// The rows this replica's writes gave versions `from..to` (the open
 /// versions of the commits in question), per table: sealed writes in the
-/// clock and inserts still in the insert log.
+/// clock (through its version index) and inserts still in the insert log
+/// (read from its end, where the newest are, so the cost follows the rows
+/// written, not the log's length).
 pub(crate) fn written_rows(
     conn: &Connection,
     from: i64,
     to: i64,
 ) -> crate::Result<Vec<TableChanges>> {
-    let mut out = Vec::new();
+    use std::collections::{BTreeMap, BTreeSet};
     if to <= from {
-        return Ok(out);
+        return Ok(Vec::new());
     }
-    for t in crate::catalog::load_all(conn)? {
-        let keys =
-            "SELECT pk FROM quiver_clock WHERE tbl = ?1 AND site = 0 AND dbv >= ?2 AND dbv < ?3
-                    UNION SELECT pk FROM quiver_pending WHERE tbl = ?1 AND dbv >= ?2 AND dbv < ?3";
-        let rows: i64 = conn
-            .prepare_cached(&format!("SELECT count(*) FROM ({keys})"))?
-            .query_row(rusqlite::params![t.id, from, to], |r| r.get(0))?;
-        if rows == 0 {
-            continue;
+    let tables: BTreeMap<i64, crate::catalog::TableInfo> = crate::catalog::load_all(conn)?
+        .into_iter()
+        .map(|t| (t.id, t))
+        .collect();
+    let shown = |t: &crate::catalog::TableInfo, k: Value| {
+        pk_values(&k, t.pk.len())
+            .map(|pk| display_pk(&pk))
+            .unwrap_or_else(|| crate::sqlvalue::to_json(&k).to_string())
+    };
+    let mut rows: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
+    {
+        let mut log =
+            conn.prepare_cached("SELECT tbl, pk, dbv FROM quiver_pending ORDER BY seq DESC")?;
+        let mut cursor = log.query([])?;
+        while let Some(r) = cursor.next()? {
+            let dbv: i64 = r.get(2)?;
+            if dbv < from {
+                break;
+            }
+            let tbl: i64 = r.get(0)?;
+            if let (true, Some(t)) = (dbv < to, tables.get(&tbl)) {
+                let key = shown(t, crate::sqlvalue::from_ref(r.get_ref(1)?));
+                rows.entry(tbl).or_default().insert(key);
+            }
         }
-        let listed: Vec<Value> = conn
-            .prepare_cached(&format!("{keys} LIMIT {KEYS_LISTED}"))?
-            .query_map(rusqlite::params![t.id, from, to], |r| {
-                Ok(crate::sqlvalue::from_ref(r.get_ref(0)?))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        out.push(TableChanges {
-            shard: t.shard.clone(),
-            table: t.name.clone(),
-            rows: rows as u64,
-            keys: listed
-                .iter()
-                .map(|k| {
-                    pk_values(k, t.pk.len())
-                        .map(|pk| display_pk(&pk))
-                        .unwrap_or_else(|| crate::sqlvalue::to_json(k).to_string())
-                })
-                .collect(),
-        });
     }
-    Ok(out)
+    let mut clock = conn.prepare_cached(
+        "SELECT pk FROM quiver_clock WHERE tbl = ?1 AND site = 0 AND dbv >= ?2 AND dbv < ?3",
+    )?;
+    for t in tables.values() {
+        let mut cursor = clock.query(rusqlite::params![t.id, from, to])?;
+        while let Some(r) = cursor.next()? {
+            let key = shown(t, crate::sqlvalue::from_ref(r.get_ref(0)?));
+            rows.entry(t.id).or_default().insert(key);
+        }
+    }
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, keys)| {
+            let t = tables.get(&id)?;
+            Some(TableChanges {
+                shard: t.shard.clone(),
+                table: t.name.clone(),
+                rows: keys.len() as u64,
+                keys: keys.into_iter().take(KEYS_LISTED).collect(),
+            })
+        })
+        .collect())
 }

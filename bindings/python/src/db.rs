@@ -37,7 +37,7 @@ pub(crate) fn open(py: Python<'_>, path: PathBuf, name: Option<String>) -> PyRes
         let _guard = crate::runtime().enter();
         StoreHandle::spawn(store)
     };
-    let events = Mutex::new(handle.events());
+    let events = Mutex::new(None);
     Ok(Database {
         handle: RwLock::new(Some(handle)),
         path,
@@ -53,8 +53,9 @@ pub(crate) fn open(py: Python<'_>, path: PathBuf, name: Option<String>) -> PyRes
 pub struct Database {
     handle: RwLock<Option<StoreHandle>>,
     path: PathBuf,
-    /// Events from the moment the store was opened (`events()` drains it).
-    pub(crate) events: Mutex<broadcast::Receiver<StoreEvent>>,
+    /// Events from the first call to `events()` on (until then, commits
+    /// do not work out what they wrote for nobody).
+    pub(crate) events: Mutex<Option<broadcast::Receiver<StoreEvent>>>,
     /// Its live links and servers, stopped by `close()`.
     background: Mutex<Vec<crate::net::Background>>,
 }
@@ -315,10 +316,20 @@ impl Database {
     /// The store's events as dicts (the same as `quiver watch`): local
     /// commits, commits by other processes, remote changes, conflicts.
     /// Iterating waits up to `timeout` seconds for each next event and ends
-    /// when none comes. Events are kept from the moment the store was
-    /// opened.
+    /// when none comes. Events are kept from the first call to `events()`
+    /// on, so call it once before the writes you want to hear of.
     #[pyo3(signature = (timeout=1.0))]
-    fn events(slf: Py<Self>, timeout: f64) -> PyResult<crate::net::Events> {
+    fn events(slf: Py<Self>, py: Python<'_>, timeout: f64) -> PyResult<crate::net::Events> {
+        {
+            let db = slf.borrow(py);
+            let mut rx = db
+                .events
+                .lock()
+                .map_err(|_| crate::convert::internal("lock poisoned"))?;
+            if rx.is_none() {
+                *rx = Some(db.handle()?.events());
+            }
+        }
         Self::events_impl(slf, timeout)
     }
 

@@ -246,9 +246,6 @@ impl Database {
 
     /// The store's events as dicts (the same as `quiver watch`): local
     /// commits, commits by other processes, remote changes, conflicts.
-    /// Iterating waits up to `timeout` seconds for each next event and ends
-    /// when none comes. Events are kept from the moment the store was
-    /// opened.
     pub(crate) fn events_impl(slf: Py<Self>, timeout: f64) -> PyResult<Events> {
         if !(timeout.is_finite() && timeout >= 0.0) {
             return Err(bad("timeout is a number of seconds, 0 or more"));
@@ -486,7 +483,10 @@ impl Events {
         let events = &db.events;
         let timeout = self.timeout;
         let next = py.detach(|| -> PyResult<Option<quiver_store::StoreEvent>> {
-            let mut rx = events.lock().map_err(internal)?;
+            let mut guard = events.lock().map_err(internal)?;
+            let Some(rx) = guard.as_mut() else {
+                return Ok(None);
+            };
             runtime().block_on(async {
                 let deadline = tokio::time::sleep(timeout);
                 tokio::pin!(deadline);

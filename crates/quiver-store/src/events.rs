@@ -78,9 +78,20 @@ impl StoreEvent {
 }
 
 /// Fan-out to subscribers; a dropped receiver is forgotten.
-#[derive(Default)]
 pub(crate) struct EventHub {
     subscribers: Vec<mpsc::Sender<StoreEvent>>,
+    /// Whether anyone downstream of the subscribers listens (a relay, such
+    /// as a store thread's broadcast, says when nobody does).
+    listening: bool,
+}
+
+impl Default for EventHub {
+    fn default() -> Self {
+        EventHub {
+            subscribers: Vec::new(),
+            listening: true,
+        }
+    }
 }
 
 impl EventHub {
@@ -88,12 +99,21 @@ impl EventHub {
         self.subscribers.retain(|s| s.send(e.clone()).is_ok());
     }
 
+    /// Whether events that cost a query (the rows a commit wrote) are
+    /// worth working out.
     pub fn wanted(&self) -> bool {
-        !self.subscribers.is_empty()
+        self.listening && !self.subscribers.is_empty()
     }
 }
 
 impl crate::Store {
+    /// Says whether anyone listens behind the subscribers, for a relay
+    /// that passes events on: with nobody listening, commits skip working
+    /// out which rows they wrote.
+    pub fn set_listening(&mut self, listening: bool) {
+        self.events.listening = listening;
+    }
+
     /// Receives every event from now on.
     pub fn subscribe(&mut self) -> mpsc::Receiver<StoreEvent> {
         let (tx, rx) = mpsc::channel();

@@ -384,7 +384,7 @@ impl Store {
     /// another process writing the file) a db_version of its own, so it can
     /// be synced. Returns whether there was any.
     pub fn close_open_version(&mut self) -> Result<bool> {
-        if self.is_read_only() {
+        if self.is_read_only() || !triggers::open_version_has_writes(&self.conn)? {
             return Ok(false);
         }
         let tx = self

@@ -314,6 +314,20 @@ pub(crate) fn backfill(conn: &Connection, t: &TableInfo) -> Result<()> {
 
 /// Seals the open db_version if any change carries it (a logged insert or
 /// a clock record), so later writes get the next one. Returns whether it sealed one.
+/// Whether the open version holds captured writes, read without taking the
+/// write lock (the check [`close_open_version`] makes again under it).
+pub(crate) fn open_version_has_writes(conn: &Connection) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT (SELECT p.dbv FROM quiver_pending p ORDER BY p.seq DESC LIMIT 1) = s.dbv
+                OR EXISTS (SELECT 1 FROM quiver_tables t WHERE EXISTS (
+                  SELECT 1 FROM quiver_clock c WHERE c.tbl = t.id AND c.site = 0 AND c.dbv = s.dbv))
+             FROM quiver_state s",
+        )?
+        .query_row([], |r| r.get::<_, Option<bool>>(0))?
+        .unwrap_or(false))
+}
+
 pub(crate) fn close_open_version(conn: &Connection) -> Result<bool> {
     if read_only(conn)? {
         return Ok(false);

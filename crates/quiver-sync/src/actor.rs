@@ -56,6 +56,7 @@ impl StoreHandle {
                 let mut store = store;
                 let mut last = store.change_counter();
                 while let Ok(job) = rx.recv() {
+                    store.set_listening(events_tx.receiver_count() > 0);
                     job(&mut store);
                     for e in store_events.try_iter() {
                         let _ = events_tx.send(e);

@@ -27,6 +27,7 @@ pub struct StoreHandle {
     site: SiteId,
     changes: watch::Receiver<u64>,
     events: broadcast::Sender<StoreEvent>,
+    readers: Arc<crate::readers::ReaderPool>,
     _alive: Arc<()>,
 }
 
@@ -77,6 +78,7 @@ impl StoreHandle {
         }
         StoreHandle {
             tx,
+            readers: crate::readers::ReaderPool::new(path.clone()),
             path,
             site,
             changes,
@@ -109,10 +111,15 @@ impl StoreHandle {
         self.changes.clone()
     }
 
-    /// The store file, for read-only connections of its own (streaming
-    /// changes out runs on one, so it never waits for applies).
+    /// The store file.
     pub fn path(&self) -> &std::path::Path {
         &self.path
+    }
+
+    /// The store's read-only connections (streaming changes out runs on
+    /// one, so it never waits for applies).
+    pub(crate) fn readers(&self) -> &Arc<crate::readers::ReaderPool> {
+        &self.readers
     }
 
     pub fn site_id(&self) -> SiteId {

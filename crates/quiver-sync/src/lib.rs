@@ -11,6 +11,7 @@ mod error;
 pub mod framed;
 pub mod limits;
 mod protocol;
+mod readers;
 mod schema;
 mod server;
 pub mod tls;

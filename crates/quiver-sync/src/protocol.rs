@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use quiver_core::wire::{Done, ErrorCode, ErrorMsg, Message, Report};
 use quiver_core::{ChangeBatch, VersionVector};
-use quiver_store::{ApplyReport, Store, StoreError, StreamLimits};
+use quiver_store::{ApplyReport, StoreError, StreamLimits};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -267,15 +267,24 @@ async fn exchange_inner(
         shard: shard.to_string(),
         ..Default::default()
     };
-    // Producer: a read-only connection streams what the peer lacks.
+    // The store thread, the one writer, seals what other connections wrote
+    // and folds the insert log; then a read-only connection streams what
+    // the peer lacks.
+    handle
+        .call(|s| -> quiver_store::Result<()> {
+            s.close_open_version()?;
+            s.fold_pending()?;
+            Ok(())
+        })
+        .await??;
     let (batch_tx, mut batch_rx) = mpsc::channel::<Result<ChangeBatch>>(2);
-    let path = handle.path().to_path_buf();
+    let readers = handle.readers().clone();
     let shard_name = shard.to_string();
     let producer = tokio::task::spawn_blocking(move || {
-        let store = match Store::open(&path) {
+        let store = match readers.take() {
             Ok(s) => s,
             Err(e) => {
-                let _ = batch_tx.blocking_send(Err(e.into()));
+                let _ = batch_tx.blocking_send(Err(e));
                 return;
             }
         };

@@ -79,8 +79,6 @@ pub struct Server {
 
 struct Ctx {
     handle: StoreHandle,
-    /// A read-only view for the handshake, so it never queues behind applies.
-    reader: Arc<std::sync::Mutex<Option<quiver_store::Store>>>,
     opts: ServerOptions,
     shutdown: CancellationToken,
     active: std::sync::atomic::AtomicUsize,
@@ -161,25 +159,13 @@ fn client_cert(conn: &quinn::Connection) -> Option<String> {
 }
 
 impl Ctx {
-    /// Runs a read on the handshake connection (on a blocking thread), or on
-    /// the store thread if that connection could not be opened.
+    /// Runs a read on one of the store's read-only connections (on a
+    /// blocking thread), so a handshake never waits behind an apply.
     async fn read<R: Send + 'static>(
         &self,
-        f: impl Fn(&quiver_store::Store) -> quiver_store::Result<R> + Send + Sync + 'static,
+        f: impl FnOnce(&quiver_store::Store) -> quiver_store::Result<R> + Send + 'static,
     ) -> Result<R> {
-        let reader = self.reader.clone();
-        let f = Arc::new(f);
-        let g = f.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            let guard = reader.lock().unwrap_or_else(|e| e.into_inner());
-            guard.as_ref().map(|s| g(s))
-        })
-        .await
-        .map_err(|e| SyncError::Protocol(e.to_string()))?;
-        match out {
-            Some(r) => Ok(r?),
-            None => Ok(self.handle.call(move |s| f(s)).await??),
-        }
+        self.handle.readers().read(f).await
     }
 }
 
@@ -205,9 +191,6 @@ impl Server {
         Ok(Server {
             endpoint,
             ctx: Arc::new(Ctx {
-                reader: Arc::new(std::sync::Mutex::new(
-                    quiver_store::Store::open(handle.path()).ok(),
-                )),
                 handle,
                 opts,
                 shutdown: CancellationToken::new(),

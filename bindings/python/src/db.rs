@@ -1,20 +1,27 @@
 //! The store: `quiverdb.open`, collections, records, search, SQL, agent
-//! memory, conflicts.
+//! memory, conflicts, and the network calls of a store (sync, live links,
+//! a server, events), whose running parts live in `net`.
 
 use std::path::PathBuf;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use quiver_store::{CollectionSpec, Filter, Record as StoreRecord, Resolution, Store, StoreEvent};
-use quiver_sync::StoreHandle;
+use quiver_sync::{
+    CancellationToken, Client, Identity, Server, ServerOptions, StoreHandle, SyncSpec,
+};
 use tokio::sync::broadcast;
 
 use crate::convert::{
-    bad, gone, json_to_py, matrix, py_to_json, sql_to_py, sql_value, store_err, vector,
+    bad, gone, json_to_py, matrix, py_to_json, sql_to_py, sql_value, store_err, sync_err, vector,
 };
-use crate::wait;
+use crate::net::{
+    client_options, trust, Background, Events, LinkState, LiveLink, ServerHandle, SyncResult,
+};
+use crate::{runtime, wait};
 
 /// Opens the store at `path`, creating it (with its TLS certificate beside
 /// it) if it does not exist. `name` names a new store's node.
@@ -272,10 +279,25 @@ impl Database {
         shards: Option<Vec<String>>,
         tables: Option<Vec<String>>,
         retries: u32,
-    ) -> PyResult<crate::net::SyncResult> {
-        self.sync_impl(
-            py, address, pin, token, ca, insecure, shards, tables, retries,
-        )
+    ) -> PyResult<SyncResult> {
+        let mut opts = client_options(py, self, trust(pin, ca, insecure)?, token)?;
+        opts.retries = retries;
+        // As `quiver sync`: a server that does not answer the handshake
+        // within 2.5 s is reported at once rather than retried.
+        opts.connect_timeout = Duration::from_millis(2500);
+        opts.retry_no_answer = false;
+        let spec = SyncSpec {
+            shards: shards.unwrap_or_default(),
+            tables: tables.unwrap_or_default(),
+        };
+        let mut client = Client::new(self.handle()?, opts);
+        let r = wait(py, async move {
+            let r = client.sync(&address, &spec, None).await;
+            client.close().await;
+            r
+        })?
+        .map_err(sync_err)?;
+        SyncResult::new(py, &r)
     }
 
     /// A live link to the server at `address`, in the background: catch up,
@@ -293,8 +315,39 @@ impl Database {
         ca: Option<String>,
         insecure: bool,
         shards: Option<Vec<String>>,
-    ) -> PyResult<crate::net::LiveLink> {
-        self.live_impl(py, address, pin, token, ca, insecure, shards)
+    ) -> PyResult<LiveLink> {
+        let opts = client_options(py, self, trust(pin, ca, insecure)?, token)?;
+        let spec = SyncSpec {
+            shards: shards.unwrap_or_default(),
+            tables: vec![],
+        };
+        let stop = CancellationToken::new();
+        let state = Arc::new(Mutex::new(LinkState::default()));
+        let seen = state.clone();
+        let on_round: quiver_sync::RoundFn = Arc::new(move |r| {
+            if let Ok(mut s) = seen.lock() {
+                s.rounds += 1;
+                s.received += r.changes_received;
+                s.sent += r.changes_sent;
+            }
+        });
+        let mut client = Client::new(self.handle()?, opts);
+        let (to, until) = (address.clone(), stop.clone());
+        let ended = state.clone();
+        let task = Background::spawn(stop, async move {
+            let r = client.live(&to, &spec, until, Some(on_round)).await;
+            client.close().await;
+            if let (Err(e), Ok(mut s)) = (&r, ended.lock()) {
+                s.error = Some(e.to_string());
+            }
+            r
+        });
+        self.adopt(task.clone())?;
+        Ok(LiveLink {
+            address,
+            task,
+            state,
+        })
     }
 
     /// Serves this store over QUIC at `listen` (port 0 picks one; see
@@ -309,8 +362,37 @@ impl Database {
         listen: &str,
         token: Option<String>,
         client_ca: Option<String>,
-    ) -> PyResult<crate::net::ServerHandle> {
-        self.serve_impl(py, listen, token, client_ca)
+    ) -> PyResult<ServerHandle> {
+        let listen = listen.parse().map_err(|_| {
+            bad(format!(
+                "listen: {listen:?} is not an address like 127.0.0.1:4433"
+            ))
+        })?;
+        let (cert, key) = quiver_sync::tls::identity_paths(self.path());
+        let id = Identity::load(&cert, &key).map_err(sync_err)?;
+        let node = self
+            .call(py, |s| s.node_name())?
+            .unwrap_or_else(|| "python".to_string());
+        let opts = ServerOptions {
+            listen,
+            token,
+            node,
+            client_ca: client_ca.map(Into::into),
+            ..Default::default()
+        };
+        let handle = self.handle()?;
+        let server = {
+            let _guard = runtime().enter();
+            Server::bind(handle, &id, opts).map_err(sync_err)?
+        };
+        let address = server.local_addr().map_err(sync_err)?.to_string();
+        let task = Background::spawn(server.shutdown_token(), server.run());
+        self.adopt(task.clone())?;
+        Ok(ServerHandle {
+            address,
+            fingerprint: id.fingerprint(),
+            task,
+        })
     }
 
     /// The store's events as dicts (the same as `quiver watch`): local
@@ -319,7 +401,7 @@ impl Database {
     /// when none comes. Events are kept from the first call to `events()`
     /// on, so call it once before the writes you want to hear of.
     #[pyo3(signature = (timeout=1.0))]
-    fn events(slf: Py<Self>, py: Python<'_>, timeout: f64) -> PyResult<crate::net::Events> {
+    fn events(slf: Py<Self>, py: Python<'_>, timeout: f64) -> PyResult<Events> {
         {
             let db = slf.borrow(py);
             let mut rx = db
@@ -330,7 +412,13 @@ impl Database {
                 *rx = Some(db.handle()?.events());
             }
         }
-        Self::events_impl(slf, timeout)
+        if !(timeout.is_finite() && timeout >= 0.0) {
+            return Err(bad("timeout is a number of seconds, 0 or more"));
+        }
+        Ok(Events {
+            db: slf,
+            timeout: Duration::from_secs_f64(timeout),
+        })
     }
 
     /// The store's status (`quiver status --json`) as a dict.

@@ -6,9 +6,7 @@ use std::time::Duration;
 use pyo3::exceptions::{PyAttributeError, PyStopIteration};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use quiver_sync::{
-    CancellationToken, Client, ClientOptions, Identity, Server, ServerOptions, SyncSpec, Trust,
-};
+use quiver_sync::{CancellationToken, ClientOptions, Identity, Trust};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
@@ -34,7 +32,7 @@ fn everything() -> &'static Mutex<Vec<Background>> {
 }
 
 impl Background {
-    fn spawn(
+    pub(crate) fn spawn(
         stop: CancellationToken,
         fut: impl std::future::Future<Output = quiver_sync::Result<()>> + Send + 'static,
     ) -> Background {
@@ -82,7 +80,7 @@ pub(crate) fn shutdown_all(py: Python<'_>) {
 
 /// How a client trusts the server: a pinned fingerprint, a CA file, or
 /// (only when asked) nothing.
-fn trust(pin: Option<String>, ca: Option<String>, insecure: bool) -> PyResult<Trust> {
+pub(crate) fn trust(pin: Option<String>, ca: Option<String>, insecure: bool) -> PyResult<Trust> {
     Ok(match (pin, ca, insecure) {
         (Some(p), None, false) => Trust::Pin(quiver_sync::tls::parse_pin(&p).map_err(sync_err)?),
         (None, Some(c), false) => Trust::Ca(c.into()),
@@ -94,7 +92,7 @@ fn trust(pin: Option<String>, ca: Option<String>, insecure: bool) -> PyResult<Tr
 
 /// The client options the CLI would use for this store: its node name, and
 /// its own certificate for servers that ask for one.
-fn client_options(
+pub(crate) fn client_options(
     py: Python<'_>,
     db: &Database,
     trust: Trust,
@@ -114,149 +112,6 @@ fn client_options(
     })
 }
 
-impl Database {
-    /// Syncs both ways with the server at `address` ("host:port") and gives
-    /// a `SyncResult` with the fields of `quiver sync --json`. Trust the
-    /// server with `pin` (its certificate's SHA-256 fingerprint) or `ca` (a
-    /// PEM file); `shards` and `tables` narrow the sync. Transient failures
-    /// are retried `retries` times. Ctrl-C interrupts it.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn sync_impl(
-        &self,
-        py: Python<'_>,
-        address: String,
-        pin: Option<String>,
-        token: Option<String>,
-        ca: Option<String>,
-        insecure: bool,
-        shards: Option<Vec<String>>,
-        tables: Option<Vec<String>>,
-        retries: u32,
-    ) -> PyResult<SyncResult> {
-        let mut opts = client_options(py, self, trust(pin, ca, insecure)?, token)?;
-        opts.retries = retries;
-        // As `quiver sync`: a server that does not answer the handshake
-        // within 2.5 s is reported at once rather than retried.
-        opts.connect_timeout = Duration::from_millis(2500);
-        opts.retry_no_answer = false;
-        let spec = SyncSpec {
-            shards: shards.unwrap_or_default(),
-            tables: tables.unwrap_or_default(),
-        };
-        let mut client = Client::new(self.handle()?, opts);
-        let r = wait(py, async move {
-            let r = client.sync(&address, &spec, None).await;
-            client.close().await;
-            r
-        })?
-        .map_err(sync_err)?;
-        SyncResult::new(py, &r)
-    }
-
-    /// A live link to the server at `address`, in the background: catch up,
-    /// then push and pull each change as it commits, reconnecting after a
-    /// loss. Use it as a context manager, or call `stop()`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn live_impl(
-        &self,
-        py: Python<'_>,
-        address: String,
-        pin: Option<String>,
-        token: Option<String>,
-        ca: Option<String>,
-        insecure: bool,
-        shards: Option<Vec<String>>,
-    ) -> PyResult<LiveLink> {
-        let opts = client_options(py, self, trust(pin, ca, insecure)?, token)?;
-        let spec = SyncSpec {
-            shards: shards.unwrap_or_default(),
-            tables: vec![],
-        };
-        let stop = CancellationToken::new();
-        let state = Arc::new(Mutex::new(LinkState::default()));
-        let seen = state.clone();
-        let on_round: quiver_sync::RoundFn = Arc::new(move |r| {
-            if let Ok(mut s) = seen.lock() {
-                s.rounds += 1;
-                s.received += r.changes_received;
-                s.sent += r.changes_sent;
-            }
-        });
-        let mut client = Client::new(self.handle()?, opts);
-        let (to, until) = (address.clone(), stop.clone());
-        let ended = state.clone();
-        let task = Background::spawn(stop, async move {
-            let r = client.live(&to, &spec, until, Some(on_round)).await;
-            client.close().await;
-            if let (Err(e), Ok(mut s)) = (&r, ended.lock()) {
-                s.error = Some(e.to_string());
-            }
-            r
-        });
-        self.adopt(task.clone())?;
-        Ok(LiveLink {
-            address,
-            task,
-            state,
-        })
-    }
-
-    /// Serves this store over QUIC at `listen` (port 0 picks one; see
-    /// `.address`), in the background, with this store's certificate.
-    /// Clients must present `token` when one is given (or one of the
-    /// store's scoped tokens).
-    pub(crate) fn serve_impl(
-        &self,
-        py: Python<'_>,
-        listen: &str,
-        token: Option<String>,
-        client_ca: Option<String>,
-    ) -> PyResult<ServerHandle> {
-        let listen = listen.parse().map_err(|_| {
-            bad(format!(
-                "listen: {listen:?} is not an address like 127.0.0.1:4433"
-            ))
-        })?;
-        let (cert, key) = quiver_sync::tls::identity_paths(self.path());
-        let id = Identity::load(&cert, &key).map_err(sync_err)?;
-        let node = self
-            .call(py, |s| s.node_name())?
-            .unwrap_or_else(|| "python".to_string());
-        let opts = ServerOptions {
-            listen,
-            token,
-            node,
-            client_ca: client_ca.map(Into::into),
-            ..Default::default()
-        };
-        let handle = self.handle()?;
-        let server = {
-            let _guard = runtime().enter();
-            Server::bind(handle, &id, opts).map_err(sync_err)?
-        };
-        let address = server.local_addr().map_err(sync_err)?.to_string();
-        let task = Background::spawn(server.shutdown_token(), server.run());
-        self.adopt(task.clone())?;
-        Ok(ServerHandle {
-            address,
-            fingerprint: id.fingerprint(),
-            task,
-        })
-    }
-
-    /// The store's events as dicts (the same as `quiver watch`): local
-    /// commits, commits by other processes, remote changes, conflicts.
-    pub(crate) fn events_impl(slf: Py<Self>, timeout: f64) -> PyResult<Events> {
-        if !(timeout.is_finite() && timeout >= 0.0) {
-            return Err(bad("timeout is a number of seconds, 0 or more"));
-        }
-        Ok(Events {
-            db: slf,
-            timeout: Duration::from_secs_f64(timeout),
-        })
-    }
-}
-
 /// What a sync did: the fields of `quiver sync --json` as attributes
 /// (`changes_sent`, `changes_received`, `applied`, `conflicts_detected`,
 /// `peer_node`, `shards`, `duration_ms`, …); `to_dict()` gives them all.
@@ -266,7 +121,7 @@ pub struct SyncResult {
 }
 
 impl SyncResult {
-    fn new(py: Python<'_>, r: &quiver_sync::SyncResult) -> PyResult<SyncResult> {
+    pub(crate) fn new(py: Python<'_>, r: &quiver_sync::SyncResult) -> PyResult<SyncResult> {
         let j = serde_json::to_value(r).map_err(internal)?;
         let d = json_to_py(py, &j)?.into_bound(py).cast_into::<PyDict>()?;
         Ok(SyncResult { fields: d.unbind() })
@@ -310,19 +165,19 @@ impl SyncResult {
 }
 
 #[derive(Default)]
-struct LinkState {
-    rounds: u64,
-    sent: u64,
-    received: u64,
-    error: Option<String>,
+pub(crate) struct LinkState {
+    pub(crate) rounds: u64,
+    pub(crate) sent: u64,
+    pub(crate) received: u64,
+    pub(crate) error: Option<String>,
 }
 
 /// A live link running in the background.
 #[pyclass(module = "quiverdb")]
 pub struct LiveLink {
-    address: String,
-    task: Background,
-    state: Arc<Mutex<LinkState>>,
+    pub(crate) address: String,
+    pub(crate) task: Background,
+    pub(crate) state: Arc<Mutex<LinkState>>,
 }
 
 #[pymethods]
@@ -417,9 +272,9 @@ impl LiveLink {
 /// A server running in the background.
 #[pyclass(module = "quiverdb")]
 pub struct ServerHandle {
-    address: String,
-    fingerprint: String,
-    task: Background,
+    pub(crate) address: String,
+    pub(crate) fingerprint: String,
+    pub(crate) task: Background,
 }
 
 #[pymethods]
@@ -468,8 +323,8 @@ impl ServerHandle {
 /// An iterator over a store's events; see `Database.events`.
 #[pyclass(module = "quiverdb")]
 pub struct Events {
-    db: Py<Database>,
-    timeout: Duration,
+    pub(crate) db: Py<Database>,
+    pub(crate) timeout: Duration,
 }
 
 #[pymethods]

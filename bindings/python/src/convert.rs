@@ -204,13 +204,37 @@ pub(crate) fn metadatas(list: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<serde
     let kwargs = PyDict::new(py);
     kwargs.set_item("allow_nan", false)?;
     kwargs.set_item("separators", (",", ":"))?;
-    let text: String = py
+    let fast = py
         .import("json")?
         .call_method("dumps", (PyList::new(py, &items)?,), Some(&kwargs))
-        .map_err(|e| bad(format!("metadatas: {}", e.value(py))))?
-        .extract()?;
-    let values: Vec<serde_json::Value> =
-        serde_json::from_str(&text).map_err(|e| bad(format!("metadatas: {e}")))?;
+        .and_then(|t| t.extract::<String>());
+    let values: Vec<serde_json::Value> = match fast {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| bad(format!("metadatas: {e}")))?,
+        // What the C encoder refuses (numpy scalars, NaN, odd keys) goes
+        // value by value, as `put` does, for the same answer and message.
+        Err(_) => items
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                if x.is_none() {
+                    Ok(serde_json::Value::Null)
+                } else {
+                    py_to_json(x, &format!("metadatas[{i}]"))
+                }
+            })
+            .collect::<PyResult<_>>()?,
+    };
+    // The encoder writes int, float, bool and None keys as strings; two
+    // keys that become the same string would lose one value: refused.
+    for (i, (x, v)) in items.iter().zip(&values).enumerate() {
+        if let (Ok(d), Some(o)) = (x.cast::<PyDict>(), v.as_object()) {
+            if d.len() != o.len() {
+                return Err(bad(format!(
+                    "metadatas[{i}]: two keys are the same once written as strings"
+                )));
+            }
+        }
+    }
     Ok(values
         .into_iter()
         .map(|v| {

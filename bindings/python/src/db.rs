@@ -436,14 +436,19 @@ impl Database {
             .lock()
             .map(|mut b| std::mem::take(&mut *b))
             .unwrap_or_default();
+        // Every task is stopped even if one stop fails (Ctrl-C); the first
+        // failure is raised after the store is closed.
+        let mut failed = None;
         for t in tasks {
-            t.stop(py)?;
+            if let Err(e) = t.stop(py) {
+                failed.get_or_insert(e);
+            }
         }
         self.handle
             .write()
             .map_err(|_| crate::convert::internal("lock poisoned"))?
             .take();
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -524,6 +529,12 @@ impl Collection {
         contents: Option<Vec<Option<String>>>,
     ) -> PyResult<usize> {
         let (values, width) = matrix(&vectors, ids.len())?;
+        if width != self.dim {
+            return Err(bad(format!(
+                "the matrix has {width} columns, collection {:?} expects {}",
+                self.name, self.dim
+            )));
+        }
         let metas: Vec<serde_json::Value> = match &metadatas {
             None => vec![serde_json::json!({}); ids.len()],
             Some(m) if m.is_none() => vec![serde_json::json!({}); ids.len()],

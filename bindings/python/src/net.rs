@@ -60,9 +60,16 @@ impl Background {
         self.0.stop.cancel();
         let task = self.0.handle.lock().map_err(internal)?.take();
         if let Some(t) = task {
-            let _ = wait(py, async move {
+            let abort = t.abort_handle();
+            let finished = wait(py, async move {
                 tokio::time::timeout(Duration::from_secs(10), t).await
-            })?;
+            });
+            // Not finished in time (or interrupted): end it rather than
+            // leave it running unseen.
+            if !matches!(finished, Ok(Ok(_))) {
+                abort.abort();
+            }
+            let _ = finished?;
         }
         Ok(())
     }
@@ -337,11 +344,13 @@ impl Events {
         let db = self.db.borrow(py);
         let events = &db.events;
         let timeout = self.timeout;
+        // The receiver is taken out while this thread waits (and takes the
+        // GIL back now and then for Ctrl-C), so the lock is never held
+        // across the GIL; a second iterator meanwhile finds none and ends.
+        let Some(mut rx) = events.lock().map_err(internal)?.take() else {
+            return Err(PyStopIteration::new_err(()));
+        };
         let next = py.detach(|| -> PyResult<Option<quiver_store::StoreEvent>> {
-            let mut guard = events.lock().map_err(internal)?;
-            let Some(rx) = guard.as_mut() else {
-                return Ok(None);
-            };
             runtime().block_on(async {
                 let deadline = tokio::time::sleep(timeout);
                 tokio::pin!(deadline);
@@ -360,8 +369,11 @@ impl Events {
                     }
                 }
             })
-        })?;
-        match next {
+        });
+        if let Ok(mut slot) = events.lock() {
+            slot.get_or_insert(rx);
+        }
+        match next? {
             Some(e) => {
                 let j = serde_json::to_value(&e).map_err(internal)?;
                 json_to_py(py, &j)

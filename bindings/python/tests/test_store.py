@@ -126,8 +126,15 @@ def test_bad_input_is_refused_and_writes_nothing(db, rng):
         notes.put_many(["p"], np.ones((1, 4), dtype=np.float32), metadatas=[{"f": float("nan")}])
     with pytest.raises(quiverdb.ValidationError, match="metadatas"):
         notes.put_many(["p"], np.ones((1, 4), dtype=np.float32), metadatas=[{"o": object()}])
+    with pytest.raises(quiverdb.ValidationError, match="same once written as strings"):
+        notes.put_many(["p"], np.ones((1, 4), dtype=np.float32), metadatas=[{1: "a", "1": "b"}])
+    with pytest.raises(quiverdb.ValidationError, match="columns"):
+        notes.put_many(["p"], np.ones((1, 0), dtype=np.float32))
     assert len(notes) == 1
     assert [r["id"] for r in db.sql("SELECT id FROM notes")] == ["ok"]
+    # numpy scalars in metadata are numbers, in a batch as in a single put.
+    notes.put_many(["np"], np.ones((1, 4), dtype=np.float32), metadatas=[{"s": np.float32(0.5), "n": np.int64(3)}])
+    assert notes.get("np").metadata == {"s": 0.5, "n": 3}
 
 
 def test_sql_with_parameters(db):

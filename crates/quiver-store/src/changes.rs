@@ -291,10 +291,12 @@ impl ChangeStream<'_> {
         self.conn.execute_batch("BEGIN DEFERRED")?;
         let out = self.next_batch();
         // A read transaction: ending it cannot lose anything.
-        let ended = self.conn.execute_batch("COMMIT");
-        let out = out?;
-        ended?;
-        Ok(out)
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            out?;
+            return Err(e.into());
+        }
+        out
     }
 
     fn next_batch(&mut self) -> Result<Option<ChangeBatch>> {

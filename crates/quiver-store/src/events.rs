@@ -9,8 +9,9 @@ use serde::Serialize;
 
 use crate::sqlvalue::{display_pk, pk_values};
 
-/// The rows of one table that a commit wrote: how many, and the keys of
-/// the first [`KEYS_LISTED`] of them.
+/// The rows of one table that a commit wrote: how many (a row both inserted
+/// and then updated within the commits in question counts twice), and the
+/// first [`KEYS_LISTED`] keys in order.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TableChanges {
     pub shard: String,
@@ -145,7 +146,19 @@ pub(crate) fn written_rows(
             .map(|pk| display_pk(&pk))
             .unwrap_or_else(|| crate::sqlvalue::to_json(&k).to_string())
     };
-    let mut rows: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
+    // Per table: rows counted, and the first keys by order, at most
+    // KEYS_LISTED of them kept whatever the size of the commit.
+    let mut found: BTreeMap<i64, (u64, BTreeSet<String>)> = BTreeMap::new();
+    let mut note = |tbl: i64, n: u64, key: Option<String>| {
+        let e = found.entry(tbl).or_default();
+        e.0 += n;
+        if let Some(k) = key {
+            e.1.insert(k);
+            if e.1.len() > KEYS_LISTED {
+                e.1.pop_last();
+            }
+        }
+    };
     {
         let mut log =
             conn.prepare_cached("SELECT tbl, pk, dbv FROM quiver_pending ORDER BY seq DESC")?;
@@ -157,30 +170,44 @@ pub(crate) fn written_rows(
             }
             let tbl: i64 = r.get(0)?;
             if let (true, Some(t)) = (dbv < to, tables.get(&tbl)) {
-                let key = shown(t, crate::sqlvalue::from_ref(r.get_ref(1)?));
-                rows.entry(tbl).or_default().insert(key);
+                note(
+                    tbl,
+                    1,
+                    Some(shown(t, crate::sqlvalue::from_ref(r.get_ref(1)?))),
+                );
             }
         }
     }
-    let mut clock = conn.prepare_cached(
-        "SELECT pk FROM quiver_clock WHERE tbl = ?1 AND site = 0 AND dbv >= ?2 AND dbv < ?3",
+    let mut count = conn.prepare_cached(
+        "SELECT count(DISTINCT pk) FROM quiver_clock WHERE tbl = ?1 AND site = 0 AND dbv >= ?2 AND dbv < ?3",
     )?;
+    let mut first = conn.prepare_cached(&format!(
+        "SELECT DISTINCT pk FROM quiver_clock WHERE tbl = ?1 AND site = 0 AND dbv >= ?2 AND dbv < ?3 LIMIT {KEYS_LISTED}"
+    ))?;
     for t in tables.values() {
-        let mut cursor = clock.query(rusqlite::params![t.id, from, to])?;
+        let n: i64 = count.query_row(rusqlite::params![t.id, from, to], |r| r.get(0))?;
+        if n == 0 {
+            continue;
+        }
+        note(t.id, n as u64, None);
+        let mut cursor = first.query(rusqlite::params![t.id, from, to])?;
         while let Some(r) = cursor.next()? {
-            let key = shown(t, crate::sqlvalue::from_ref(r.get_ref(0)?));
-            rows.entry(t.id).or_default().insert(key);
+            note(
+                t.id,
+                0,
+                Some(shown(t, crate::sqlvalue::from_ref(r.get_ref(0)?))),
+            );
         }
     }
-    Ok(rows
+    Ok(found
         .into_iter()
-        .filter_map(|(id, keys)| {
+        .filter_map(|(id, (rows, keys))| {
             let t = tables.get(&id)?;
             Some(TableChanges {
                 shard: t.shard.clone(),
                 table: t.name.clone(),
-                rows: keys.len() as u64,
-                keys: keys.into_iter().take(KEYS_LISTED).collect(),
+                rows,
+                keys: keys.into_iter().collect(),
             })
         })
         .collect())

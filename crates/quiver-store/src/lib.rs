@@ -280,8 +280,14 @@ impl Store {
     }
 
     /// Keeps `value` under `key` in the store's own metadata (for example
-    /// the daemon's coordinator statistics, which `status` shows).
+    /// the daemon's coordinator statistics, which `status` shows). The
+    /// store's identity (`site_id`, `created_at`) cannot be overwritten.
     pub fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
+        if matches!(key, "site_id" | "created_at") {
+            return Err(StoreError::InvalidValue(format!(
+                "{key} is the store's own and cannot be set"
+            )));
+        }
         self.conn.execute(
             "INSERT INTO quiver_meta(key, value) VALUES (?1, ?2)
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -323,7 +329,13 @@ impl Store {
         }
         self.revision = self.read_revision()?;
         if self.events.wanted() {
-            let changes = events::written_rows(&self.conn, before, self.revision.0)?;
+            // The write has committed: a failure to list its rows must not
+            // turn it into an error.
+            let changes =
+                events::written_rows(&self.conn, before, self.revision.0).unwrap_or_else(|e| {
+                    tracing::warn!("listing a commit's rows: {e}");
+                    Vec::new()
+                });
             self.events.emit(StoreEvent::LocalCommit {
                 site: self.site.to_hex(),
                 changes,
@@ -359,7 +371,10 @@ impl Store {
         }
         self.revision = now;
         let changes = if self.events.wanted() {
-            events::written_rows(&self.conn, before.0, now.0)?
+            events::written_rows(&self.conn, before.0, now.0).unwrap_or_else(|e| {
+                tracing::warn!("listing another process's rows: {e}");
+                Vec::new()
+            })
         } else {
             Vec::new()
         };

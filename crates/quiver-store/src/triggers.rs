@@ -312,8 +312,6 @@ pub(crate) fn backfill(conn: &Connection, t: &TableInfo) -> Result<()> {
     Ok(())
 }
 
-/// Seals the open db_version if any change carries it (a logged insert or
-/// a clock record), so later writes get the next one. Returns whether it sealed one.
 /// Whether the open version holds captured writes, read without taking the
 /// write lock (the check [`close_open_version`] makes again under it).
 pub(crate) fn open_version_has_writes(conn: &Connection) -> Result<bool> {
@@ -328,6 +326,8 @@ pub(crate) fn open_version_has_writes(conn: &Connection) -> Result<bool> {
         .unwrap_or(false))
 }
 
+/// Seals the open db_version if any change carries it (a logged insert or
+/// a clock record), so later writes get the next one. Returns whether it sealed one.
 pub(crate) fn close_open_version(conn: &Connection) -> Result<bool> {
     if read_only(conn)? {
         return Ok(false);

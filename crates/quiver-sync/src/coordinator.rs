@@ -111,7 +111,12 @@ struct Inner {
     stats: Mutex<(CoordinatorStats, Vec<f64>)>,
     events: broadcast::Sender<Event>,
     auto: Mutex<Option<CancellationToken>>,
+    /// When the statistics were last kept in the store.
+    saved: Mutex<Option<Instant>>,
 }
+
+/// Sync durations kept for the average and p95 (the latest ones).
+const DURATIONS_KEPT: usize = 1000;
 
 /// Coordinates syncs with many peers. Cheap to clone.
 #[derive(Clone)]
@@ -140,6 +145,7 @@ impl ShardCoordinator {
             stats: Mutex::default(),
             events: events.clone(),
             auto: Mutex::default(),
+            saved: Mutex::default(),
         });
         // Forward the store's own events.
         let mut store_events = handle.events();
@@ -299,9 +305,14 @@ impl ShardCoordinator {
     fn count(&self, ms: f64, outcome: &Result<SyncResult>) {
         let mut st = lock(&self.inner.stats);
         st.0.total_syncs += 1;
-        st.1.push(ms);
         match outcome {
             Ok(r) => {
+                // Durations of the latest syncs only, for a daemon that
+                // runs for months.
+                if st.1.len() >= 2 * DURATIONS_KEPT {
+                    st.1.drain(..DURATIONS_KEPT);
+                }
+                st.1.push(ms);
                 st.0.bytes_sent += r.bytes_sent;
                 st.0.bytes_received += r.bytes_received;
                 st.0.conflicts += r.conflicts_detected;
@@ -341,6 +352,14 @@ impl ShardCoordinator {
     /// Keeps the statistics in the store, so that `quiver status` on the
     /// store of a running daemon shows them.
     async fn save_stats(&self) {
+        {
+            // At most once a second: a busy live link reports many rounds.
+            let mut last = lock(&self.inner.saved);
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
         let stats = serde_json::to_string(&self.stats()).unwrap_or_default();
         if let Ok(Err(e)) = self
             .inner
@@ -361,7 +380,6 @@ impl ShardCoordinator {
     /// state in the registry.
     pub fn keep_live_links(&self, peers: Vec<PeerRecord>, stop: CancellationToken) {
         for p in peers {
-            let me = self.clone();
             let stop = stop.clone();
             let mut opts = self.inner.opts.client.clone();
             if let Some(pin) = &p.pin {
@@ -377,20 +395,32 @@ impl ShardCoordinator {
                 shards: p.shards.clone(),
                 tables: vec![],
             };
-            let (rounds_tx, mut rounds) = tokio::sync::mpsc::unbounded_channel::<SyncResult>();
+            // Rounds and the link's end go through one channel to one
+            // reporter, in order, which keeps the peer's state.
+            let (news_tx, mut news) = tokio::sync::mpsc::unbounded_channel::<Result<SyncResult>>();
+            let rounds_tx = news_tx.clone();
             let on_round: crate::RoundFn = Arc::new(move |r: &SyncResult| {
-                let _ = rounds_tx.send(r.clone());
+                let _ = rounds_tx.send(Ok(r.clone()));
             });
-            // Rounds are reported off the link's own task.
             let (reporter, mut peer) = (self.clone(), p.clone());
+            // Whatever an earlier run left in the registry, this link has
+            // not connected yet.
+            peer.status = "offline".into();
             tokio::spawn(async move {
                 let mut first = true;
-                while let Some(r) = rounds.recv().await {
-                    if first || r.changes_sent + r.changes_received > 0 {
-                        reporter.count(r.duration_ms as f64, &Ok(r.clone()));
-                        reporter.report(&peer, &Ok(r)).await;
-                        // Known online from now on: no second PeerConnected.
-                        peer.status = "online".into();
+                while let Some(r) = news.recv().await {
+                    match r {
+                        Ok(r) if first || r.changes_sent + r.changes_received > 0 => {
+                            reporter.count(r.duration_ms as f64, &Ok(r.clone()));
+                            reporter.report(&peer, &Ok(r)).await;
+                            peer.status = "online".into();
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            reporter.count(0.0, &Err(SyncError::Connection(e.to_string())));
+                            reporter.report(&peer, &Err(e)).await;
+                            peer.status = "degraded".into();
+                        }
                     }
                     first = false;
                 }
@@ -401,8 +431,7 @@ impl ShardCoordinator {
                 client.close().await;
                 if let Err(e) = ended {
                     tracing::error!(addr = %p.addr, "live link ended: {e}");
-                    me.count(0.0, &Err(SyncError::Connection(e.to_string())));
-                    me.report(&p, &Err(e)).await;
+                    let _ = news_tx.send(Err(e));
                 }
             });
         }

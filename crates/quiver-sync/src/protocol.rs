@@ -270,13 +270,21 @@ async fn exchange_inner(
     // The store thread, the one writer, seals what other connections wrote
     // and folds the insert log; then a read-only connection streams what
     // the peer lacks.
-    handle
+    let prepared = handle
         .call(|s| -> quiver_store::Result<()> {
-            s.close_open_version()?;
+            // Sealing other connections' writes here reports them too.
+            s.notice_external_changes()?;
             s.fold_pending()?;
             Ok(())
         })
-        .await??;
+        .await
+        .and_then(|r| r.map_err(SyncError::from));
+    if let Err(e) = prepared {
+        writer
+            .fail(ErrorCode::Internal, format!("preparing changes: {e}"))
+            .await;
+        return Err(e);
+    }
     let (batch_tx, mut batch_rx) = mpsc::channel::<Result<ChangeBatch>>(2);
     let readers = handle.readers().clone();
     let shard_name = shard.to_string();

@@ -1,6 +1,6 @@
 //! Read-only connections to the store file, for work that only reads:
-//! streaming changes out and answering handshakes, so that neither waits
-//! behind the store thread's writes. They are opened read-only, so they
+//! streaming changes out and answering handshakes, so that neither queues
+//! behind the store thread's applies once it has started. They are opened read-only, so they
 //! cannot write, not even fold the insert log (the store thread does that
 //! before a stream starts). A few idle ones are kept for the next reader.
 
@@ -77,6 +77,14 @@ impl Deref for Reader {
 impl Drop for Reader {
     fn drop(&mut self) {
         if let Some(s) = self.store.take() {
+            // A read left open (a panic, a failed commit) would pin an old
+            // snapshot for the next reader: end it, or drop the connection.
+            if !s.connection().is_autocommit() {
+                let _ = s.connection().execute_batch("ROLLBACK");
+                if !s.connection().is_autocommit() {
+                    return;
+                }
+            }
             let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
             if idle.len() < KEEP {
                 idle.push(s);

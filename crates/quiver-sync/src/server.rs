@@ -225,15 +225,21 @@ impl Server {
     /// Serves until the shutdown token is cancelled.
     pub async fn run(self) -> Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
+        // A connection takes a permit as it is accepted and holds it for its
+        // life; one accepted without a permit is told to retry.
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.ctx.opts.max_connections));
         loop {
             tokio::select! {
                 _ = self.ctx.shutdown.cancelled() => break,
+                // Finished connections leave the set as they end.
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 incoming = self.endpoint.accept() => match incoming {
                     Some(incoming) => {
                         let ctx = self.ctx.clone();
                         let remote = incoming.remote_address();
+                        let permit = permits.clone().try_acquire_owned().ok();
                         tasks.spawn(async move {
-                            if let Err(e) = serve_connection(incoming, ctx).await {
+                            if let Err(e) = serve_connection(incoming, ctx, permit).await {
                                 debug!(%remote, "connection ended: {e}");
                             }
                         }.instrument(tracing::info_span!("conn", %remote)));
@@ -304,7 +310,11 @@ fn tls_failure(e: &quinn::ConnectionError, mutual: bool) {
     }
 }
 
-async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    ctx: Arc<Ctx>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<()> {
     let active = ctx.active.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
     metrics::counter!("quiver_connections_total").increment(1);
     metrics::gauge!("quiver_connections_active").set(active as f64);
@@ -358,7 +368,8 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
         );
         return Err(refuse(&mut writer, &conn, ErrorCode::Protocol, m).await);
     }
-    if active > ctx.opts.max_connections {
+    // Accepted without a permit: over the connection limit.
+    if permit.is_none() {
         let m = format!(
             "the server is at its connection limit ({}); retry in a second",
             ctx.opts.max_connections
@@ -439,12 +450,21 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
             }
         }
     });
+    // Every stream's task belongs to the connection (and runs in its span):
+    // at shutdown the connection waits for them, so an exchange in flight
+    // commits or rolls back its batch before the connection closes.
+    let mut streams = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(4), async {
+                    while streams.join_next().await.is_some() {}
+                })
+                .await;
                 conn.close(CLOSE_SHUTDOWN.into(), b"server shutting down");
                 return Ok(());
             }
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
             stream = conn.accept_bi() => {
                 let (send, recv) = match stream {
                     Ok(s) => s,
@@ -452,7 +472,7 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
                 };
                 let ctx = ctx.clone();
                 let peer = peer.clone();
-                tokio::spawn(async move {
+                streams.spawn(async move {
                     let reader = FrameReader::new(recv, max_frame, compression);
                     let mut writer = FrameWriter::new(send, compression);
                     if let Err(ms) = ctx.limiters.request(ip) {
@@ -477,7 +497,7 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()
                         Ok(None) => debug!("live stream ended"),
                         Err(e) => warn!("stream failed: {e}"),
                     }
-                });
+                }.in_current_span());
             }
         }
     }

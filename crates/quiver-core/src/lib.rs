@@ -8,6 +8,7 @@ mod error;
 pub mod frame;
 mod hlc;
 pub mod merge;
+pub mod session;
 mod site;
 mod value;
 mod version;

@@ -119,7 +119,7 @@ pub struct SyncReply {
 }
 
 /// End of one side's batches on a shard stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Done {
     pub batches: u64,
     pub changes: u64,

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quiver_core::frame::{HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT};
+use quiver_core::session::{ClientConfig, ClientSession};
 use quiver_core::wire::{
-    ErrorCode, Hello, Message, ShardInfo, SyncRequest, Welcome, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    ErrorCode, Hello, Message, ShardInfo, Welcome, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 use quiver_store::StreamLimits;
 use serde::Serialize;
@@ -18,11 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::actor::StoreHandle;
 use crate::framed::{FrameReader, FrameWriter};
-use crate::protocol::{
-    exchange, their_versions, Peer, Progress, ProgressFn, PullPlan, ShardExchange, ShardProgress,
-    ShardResult,
-};
-use crate::schema::{ensure_tables, shard_defs, shard_infos};
+use crate::protocol::{exchange, Peer, Progress, ProgressFn, Pump, ShardResult};
+use crate::schema::shard_infos;
 use crate::tls::{Identity, SeenFingerprint, Trust};
 use crate::transport::{client_endpoint, TransportLimits};
 use crate::{Result, SyncError};
@@ -508,63 +506,20 @@ impl Client {
             tasks.spawn(async move {
                 let outcome = async {
                     let (send, recv) = conn.open_bi().await?;
-                    let mut reader = FrameReader::new(recv, max_frame, compression);
-                    let mut writer = FrameWriter::new(send, compression);
-                    let sh = shard.clone();
-                    let (versions, schema) = handle
-                        .call(move |s| -> Result<_> {
-                            Ok((s.table_versions(&sh)?, shard_defs(s, &sh)?))
-                        })
-                        .await??;
-                    let want_schema = schema.is_empty();
-                    let versions: Vec<_> = versions
-                        .into_iter()
-                        .filter(|(t, _)| tables.is_empty() || tables.contains(t))
-                        .collect();
-                    let held = progress.is_some().then(|| versions.clone());
-                    writer
-                        .send(&Message::SyncRequest(SyncRequest {
-                            shard: shard.clone(),
-                            tables: tables.clone(),
-                            versions,
-                            want_schema,
-                            schema,
-                        }))
-                        .await?;
-                    let reply = match reader.expect("the sync reply").await? {
-                        Message::SyncReply(r) => r,
-                        other => {
-                            return Err(SyncError::Protocol(format!(
-                                "expected a sync reply, got {}",
-                                other.kind().1
-                            )))
-                        }
-                    };
-                    let sh = shard.clone();
-                    let defs = reply.schema.clone();
-                    let created = handle.call(move |s| ensure_tables(s, &sh, &defs)).await??;
-                    let names: Vec<String> = reply.schema.iter().map(|d| d.name.clone()).collect();
-                    let theirs = if pull_only {
-                        Default::default()
-                    } else {
-                        their_versions(&names, &reply.versions, &tables)
-                    };
-                    let progress = progress.map(|report| ShardProgress {
-                        report,
-                        plan: PullPlan::new(held.as_deref().unwrap_or_default(), &reply.versions),
+                    let reader = FrameReader::new(recv, max_frame, compression);
+                    let writer = FrameWriter::new(send, compression);
+                    let session = ClientSession::new(ClientConfig {
+                        shard,
+                        tables,
+                        pull_only,
                     });
-                    let x = ShardExchange {
+                    let pump = Pump {
                         handle: &handle,
                         peer,
-                        shard: &shard,
-                        filter: &tables,
-                        theirs,
                         limits: stream,
                         progress,
                     };
-                    let mut r = exchange(x, reader, writer).await?;
-                    r.tables_created = created;
-                    Ok::<_, SyncError>(r)
+                    exchange(session, pump, reader, writer).await
                 }
                 .await;
                 (shard_name, outcome)

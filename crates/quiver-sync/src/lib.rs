@@ -12,7 +12,7 @@ pub mod framed;
 pub mod limits;
 mod protocol;
 mod readers;
-mod schema;
+pub mod schema;
 mod server;
 pub mod tls;
 pub mod transport;

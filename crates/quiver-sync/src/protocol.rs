@@ -1,20 +1,25 @@
-//! One shard's exchange on its own bidirectional stream, the same for both
-//! ends once the request and reply are through: each side streams the
-//! batches the other lacks (read from its own read-only connection, so
-//! sending never waits for applying) while it applies the other's batches
-//! one transaction each, then both report what they applied.
+//! The pump of one shard's exchange on its own bidirectional stream. The
+//! order of the protocol lives in the sans-IO sessions of
+//! `quiver_core::session`; this drives one over a QUIC stream and the store:
+//! a task reads the peer's messages (one ahead, only as the session takes
+//! them), a task writes what the session sends, the store thread applies
+//! and answers, and a read-only connection streams the changes the peer
+//! lacks (so sending never waits for applying).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use quiver_core::wire::{Done, ErrorCode, ErrorMsg, Message, Report};
-use quiver_core::{ChangeBatch, VersionVector};
+use quiver_core::session::{Action, Failure, Input, StreamSession};
+use quiver_core::wire::{ErrorCode, ErrorMsg, Message, Report};
+use quiver_core::VersionVector;
 use quiver_store::{ApplyReport, StoreError, StreamLimits};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::actor::StoreHandle;
 use crate::framed::{peer_error, FrameReader, FrameWriter};
+use crate::schema::{ensure_tables, shard_defs};
 use crate::{Result, SyncError};
 
 /// What one shard's exchange did, from this side's point of view.
@@ -70,58 +75,6 @@ pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(12
 /// Receives progress reports.
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 
-/// What a puller expects of one shard: per table and origin site, the
-/// version range (held, offered] the peer will send. The `covered` claims
-/// of arriving batches say how far into each range they reach.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct PullPlan {
-    ranges: BTreeMap<(String, quiver_core::SiteId), (u64, u64)>,
-    reached: BTreeMap<(String, quiver_core::SiteId), u64>,
-    total: u64,
-}
-
-impl PullPlan {
-    /// From the versions this side stated and those the peer replied with.
-    pub(crate) fn new(
-        mine: &[(String, VersionVector)],
-        theirs: &[(String, VersionVector)],
-    ) -> Self {
-        let empty = VersionVector::new();
-        let mut plan = PullPlan::default();
-        for (table, offered) in theirs {
-            let held = mine
-                .iter()
-                .find(|(t, _)| t == table)
-                .map_or(&empty, |(_, v)| v);
-            for (site, from, to) in offered.ahead_of(held) {
-                plan.total += to - from;
-                plan.ranges.insert((table.clone(), site), (from, to));
-            }
-        }
-        plan
-    }
-
-    /// Takes in a batch's claims; gives the versions reached so far.
-    fn advance(&mut self, covered: &[quiver_core::Covered]) -> u64 {
-        for c in covered {
-            let key = (c.table.clone(), c.site);
-            if let Some((from, to)) = self.ranges.get(&key) {
-                let reached = c.version.clamp(*from, *to) - from;
-                let slot = self.reached.entry(key).or_default();
-                *slot = (*slot).max(reached);
-            }
-        }
-        self.reached.values().sum()
-    }
-}
-
-/// Progress reports of one shard exchange, with what the pull expects.
-#[derive(Clone)]
-pub(crate) struct ShardProgress {
-    pub report: ProgressFn,
-    pub plan: PullPlan,
-}
-
 /// How the exchange treats the peer.
 #[derive(Clone)]
 pub(crate) struct Peer {
@@ -137,93 +90,24 @@ pub(crate) struct Peer {
 /// A per-peer byte budget check.
 pub(crate) type BytesLimit = Arc<dyn Fn(usize) -> std::result::Result<(), u64> + Send + Sync>;
 
-/// The last message a side sends on a shard stream.
-enum Final {
-    Report(Report),
-    Error(ErrorMsg),
-}
-
-/// The versions the peer holds of each table to send, restricted to the
-/// table filter; tables the peer did not list start from nothing.
-pub(crate) fn their_versions(
-    mine: &[String],
-    theirs: &[(String, VersionVector)],
-    filter: &[String],
-) -> BTreeMap<String, VersionVector> {
-    mine.iter()
-        .filter(|t| filter.is_empty() || filter.contains(t))
-        .map(|t| {
-            let vv = theirs
-                .iter()
-                .find(|(n, _)| n == t)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default();
-            (t.clone(), vv)
-        })
-        .collect()
-}
-
-/// Checks an incoming batch against the stream it arrived on.
-fn check_batch(
-    b: &ChangeBatch,
-    shard: &str,
-    filter: &[String],
-    peer: &Peer,
-) -> std::result::Result<(), ErrorMsg> {
-    let bad = |code, message| {
-        Err(ErrorMsg {
-            code,
-            message,
-            retry_after_ms: None,
-        })
-    };
-    if b.shard != shard {
-        return bad(
-            ErrorCode::BadBatch,
-            format!(
-                "batch for shard {:?} on the stream of shard {shard:?}",
-                b.shard
-            ),
-        );
-    }
-    if !peer.may_push && !b.changes.is_empty() {
-        return bad(
-            ErrorCode::Forbidden,
-            "this token is read-only: pushed changes are refused".into(),
-        );
-    }
-    if !filter.is_empty() {
-        if let Some(c) = b.changes.iter().find(|c| !filter.contains(&c.table)) {
-            return bad(
-                ErrorCode::BadBatch,
-                format!("batch names table {:?} outside this sync's tables", c.table),
-            );
-        }
-    }
-    Ok(())
-}
-
-/// What one shard exchange works on, either side: the store, the peer,
-/// the shard and its table filter (empty: every table), what the peer holds
-/// per table, the batch limits, and progress reports (a client's).
-pub(crate) struct ShardExchange<'a> {
+/// What the pump of a shard's stream works with: the store, the peer, the
+/// batch limits, and progress reports (a client's).
+pub(crate) struct Pump<'a> {
     pub handle: &'a StoreHandle,
     pub peer: Peer,
-    pub shard: &'a str,
-    pub filter: &'a [String],
-    pub theirs: BTreeMap<String, VersionVector>,
     pub limits: StreamLimits,
-    pub progress: Option<ShardProgress>,
+    pub progress: Option<ProgressFn>,
 }
 
-/// Runs the exchange of one shard over its stream and records its metrics.
-pub(crate) async fn exchange(
-    x: ShardExchange<'_>,
+/// Runs a shard's session over its stream and records its metrics.
+pub(crate) async fn exchange<S: StreamSession>(
+    session: S,
+    pump: Pump<'_>,
     reader: FrameReader,
     writer: FrameWriter,
 ) -> Result<ShardResult> {
     let started = std::time::Instant::now();
-    let r = exchange_inner(x, reader, writer).await;
+    let r = run(session, pump, reader, writer).await;
     record_metrics(&r, started.elapsed());
     r
 }
@@ -249,257 +133,400 @@ fn record_metrics(r: &Result<ShardResult>, took: std::time::Duration) {
     }
 }
 
-async fn exchange_inner(
-    x: ShardExchange<'_>,
-    mut reader: FrameReader,
+/// What the pump's helpers report back: an input for the session, or a
+/// failure on this side (told to the peer as `msg`, returned as `error`).
+enum Event {
+    Input(Input),
+    Failed { msg: ErrorMsg, error: SyncError },
+}
+
+impl Event {
+    fn failed(error: SyncError, context: &str) -> Event {
+        Event::Failed {
+            msg: failure_msg(&error, context),
+            error,
+        }
+    }
+}
+
+/// What the peer is told of a local failure.
+fn failure_msg(error: &SyncError, context: &str) -> ErrorMsg {
+    ErrorMsg {
+        code: error_code(error),
+        message: format!("{context}{error}"),
+        retry_after_ms: match error {
+            SyncError::Rejected { retry_after_ms, .. } => *retry_after_ms,
+            _ => None,
+        },
+    }
+}
+
+/// What the writer task is asked to do, in order.
+enum Out {
+    Send(Message),
+    Finish,
+}
+
+/// Reads the peer's messages one ahead of the session, giving up on a peer
+/// silent for [`STALL_TIMEOUT`] (keep-alives would otherwise hold a stalled
+/// exchange open forever). Each message comes with the bytes read so far.
+async fn read_messages(mut reader: FrameReader, tx: mpsc::Sender<Result<Option<(Message, u64)>>>) {
+    loop {
+        let next = match tokio::time::timeout(STALL_TIMEOUT, reader.next()).await {
+            Ok(n) => n.map(|m| m.map(|m| (m, reader.bytes))),
+            Err(_) => Err(SyncError::Timeout(format!(
+                "waiting for the peer ({STALL_TIMEOUT:?} without a message)"
+            ))),
+        };
+        let end = !matches!(next, Ok(Some(_)));
+        if tx.send(next).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+/// Writes what the session sends, telling it each batch that went out.
+async fn write_messages(
     mut writer: FrameWriter,
-) -> Result<ShardResult> {
-    let ShardExchange {
-        handle,
-        peer,
-        shard,
-        filter,
-        theirs,
-        limits,
-        mut progress,
-    } = x;
-    let mut result = ShardResult {
-        shard: shard.to_string(),
-        ..Default::default()
-    };
-    // The store thread, the one writer, seals what other connections wrote
-    // and folds the insert log; then a read-only connection streams what
-    // the peer lacks.
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    events: mpsc::UnboundedSender<Event>,
+    shard: String,
+    progress: Option<ProgressFn>,
+) -> u64 {
+    let mut changes = 0u64;
+    while let Some(out) = rx.recv().await {
+        match out {
+            Out::Send(m) => {
+                let batch = match &m {
+                    Message::Batch(b) => Some(b.changes.len() as u64),
+                    _ => None,
+                };
+                if let Err(e) = writer.send(&m).await {
+                    let _ = events.send(Event::failed(e, ""));
+                    break;
+                }
+                if let Some(n) = batch {
+                    changes += n;
+                    let _ = events.send(Event::Input(Input::BatchSent));
+                    if let Some(p) = &progress {
+                        p(Progress::Pushing {
+                            shard: shard.clone(),
+                            changes,
+                        });
+                    }
+                }
+            }
+            Out::Finish => break,
+        }
+    }
+    let _ = writer.finish();
+    writer.bytes
+}
+
+/// Streams the changes a peer holding `since` lacks, one batch per credit:
+/// the store thread (the one writer) first seals what other connections
+/// wrote and folds the insert log, then a read-only connection reads.
+async fn read_changes(
+    handle: StoreHandle,
+    shard: String,
+    since: BTreeMap<String, VersionVector>,
+    limits: StreamLimits,
+    credits: std::sync::mpsc::Receiver<()>,
+    events: mpsc::UnboundedSender<Event>,
+) {
     let prepared = handle
         .call(|s| -> quiver_store::Result<()> {
             // Sealing other connections' writes here reports them too.
             s.notice_external_changes()?;
-            s.fold_pending()?;
-            Ok(())
+            s.fold_pending().map(drop)
         })
         .await
         .and_then(|r| r.map_err(SyncError::from));
     if let Err(e) = prepared {
-        writer
-            .fail(ErrorCode::Internal, format!("preparing changes: {e}"))
-            .await;
-        return Err(e);
+        let _ = events.send(Event::failed(e, "preparing changes: "));
+        return;
     }
-    let (batch_tx, mut batch_rx) = mpsc::channel::<Result<ChangeBatch>>(2);
     let readers = handle.readers().clone();
-    let shard_name = shard.to_string();
-    let producer = tokio::task::spawn_blocking(move || {
+    let read = tokio::task::spawn_blocking(move || {
+        let fail = |e: SyncError| {
+            let _ = events.send(Event::failed(e, "reading changes: "));
+        };
         let store = match readers.take() {
             Ok(s) => s,
-            Err(e) => {
-                let _ = batch_tx.blocking_send(Err(e));
-                return;
-            }
+            Err(e) => return fail(e),
         };
-        let stream = match store.changes_since_tables(&shard_name, &theirs, limits) {
+        let mut stream = match store.changes_since_tables(&shard, &since, limits) {
             Ok(s) => s,
-            Err(e) => {
-                let _ = batch_tx.blocking_send(Err(e.into()));
-                return;
-            }
+            Err(e) => return fail(e.into()),
         };
-        for b in stream {
-            if batch_tx.blocking_send(b.map_err(SyncError::from)).is_err() {
+        // Each credit is a read the session asked for; the session gone,
+        // the credits end.
+        while credits.recv().is_ok() {
+            let ev = match stream.next() {
+                Some(Ok(b)) => Event::Input(Input::ChangesRead(b)),
+                Some(Err(e)) => return fail(e.into()),
+                None => Event::Input(Input::ChangesEnd),
+            };
+            let end = matches!(ev, Event::Input(Input::ChangesEnd));
+            if events.send(ev).is_err() || end {
                 return;
             }
         }
     });
-    // Sender: batches, then Done, then the final report (or an error).
-    let (final_tx, mut final_rx) = oneshot::channel::<Final>();
-    let send_progress = progress.as_ref().map(|p| p.report.clone());
-    let send_shard = shard.to_string();
-    let sender = tokio::spawn(async move {
-        let (mut batches, mut changes) = (0u64, 0u64);
-        // A report that arrives while batches are still going out waits
-        // for them; an error cuts the stream short.
-        let mut held: Option<Final> = None;
-        let mut final_seen = false;
-        loop {
-            tokio::select! {
-                biased;
-                f = &mut final_rx, if !final_seen => {
-                    final_seen = true;
-                    match f {
-                        Ok(Final::Error(e)) => {
-                            writer.send(&Message::Error(e)).await?;
-                            let _ = writer.finish();
-                            return Ok::<_, SyncError>((batches, changes, writer.bytes, false));
-                        }
-                        Ok(report) => held = Some(report),
-                        Err(_) => {
-                            let _ = writer.finish();
-                            return Ok((batches, changes, writer.bytes, false));
-                        }
+    let _ = read.await;
+}
+
+/// Pumps a session: messages from the stream and answers of the store in,
+/// its actions out, until it has a result.
+async fn run<S: StreamSession>(
+    mut session: S,
+    pump: Pump<'_>,
+    reader: FrameReader,
+    writer: FrameWriter,
+) -> Result<ShardResult> {
+    let Pump {
+        handle,
+        peer,
+        limits,
+        progress,
+    } = pump;
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let (msgs_tx, mut msgs) = mpsc::channel(1);
+    let (out, out_rx) = mpsc::unbounded_channel::<Out>();
+    let mut tasks = tokio::task::JoinSet::new();
+    let reading = tokio::spawn(read_messages(reader, msgs_tx).in_current_span());
+    let shard_label = session.shard().unwrap_or_default().to_string();
+    let writing = tokio::spawn(
+        write_messages(
+            writer,
+            out_rx,
+            events_tx.clone(),
+            shard_label,
+            progress.clone(),
+        )
+        .in_current_span(),
+    );
+    let mut credits: Option<std::sync::mpsc::Sender<()>> = None;
+    let mut reader_open = true;
+    // The first local failure, kept to be returned as it was.
+    let mut failure: Option<SyncError> = None;
+    let (mut bytes_received, mut bytes_counted) = (0u64, 0u64);
+    let (mut pulled, mut applied) = (0u64, 0u64);
+    loop {
+        while let Some(action) = session.poll_action() {
+            match action {
+                Action::Send(m) => {
+                    let _ = out.send(Out::Send(m));
+                }
+                Action::FinishSending => {
+                    let _ = out.send(Out::Finish);
+                }
+                Action::StopReceiving => {
+                    reading.abort();
+                    reader_open = false;
+                }
+                Action::ReadNext => {
+                    if let Some(c) = &credits {
+                        let _ = c.send(());
                     }
                 }
-                b = batch_rx.recv() => match b {
-                    Some(Ok(b)) => {
-                        batches += 1;
-                        changes += b.changes.len() as u64;
-                        writer.send(&Message::Batch(b)).await?;
-                        if let Some(p) = &send_progress {
-                            p(Progress::Pushing { shard: send_shard.clone(), changes });
-                        }
-                    }
-                    Some(Err(e)) => {
-                        writer.fail(ErrorCode::Internal, format!("reading changes: {e}")).await;
-                        return Err(e);
-                    }
-                    None => break,
+                Action::ReadChanges { shard, since } => {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    credits = Some(tx);
+                    tasks.spawn(
+                        read_changes(handle.clone(), shard, since, limits, rx, events_tx.clone())
+                            .in_current_span(),
+                    );
                 }
-            }
-        }
-        writer
-            .send(&Message::Done(Done { batches, changes }))
-            .await?;
-        let last = match held {
-            Some(f) => Some(f),
-            None if !final_seen => final_rx.await.ok(),
-            None => None,
-        };
-        match last {
-            Some(Final::Report(r)) => writer.send(&Message::Report(r)).await?,
-            Some(Final::Error(e)) => writer.send(&Message::Error(e)).await?,
-            None => {}
-        }
-        let _ = writer.finish();
-        Ok((batches, changes, writer.bytes, true))
-    });
-    // Receiver: apply each batch in its own transaction as it arrives. A
-    // peer that sends nothing for too long is given up on (keep-alives would
-    // otherwise hold a stalled exchange open forever).
-    let outcome: Result<()> = async {
-        loop {
-            let next = tokio::time::timeout(STALL_TIMEOUT, reader.next())
-                .await
-                .map_err(|_| SyncError::Timeout(format!("waiting for the peer's changes on shard {shard:?} ({STALL_TIMEOUT:?} without a message)")))?;
-            match next? {
-                Some(Message::Batch(b)) => {
-                    if let Err(e) = check_batch(&b, shard, filter, &peer) {
-                        return Err(SyncError::Rejected {
-                            code: e.code,
-                            message: e.message,
-                            retry_after_ms: None,
+                Action::Apply(b) => {
+                    let (h, ev, name) = (handle.clone(), events_tx.clone(), peer.name.clone());
+                    tasks.spawn(async move {
+                        let r = h.call(move |s| s.apply_from(&b, Some(&name))).await;
+                        let _ = ev.send(match r.and_then(|r| r.map_err(SyncError::Store)) {
+                            Ok(r) => Event::Input(Input::Applied(r)),
+                            Err(e) => Event::failed(e, ""),
                         });
-                    }
-                    if let Some(limit) = &peer.bytes_limit {
-                        if let Err(ms) =
-                            limit(reader.bytes.saturating_sub(result.bytes_received) as usize)
-                        {
+                    });
+                }
+                Action::ReadShardState { shard } => {
+                    let (h, ev) = (handle.clone(), events_tx.clone());
+                    tasks.spawn(async move {
+                        let r = h
+                            .call(move |s| -> Result<_> {
+                                Ok((s.table_versions(&shard)?, shard_defs(s, &shard)?))
+                            })
+                            .await;
+                        let _ = ev.send(match r.and_then(|r| r) {
+                            Ok((versions, schema)) => Event::Input(Input::ShardState {
+                                versions: versions.into_iter().collect(),
+                                schema,
+                            }),
+                            Err(e) => Event::failed(e, ""),
+                        });
+                    });
+                }
+                Action::CreateTables { shard, defs } => {
+                    let (h, ev) = (handle.clone(), events_tx.clone());
+                    tasks.spawn(async move {
+                        let r = h.call(move |s| ensure_tables(s, &shard, &defs)).await;
+                        let _ = ev.send(match r.and_then(|r| r) {
+                            Ok(created) => Event::Input(Input::TablesCreated(created)),
+                            Err(e) => Event::failed(e, ""),
+                        });
+                    });
+                }
+                Action::Admit { shard, schema } => {
+                    let (h, ev) = (handle.clone(), events_tx.clone());
+                    tasks.spawn(async move {
+                        let r = h
+                            .call(move |s| -> Result<_> {
+                                if !schema.is_empty() {
+                                    ensure_tables(s, &shard, &schema)?;
+                                }
+                                Ok((shard_defs(s, &shard)?, s.table_versions(&shard)?))
+                            })
+                            .await;
+                        let _ = ev.send(match r.and_then(|r| r) {
+                            Ok((schema, versions)) => Event::Input(Input::Admitted {
+                                schema,
+                                versions: versions.into_iter().collect(),
+                            }),
+                            Err(e) => Event::Failed {
+                                msg: ErrorMsg {
+                                    code: ErrorCode::Protocol,
+                                    message: e.to_string(),
+                                    retry_after_ms: None,
+                                },
+                                error: e,
+                            },
+                        });
+                    });
+                }
+            }
+        }
+        if session.result().is_some() {
+            break;
+        }
+        let input = tokio::select! {
+            m = msgs.recv(), if reader_open && session.wants_message() => match m {
+                Some(Ok(Some((m, bytes)))) => {
+                    bytes_received = bytes;
+                    if let Message::Batch(b) = &m {
+                        let over = peer.bytes_limit.as_ref().and_then(|limit| {
+                            limit((bytes - bytes_counted) as usize).err()
+                        });
+                        bytes_counted = bytes;
+                        if let Some(ms) = over {
                             metrics::counter!("quiver_rate_limited_total").increment(1);
-                            return Err(SyncError::Rejected {
+                            let e = SyncError::Rejected {
                                 code: ErrorCode::RateLimited,
                                 message: format!(
                                     "rate limit on bytes per minute reached; retry in {ms} ms"
                                 ),
                                 retry_after_ms: Some(ms),
-                            });
+                            };
+                            session.handle(Input::Failed(failure_msg(&e, "")));
+                            failure.get_or_insert(e);
+                            continue;
                         }
-                        result.bytes_received = reader.bytes;
+                        pulled += b.changes.len() as u64;
                     }
-                    result.batches_received += 1;
-                    result.changes_received += b.changes.len() as u64;
-                    if let Some(p) = &mut progress {
-                        let versions_done = p.plan.advance(&b.covered);
-                        (p.report)(Progress::Pulling {
+                    let is_batch = matches!(m, Message::Batch(_));
+                    session.handle(Input::Received(m));
+                    if let (true, Some(p), Some(shard)) = (is_batch, &progress, session.shard()) {
+                        let (versions_done, versions_total) = session.pull_progress();
+                        p(Progress::Pulling {
                             shard: shard.to_string(),
-                            changes: result.changes_received,
+                            changes: pulled,
                             versions_done,
-                            versions_total: p.plan.total,
+                            versions_total,
                         });
                     }
-                    let name = peer.name.clone();
-                    let applied = handle.call(move |s| s.apply_from(&b, Some(&name))).await?;
-                    match applied {
-                        Ok(r) => {
-                            result.local.add(&r);
-                            if let Some(p) = &progress {
-                                (p.report)(Progress::Applying {
-                                    shard: shard.to_string(),
-                                    applied: result.local.applied,
-                                });
-                            }
-                        }
-                        Err(e) => return Err(SyncError::Store(e)),
-                    }
+                    continue;
                 }
-                Some(Message::Done(_)) => return Ok(()),
-                Some(Message::Error(e)) => return Err(peer_error(e)),
-                Some(other) => {
-                    return Err(SyncError::Protocol(format!(
-                        "unexpected {} message on a shard stream",
-                        other.kind().1
-                    )))
+                Some(Ok(None)) => {
+                    reader_open = false;
+                    Input::PeerFinished
+                }
+                Some(Err(e)) => {
+                    reader_open = false;
+                    let msg = failure_msg(&e, "");
+                    failure.get_or_insert(e);
+                    Input::Failed(msg)
                 }
                 None => {
-                    return Err(SyncError::Protocol(
-                        "the peer ended the shard stream before it was done".into(),
-                    ))
+                    reader_open = false;
+                    continue;
                 }
-            }
-        }
-    }
-    .await;
-    match outcome {
-        Ok(()) => {
-            let _ = final_tx.send(Final::Report(result.local));
-        }
-        Err(e) => {
-            let msg = match &e {
-                SyncError::Peer { .. } | SyncError::Refused { .. } => None,
-                other => Some(ErrorMsg {
-                    code: error_code(other),
-                    message: other.to_string(),
-                    retry_after_ms: match other {
-                        SyncError::Rejected { retry_after_ms, .. } => *retry_after_ms,
-                        _ => None,
-                    },
-                }),
-            };
-            match msg {
-                Some(m) => {
-                    let _ = final_tx.send(Final::Error(m));
+            },
+            Some(ev) = events.recv() => match ev {
+                Event::Input(i) => i,
+                Event::Failed { msg, error } => {
+                    failure.get_or_insert(error);
+                    Input::Failed(msg)
                 }
-                // The peer already knows why: just let our sender finish.
-                None => drop(final_tx),
+            },
+            Some(Err(e)) = tasks.join_next(), if !tasks.is_empty() => {
+                if !e.is_panic() {
+                    continue;
+                }
+                Input::Failed(ErrorMsg {
+                    code: ErrorCode::Internal,
+                    message: format!("a store task failed: {e}"),
+                    retry_after_ms: None,
+                })
             }
-            reader.stop(1);
-            let _ = sender.await;
-            producer.abort();
-            return Err(e);
+        };
+        if let (Input::Applied(r), Some(p), Some(shard)) = (&input, &progress, session.shard()) {
+            applied += r.applied;
+            p(Progress::Applying {
+                shard: shard.to_string(),
+                applied,
+            });
         }
+        session.handle(input);
     }
-    let remote = match reader.next().await? {
-        Some(Message::Report(r)) => r,
-        Some(Message::Error(e)) => return Err(peer_error(e)),
-        Some(other) => {
-            return Err(SyncError::Protocol(format!(
-                "expected the peer's report, got {}",
-                other.kind().1
-            )))
-        }
-        None => {
-            return Err(SyncError::Protocol(
-                "the peer ended the shard stream without its report".into(),
-            ))
-        }
+    // The session is over: the writer sends what is left (a report, or why
+    // we stopped) and ends the stream; a peer that no longer reads does not
+    // hold us.
+    drop(out);
+    drop(credits);
+    reading.abort();
+    let bytes_sent = match tokio::time::timeout(WRITE_GRACE, writing).await {
+        Ok(Ok(n)) => n,
+        _ => 0,
     };
-    let (batches, changes, bytes_sent, _) = sender
-        .await
-        .map_err(|e| SyncError::Protocol(e.to_string()))??;
-    let _ = producer.await;
-    result.remote = remote;
-    result.batches_sent = batches;
-    result.changes_sent = changes;
-    result.bytes_sent = bytes_sent;
-    result.bytes_received = reader.bytes;
-    Ok(result)
+    tasks.abort_all();
+    match session.result() {
+        Some(Ok(o)) => Ok(ShardResult {
+            shard: o.shard.clone(),
+            changes_sent: o.changes_sent,
+            changes_received: o.changes_received,
+            batches_sent: o.batches_sent,
+            batches_received: o.batches_received,
+            local: o.local,
+            remote: o.remote,
+            bytes_sent,
+            bytes_received,
+            tables_created: o.tables_created.clone(),
+        }),
+        Some(Err(Failure::Peer(e))) => Err(peer_error(e.clone())),
+        Some(Err(Failure::Local(e))) => Err(failure.unwrap_or_else(|| match e.code {
+            ErrorCode::Protocol => SyncError::Protocol(e.message.clone()),
+            code => SyncError::Rejected {
+                code,
+                message: e.message.clone(),
+                retry_after_ms: e.retry_after_ms,
+            },
+        })),
+        None => Err(SyncError::Protocol(
+            "the session ended without a result".into(),
+        )),
+    }
 }
+
+/// How long the writer may take to send the last messages of a session.
+const WRITE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The wire code for a local failure.
 fn error_code(e: &SyncError) -> ErrorCode {
@@ -510,43 +537,5 @@ fn error_code(e: &SyncError) -> ErrorCode {
         SyncError::Rejected { code, .. } => *code,
         SyncError::Refused { code, .. } | SyncError::Peer { code, .. } => *code,
         _ => ErrorCode::Internal,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use quiver_core::{Covered, SiteId};
-
-    #[test]
-    fn a_pull_plan_counts_the_offered_ranges_and_how_far_batches_reach() {
-        let (a, b) = (SiteId::from_bytes([1; 16]), SiteId::from_bytes([2; 16]));
-        let vv = |pairs: &[(SiteId, u64)]| {
-            let mut v = VersionVector::new();
-            for (s, n) in pairs {
-                v.set(*s, *n);
-            }
-            v
-        };
-        let mine = vec![("docs".to_string(), vv(&[(a, 2)]))];
-        let theirs = vec![
-            ("docs".to_string(), vv(&[(a, 10), (b, 5)])),
-            ("notes".to_string(), vv(&[(a, 3)])),
-        ];
-        let mut plan = PullPlan::new(&mine, &theirs);
-        assert_eq!(plan.total, 8 + 5 + 3);
-        let cov = |t: &str, s: SiteId, v: u64| Covered {
-            table: t.into(),
-            site: s,
-            version: v,
-        };
-        assert_eq!(plan.advance(&[cov("docs", a, 6)]), 4);
-        // A claim below what was reached, or of a range not offered, moves nothing.
-        assert_eq!(plan.advance(&[cov("docs", a, 3), cov("other", a, 9)]), 4);
-        assert_eq!(
-            plan.advance(&[cov("docs", b, 5), cov("notes", a, 99)]),
-            4 + 5 + 3
-        );
-        assert_eq!(plan.advance(&[cov("docs", a, 10)]), plan.total);
     }
 }

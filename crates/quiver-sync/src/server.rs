@@ -9,8 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quiver_core::frame::{HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT};
 use quiver_core::wire::{
-    ErrorCode, ErrorMsg, Message, ShardInfo, SyncReply, Welcome, DEFAULT_MAX_FRAME,
-    PROTOCOL_VERSION,
+    ErrorCode, ErrorMsg, Message, ShardInfo, Welcome, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 use quiver_store::StreamLimits;
 use serde::Serialize;
@@ -20,11 +19,12 @@ use tracing::{debug, info, warn, Instrument};
 use crate::actor::StoreHandle;
 use crate::auth::authorize;
 use crate::framed::{FrameReader, FrameWriter};
-use crate::protocol::{exchange, their_versions, Peer, ShardExchange};
-use crate::schema::{ensure_tables, shard_defs, shard_infos};
+use crate::protocol::{exchange, Peer, Pump};
+use crate::schema::shard_infos;
 use crate::tls::Identity;
 use crate::transport::{server_endpoint, TransportLimits};
 use crate::{Result, SyncError};
+use quiver_core::session::{Input, ServerConfig, ServerSession, StreamSession};
 
 /// How a server runs.
 #[derive(Debug, Clone)]
@@ -551,92 +551,27 @@ async fn serve_shard(
     peer: Peer,
     first: Message,
     reader: FrameReader,
-    mut writer: FrameWriter,
+    writer: FrameWriter,
 ) -> Result<crate::ShardResult> {
-    let req = match first {
-        Message::SyncRequest(r) => r,
-        other => {
-            let m = format!("expected a sync request, got {}", other.kind().1);
-            writer.fail(ErrorCode::Protocol, m.clone()).await;
-            return Err(SyncError::Protocol(m));
-        }
-    };
-    if peer.scope.as_ref().is_some_and(|s| !s.contains(&req.shard)) {
-        // Out of scope looks exactly like absent.
-        let m = format!("this server holds no shard {:?}", req.shard);
-        writer.fail(ErrorCode::UnknownShard, m.clone()).await;
-        return Err(SyncError::Rejected {
-            code: ErrorCode::UnknownShard,
-            message: m,
-            retry_after_ms: None,
-        });
-    }
-    let shard = req.shard.clone();
-    let schema = req.schema.clone();
-    let may_push = peer.may_push;
-    let prepared = ctx
-        .handle
-        .call(move |s| -> Result<_> {
-            if may_push && !schema.is_empty() {
-                ensure_tables(s, &shard, &schema)?;
-            }
-            let defs = shard_defs(s, &shard)?;
-            let versions = s.table_versions(&shard)?;
-            Ok((defs, versions))
-        })
-        .await?;
-    let (defs, versions) = match prepared {
-        Ok(p) => p,
-        Err(e) => {
-            writer.fail(ErrorCode::Protocol, e.to_string()).await;
-            return Err(e);
-        }
-    };
-    if defs.is_empty() {
-        let m = format!("this server holds no shard {:?}", req.shard);
-        writer.fail(ErrorCode::UnknownShard, m.clone()).await;
-        return Err(SyncError::Peer {
-            code: ErrorCode::UnknownShard,
-            message: m,
-            retry_after_ms: None,
-        });
-    }
-    if let Some(t) = req
-        .tables
-        .iter()
-        .find(|t| !defs.iter().any(|d| &d.name == *t))
-    {
-        let m = format!("shard {:?} has no table {t:?}", req.shard);
-        writer.fail(ErrorCode::UnknownShard, m.clone()).await;
-        return Err(SyncError::Protocol(m));
-    }
-    ctx.with_live(conn_id, |c| {
-        if !c.shards.contains(&req.shard) {
-            c.shards.push(req.shard.clone());
-        }
+    let mut session = ServerSession::new(ServerConfig {
+        may_push: peer.may_push,
+        scope: peer.scope.clone(),
     });
-    let names: Vec<String> = defs.iter().map(|d| d.name.clone()).collect();
-    let mine: Vec<(String, _)> = versions
-        .into_iter()
-        .filter(|(t, _)| req.tables.is_empty() || req.tables.contains(t))
-        .collect();
-    writer
-        .send(&Message::SyncReply(SyncReply {
-            versions: mine,
-            schema: defs,
-        }))
-        .await?;
-    let theirs = their_versions(&names, &req.versions, &req.tables);
-    let x = ShardExchange {
+    session.handle(Input::Received(first));
+    if let Some(shard) = session.shard() {
+        ctx.with_live(conn_id, |c| {
+            if !c.shards.iter().any(|s| s == shard) {
+                c.shards.push(shard.to_string());
+            }
+        });
+    }
+    let pump = Pump {
         handle: &ctx.handle,
         peer,
-        shard: &req.shard,
-        filter: &req.tables,
-        theirs,
         limits: ctx.opts.stream,
         progress: None,
     };
-    let r = exchange(x, reader, writer).await;
+    let r = exchange(session, pump, reader, writer).await;
     // The served side counts its exchanges too, so that `quiver status` on
     // a daemon's store agrees with its `quiver_syncs_total`.
     let (sent, received, error) = match &r {

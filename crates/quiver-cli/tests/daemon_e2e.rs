@@ -73,40 +73,45 @@ fn a_vanished_client_is_cleaned_up_after_the_idle_timeout() {
 }
 
 #[test]
-fn sigterm_mid_sync_exits_cleanly_and_the_client_resumes() {
+fn sigterm_mid_sync_lets_the_exchange_in_flight_finish_then_exits_cleanly() {
     let a = Node::new("a");
     a.q(&["collection", "create", "docs", "--dim", "4"]);
     let b = Node::new("b");
     b.q(&["collection", "create", "docs", "--dim", "4"]);
     let jsonl = b.dir.path().join("d.jsonl");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&jsonl).unwrap());
-    for i in 0..40_000 {
+    let rows = 40_000;
+    for i in 0..rows {
         writeln!(f, r#"{{"id":"r{i:05}","vector":[{i},1,2,3]}}"#).unwrap();
     }
     f.flush().unwrap();
     drop(f);
     b.q(&["import", "docs", jsonl.to_str().unwrap()]);
     let s = a.serve(&[]);
-    let mut push = Command::new(bin())
+    let push = Command::new(bin())
         .arg("--db")
         .arg(&b.db)
-        .args(["sync", &s.addr, "--pin", &s.fp, "--retries", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .args(["sync", &s.addr, "--pin", &s.fp, "--retries", "0", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     // Let some batches land, then ask the server to stop.
+    let count = || -> usize {
+        a.q(&["sql", "SELECT count(*) AS n FROM docs"])
+            .lines()
+            .nth(1)
+            .unwrap_or("0")
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
     let t = Instant::now();
-    while a
-        .q(&["sql", "SELECT count(*) AS n FROM docs"])
-        .lines()
-        .nth(1)
-        .unwrap_or("0")
-        .trim()
-        == "0"
-    {
+    let mut landed = count();
+    while landed == 0 {
         assert!(t.elapsed() < Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(20));
+        landed = count();
     }
     let mut server = s;
     let pid = server.child.id().to_string();
@@ -121,18 +126,37 @@ fn sigterm_mid_sync_exits_cleanly_and_the_client_resumes() {
             break st.code();
         }
         assert!(
-            t.elapsed() < Duration::from_secs(15),
+            t.elapsed() < Duration::from_secs(20),
             "the server did not stop in time"
         );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(code, Some(0), "SIGTERM is a clean exit");
-    let _ = push.wait();
-    // Both stores are consistent; a restarted server lets the client finish.
+    assert!(
+        landed < rows,
+        "the exchange was over before the signal ({landed} rows had landed): nothing was in flight"
+    );
+    // The exchange in flight finished before the server exited: the client
+    // got the server's report, and every row is in the server's store.
+    let out = push.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the client's sync was cut: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        r["shards"][0]["remote"]["applied"], r["changes_sent"],
+        "the server reported applying all it was sent: {r}"
+    );
+    assert_eq!(count(), rows);
+    // The client's cursor is consistent with it: a restarted server gets
+    // nothing more.
     let s2 = a.serve(&[]);
-    b.q(&["sync", &s2.addr, "--pin", &s2.fp]);
+    let again: serde_json::Value =
+        serde_json::from_str(&b.q(&["sync", &s2.addr, "--pin", &s2.fp, "--json"])).unwrap();
+    assert_eq!(again["changes_sent"], 0, "{again}");
     assert_eq!(a.export("docs"), b.export("docs"));
-    assert_eq!(a.export("docs").lines().count(), 40_000);
 }
 
 #[test]

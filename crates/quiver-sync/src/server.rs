@@ -50,6 +50,9 @@ pub struct ServerOptions {
     /// `token` nor scoped tokens in the store), instead of letting everyone
     /// in: for a daemon on the network whose last token was revoked.
     pub require_token: bool,
+    /// At shutdown, how long exchanges in flight may take to finish before
+    /// their connections are closed.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerOptions {
@@ -67,6 +70,7 @@ impl Default for ServerOptions {
             rate: Default::default(),
             client_ca: None,
             require_token: false,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -248,13 +252,24 @@ impl Server {
                 },
             }
         }
+        // Shutdown: the tripwire is tripped. Each connection stops taking
+        // streams and waits for its exchanges in flight, which commit their
+        // batches and report; meanwhile new connections are refused. Past
+        // the grace, whatever is left is closed.
+        let deadline = tokio::time::Instant::now() + self.ctx.opts.shutdown_grace;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                joined = tasks.join_next() => if joined.is_none() { break },
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => incoming.refuse(),
+                    None => break,
+                },
+            }
+        }
+        tasks.abort_all();
         self.endpoint
             .close(CLOSE_SHUTDOWN.into(), b"server shutting down");
-        // Let in-flight batches commit or roll back, within a bound.
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         Ok(())
     }
@@ -442,14 +457,19 @@ async fn serve_connection(
         scope: access.shards.clone(),
         bytes_limit: Some(Arc::new(move |n| limiters.bytes(ip, n))),
     };
-    // The handshake stream stays open for pings.
-    tokio::spawn(async move {
-        while let Ok(Some(Message::Ping(n))) = reader.next().await {
-            if writer.send(&Message::Pong(n)).await.is_err() {
-                break;
+    // The handshake stream stays open for pings, as long as the connection
+    // is served (the set aborts it when dropped).
+    let mut control = tokio::task::JoinSet::new();
+    control.spawn(
+        async move {
+            while let Ok(Some(Message::Ping(n))) = reader.next().await {
+                if writer.send(&Message::Pong(n)).await.is_err() {
+                    break;
+                }
             }
         }
-    });
+        .in_current_span(),
+    );
     // Every stream's task belongs to the connection (and runs in its span):
     // at shutdown the connection waits for them, so an exchange in flight
     // commits or rolls back its batch before the connection closes.
@@ -457,10 +477,11 @@ async fn serve_connection(
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_secs(4), async {
+                let _ = tokio::time::timeout(ctx.opts.shutdown_grace, async {
                     while streams.join_next().await.is_some() {}
                 })
                 .await;
+                control.abort_all();
                 conn.close(CLOSE_SHUTDOWN.into(), b"server shutting down");
                 return Ok(());
             }

@@ -324,9 +324,7 @@ pub(crate) fn sql_value(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
         let v = a
             .as_slice()
             .map_err(|_| bad("a parameter array must be contiguous"))?;
-        return Ok(Value::Blob(
-            v.iter().flat_map(|f| f.to_le_bytes()).collect(),
-        ));
+        return Ok(Value::Blob(quiver_core::vector::encode(v)));
     }
     Err(bad(format!(
         "a SQL parameter is None, int, float, str, bytes or a float32 array; got {}",

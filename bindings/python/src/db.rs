@@ -140,7 +140,9 @@ impl Database {
         let spec = CollectionSpec {
             name: name.clone(),
             dim,
-            metric: metric.parse().map_err(store_err)?,
+            metric: metric
+                .parse()
+                .map_err(|e: quiver_core::CoreError| bad(e.to_string()))?,
             strategy: strategy
                 .parse()
                 .map_err(|e: quiver_core::CoreError| bad(e.to_string()))?,
@@ -751,9 +753,7 @@ fn opt_real(v: Option<f64>) -> quiver_core::Value {
 fn opt_vector(v: Option<Bound<'_, PyAny>>) -> PyResult<quiver_core::Value> {
     Ok(match v {
         None => quiver_core::Value::Null,
-        Some(v) => {
-            quiver_core::Value::Blob(vector(&v)?.iter().flat_map(|f| f.to_le_bytes()).collect())
-        }
+        Some(v) => quiver_core::Value::Blob(quiver_core::vector::encode(&vector(&v)?)),
     })
 }
 

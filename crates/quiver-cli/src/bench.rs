@@ -56,7 +56,7 @@ fn plain_insert(path: &std::path::Path, rows: &[Record], batch: usize) -> Result
                  ON CONFLICT(id) DO UPDATE SET vector = excluded.vector, metadata = excluded.metadata, content = excluded.content",
             )?;
             for r in chunk {
-                let blob: Vec<u8> = r.vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+                let blob = quiver_core::vector::encode(&r.vector);
                 stmt.execute(params![r.id, blob, r.metadata.to_string(), r.content])?;
             }
         }

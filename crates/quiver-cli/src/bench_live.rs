@@ -184,7 +184,7 @@ async fn rusqlite_free_writer(
         tokio::task::spawn_blocking(move || -> Result<()> {
             let c = rusqlite::Connection::open(&p)?;
             c.busy_timeout(Duration::from_secs(5))?;
-            let blob: Vec<u8> = vector(i).iter().flat_map(|f| f.to_le_bytes()).collect();
+            let blob = quiver_core::vector::encode(&vector(i));
             c.execute(
                 "INSERT INTO docs(id, vector, metadata) VALUES (?1, ?2, '{}')",
                 rusqlite::params![row, blob],

@@ -39,7 +39,7 @@ pub fn run(db: &Path, args: BenchSearchArgs, json: bool) -> Result<()> {
     };
     let info = store.collection(&name)?;
     let dim = info.dim.context("collection has no dimension")?;
-    let metric: Metric = info.metric.as_deref().unwrap_or("cosine").parse()?;
+    let metric: Metric = info.metric.unwrap_or_default();
 
     // The baseline's copy of the vectors, read from the table.
     let mut ids = Vec::new();

@@ -309,7 +309,7 @@ fn list_tables(s: &Store, json: bool, collections_only: bool) -> Result<()> {
                 t.shard.clone(),
                 t.strategy.to_string(),
                 t.dim.map_or("-".into(), |d| d.to_string()),
-                t.metric.clone().unwrap_or_else(|| "-".into()),
+                t.metric.map_or_else(|| "-".into(), |m| m.to_string()),
                 s.count(&t.name).map(|n| n.to_string()).unwrap_or_default(),
             ]
         })
@@ -676,7 +676,10 @@ fn status(s: &Store, json: bool) -> Result<()> {
                 t.rows,
                 t.strategy,
                 t.dim
-                    .map(|d| format!("  dim {d} {}", t.metric.as_deref().unwrap_or("")))
+                    .map(|d| format!(
+                        "  dim {d} {}",
+                        t.metric.map(quiver_core::Metric::as_str).unwrap_or("")
+                    ))
                     .unwrap_or_default()
             );
         }

@@ -21,66 +21,95 @@ pub enum Source {
 }
 
 /// The settings `quiver serve` takes: key, environment names, default.
-const KEYS: &[(&str, &[&str], Option<&str>)] = &[
-    ("listen", &["QUIVER_LISTEN"], Some("127.0.0.1:4433")),
-    ("port", &["QUIC_PORT", "QUIVER_PORT"], None),
-    ("node", &["QUIVER_NODE"], None),
-    ("token", &["QUIVER_TOKEN"], None),
-    ("cert", &["QUIC_CERT_PATH", "QUIVER_CERT"], None),
-    ("key", &["QUIC_KEY_PATH", "QUIVER_KEY"], None),
-    ("client_ca", &["QUIVER_CLIENT_CA"], None),
-    (
-        "max_connections",
-        &["QUIC_MAX_CONNECTIONS", "QUIVER_MAX_CONNECTIONS"],
-        Some("1024"),
-    ),
-    (
-        "max_streams",
-        &["QUIC_MAX_STREAMS", "QUIVER_MAX_STREAMS"],
-        Some("64"),
-    ),
-    (
-        "idle_timeout_secs",
-        &["QUIVER_IDLE_TIMEOUT_SECS"],
-        Some("30"),
-    ),
-    ("keep_alive_secs", &["QUIVER_KEEP_ALIVE_SECS"], Some("5")),
-    (
-        "max_frame_bytes",
-        &["QUIVER_MAX_FRAME_BYTES"],
-        Some("16777216"),
-    ),
-    (
-        "batch_max_changes",
-        &["QUIVER_BATCH_MAX_CHANGES"],
-        Some("2000"),
-    ),
-    (
-        "batch_max_bytes",
-        &["QUIVER_BATCH_MAX_BYTES"],
-        Some("4194304"),
-    ),
-    ("compression", &["QUIVER_COMPRESSION"], Some("true")),
-    ("log_format", &["QUIVER_LOG_FORMAT"], Some("text")),
-    ("http_listen", &["QUIVER_HTTP_LISTEN"], Some("127.0.0.1:0")),
-    (
-        "rate_requests_per_min",
-        &["QUIVER_RATE_REQUESTS_PER_MIN"],
-        Some("0"),
-    ),
-    (
-        "rate_bytes_per_min",
-        &["QUIVER_RATE_BYTES_PER_MIN"],
-        Some("0"),
-    ),
-    ("peers", &["QUIVER_PEERS"], None),
-    (
-        "allow_anonymous",
-        &["QUIVER_ALLOW_ANONYMOUS"],
-        Some("false"),
-    ),
-    ("peer_token", &["QUIVER_PEER_TOKEN"], None),
-];
+/// Defaults are the library's own (`ServerOptions`, `TransportLimits`,
+/// `StreamLimits`), shown as text in `quiver config show`.
+fn keys() -> Vec<(&'static str, &'static [&'static str], Option<String>)> {
+    let server = quiver_sync::ServerOptions::default();
+    let transport = &server.limits;
+    let stream = &server.stream;
+    let num = |n: u64| Some(n.to_string());
+    vec![
+        (
+            "listen",
+            &["QUIVER_LISTEN"],
+            Some(server.listen.to_string()),
+        ),
+        ("port", &["QUIC_PORT", "QUIVER_PORT"], None),
+        ("node", &["QUIVER_NODE"], None),
+        ("token", &["QUIVER_TOKEN"], None),
+        ("cert", &["QUIC_CERT_PATH", "QUIVER_CERT"], None),
+        ("key", &["QUIC_KEY_PATH", "QUIVER_KEY"], None),
+        ("client_ca", &["QUIVER_CLIENT_CA"], None),
+        (
+            "max_connections",
+            &["QUIC_MAX_CONNECTIONS", "QUIVER_MAX_CONNECTIONS"],
+            num(server.max_connections as u64),
+        ),
+        (
+            "max_streams",
+            &["QUIC_MAX_STREAMS", "QUIVER_MAX_STREAMS"],
+            num(transport.max_streams as u64),
+        ),
+        (
+            "idle_timeout_secs",
+            &["QUIVER_IDLE_TIMEOUT_SECS"],
+            num(transport.idle_timeout.as_secs()),
+        ),
+        (
+            "keep_alive_secs",
+            &["QUIVER_KEEP_ALIVE_SECS"],
+            num(transport.keep_alive.as_secs()),
+        ),
+        (
+            "max_frame_bytes",
+            &["QUIVER_MAX_FRAME_BYTES"],
+            num(server.max_frame as u64),
+        ),
+        (
+            "batch_max_changes",
+            &["QUIVER_BATCH_MAX_CHANGES"],
+            num(stream.max_changes as u64),
+        ),
+        (
+            "batch_max_bytes",
+            &["QUIVER_BATCH_MAX_BYTES"],
+            num(stream.max_bytes as u64),
+        ),
+        (
+            "compression",
+            &["QUIVER_COMPRESSION"],
+            Some(server.compression.to_string()),
+        ),
+        ("log_format", &["QUIVER_LOG_FORMAT"], Some("text".into())),
+        (
+            "http_listen",
+            &["QUIVER_HTTP_LISTEN"],
+            Some("127.0.0.1:0".into()),
+        ),
+        (
+            "rate_requests_per_min",
+            &["QUIVER_RATE_REQUESTS_PER_MIN"],
+            num(server.rate.requests_per_min.map_or(0, |n| n.get() as u64)),
+        ),
+        (
+            "rate_bytes_per_min",
+            &["QUIVER_RATE_BYTES_PER_MIN"],
+            num(server.rate.bytes_per_min.map_or(0, |n| n.get() as u64)),
+        ),
+        ("peers", &["QUIVER_PEERS"], None),
+        (
+            "allow_anonymous",
+            &["QUIVER_ALLOW_ANONYMOUS"],
+            Some("false".into()),
+        ),
+        ("peer_token", &["QUIVER_PEER_TOKEN"], None),
+        (
+            "shutdown_grace_secs",
+            &["QUIVER_SHUTDOWN_GRACE_SECS"],
+            num(server.shutdown_grace.as_secs()),
+        ),
+    ]
+}
 
 /// One layer's raw values, as text.
 pub type Layer = BTreeMap<String, String>;
@@ -108,6 +137,9 @@ pub struct DaemonConfig {
     pub max_streams: u32,
     #[serde(skip)]
     pub idle_timeout: Duration,
+    /// At shutdown, how long exchanges in flight may take to finish.
+    #[serde(skip)]
+    pub shutdown_grace: Duration,
     #[serde(skip)]
     pub keep_alive: Duration,
     #[serde(skip)]
@@ -143,9 +175,10 @@ pub fn file_layer(path: &Path) -> Result<Layer> {
         .parse()
         .map_err(|e| anyhow!("config {}: {e}", path.display()))?;
     let mut out = Layer::new();
+    let keys = keys();
     for (k, v) in table {
-        if !KEYS.iter().any(|(name, _, _)| *name == k) {
-            let known: Vec<&str> = KEYS.iter().map(|(n, _, _)| *n).collect();
+        if !keys.iter().any(|(name, _, _)| *name == k) {
+            let known: Vec<&str> = keys.iter().map(|(n, _, _)| *n).collect();
             bail!(
                 "config {}: unknown key `{k}` (known keys: {})",
                 path.display(),
@@ -181,8 +214,8 @@ pub fn file_layer(path: &Path) -> Result<Layer> {
 /// Reads the environment into a layer.
 pub fn env_layer(get: impl Fn(&str) -> Option<String>) -> Layer {
     let mut out = Layer::new();
-    for (key, names, _) in KEYS {
-        for n in *names {
+    for (key, names, _) in keys() {
+        for n in names {
             if let Some(v) = get(n) {
                 out.insert(key.to_string(), v);
                 break;
@@ -208,16 +241,16 @@ fn range<T: PartialOrd + std::fmt::Display + Copy>(key: &str, v: T, lo: T, hi: T
 /// Layers defaults, file, environment and flags, and validates the result.
 pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<DaemonConfig> {
     let mut values: BTreeMap<String, (String, Source)> = BTreeMap::new();
-    for (key, _, default) in KEYS {
+    for (key, _, default) in keys() {
         let pick = flags
-            .get(*key)
+            .get(key)
             .map(|v| (v.clone(), Source::Flag))
-            .or_else(|| env.get(*key).map(|v| (v.clone(), Source::Env)))
+            .or_else(|| env.get(key).map(|v| (v.clone(), Source::Env)))
             .or_else(|| {
-                file.and_then(|f| f.get(*key))
+                file.and_then(|f| f.get(key))
                     .map(|v| (v.clone(), Source::File))
             })
-            .or_else(|| default.map(|d| (d.to_string(), Source::Default)));
+            .or_else(|| default.map(|d| (d, Source::Default)));
         if let Some(p) = pick {
             values.insert(key.to_string(), p);
         }
@@ -254,6 +287,16 @@ pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<Daemo
     if keep >= idle {
         bail!("config key `keep_alive_secs`: {keep} must be below idle_timeout_secs ({idle}), or idle links would time out");
     }
+    let grace: u64 = range(
+        "shutdown_grace_secs",
+        parse(
+            "shutdown_grace_secs",
+            get("shutdown_grace_secs").unwrap_or(""),
+            "a number of seconds",
+        )?,
+        0,
+        3_600,
+    )?;
     let log_format = get("log_format").unwrap_or("text");
     if !matches!(log_format, "text" | "json") {
         bail!("config key `log_format`: {log_format:?} is not text or json");
@@ -293,6 +336,7 @@ pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<Daemo
             10_000,
         )?,
         idle_timeout: Duration::from_secs(idle),
+        shutdown_grace: Duration::from_secs(grace),
         keep_alive: Duration::from_secs(keep),
         max_frame: range(
             "max_frame_bytes",

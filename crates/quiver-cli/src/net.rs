@@ -175,6 +175,7 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
             max_changes: cfg.batch_max_changes,
             max_bytes: cfg.batch_max_bytes,
         },
+        shutdown_grace: cfg.shutdown_grace,
         ..Default::default()
     };
     // The daemon's peers: those of --peer (and `peers` in the config), then

@@ -15,4 +15,7 @@ pub enum CoreError {
     /// An unknown conflict strategy name.
     #[error("unknown conflict strategy {0:?}: expected one of lww, fww, merge, manual, local-wins, remote-wins")]
     UnknownStrategy(String),
+    /// An unknown distance metric name.
+    #[error("unknown metric {0:?}: expected cosine, l2 or dot")]
+    UnknownMetric(String),
 }

@@ -253,16 +253,13 @@ fn mean_vector(versions: &[Version]) -> Option<Value> {
     }
     let mut sum = vec![0f64; first.len() / 4];
     for b in &blobs {
-        for (i, c) in b.chunks_exact(4).enumerate() {
-            sum[i] += f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
+        for (i, x) in crate::vector::decode(b).enumerate() {
+            sum[i] += x as f64;
         }
     }
     let n = blobs.len() as f64;
-    let mut out = Vec::with_capacity(first.len());
-    for s in sum {
-        out.extend_from_slice(&((s / n) as f32).to_le_bytes());
-    }
-    Some(Value::Blob(out))
+    let mean: Vec<f32> = sum.into_iter().map(|s| (s / n) as f32).collect();
+    Some(Value::Blob(crate::vector::encode(&mean)))
 }
 
 /// Key-wise merge of JSON objects: versions applied oldest first, so the

@@ -154,6 +154,11 @@ pub trait StreamSession {
     /// How far the received batches reach into what the peer offered:
     /// `(versions done, versions total)`; the total is 0 when unknown.
     fn pull_progress(&self) -> (u64, u64);
+    /// Whether the session waits for the peer's batches (or its `Done`):
+    /// the time when a silent peer counts as stalled. (Waiting for the
+    /// peer's report is not: it comes once this side's batches are
+    /// through, however long that takes.)
+    fn awaits_changes(&self) -> bool;
 }
 
 fn msg(code: ErrorCode, message: String) -> ErrorMsg {
@@ -253,6 +258,8 @@ struct Stream {
     unsent: usize,
     done_sent: bool,
     report_sent: bool,
+    /// This side's end of the stream was asked for: nothing more to send.
+    sending_finished: bool,
     // Receiving.
     queue: VecDeque<ChangeBatch>,
     applying: bool,
@@ -274,8 +281,10 @@ impl Stream {
         if self.finished() {
             return;
         }
-        self.push(Action::Send(Message::Error(e.clone())));
-        self.push(Action::FinishSending);
+        if !self.sending_finished {
+            self.push(Action::Send(Message::Error(e.clone())));
+            self.finish_sending();
+        }
         self.push(Action::StopReceiving);
         self.result = Some(Err(Failure::Local(e)));
     }
@@ -289,9 +298,16 @@ impl Stream {
         if self.finished() {
             return;
         }
-        self.push(Action::FinishSending);
+        self.finish_sending();
         self.push(Action::StopReceiving);
         self.result = Some(Err(Failure::Peer(e)));
+    }
+
+    fn finish_sending(&mut self) {
+        if !self.sending_finished {
+            self.sending_finished = true;
+            self.push(Action::FinishSending);
+        }
     }
 
     /// Starts streaming what the peer lacks.
@@ -334,7 +350,7 @@ impl Stream {
         {
             self.report_sent = true;
             self.push(Action::Send(Message::Report(self.out.local)));
-            self.push(Action::FinishSending);
+            self.finish_sending();
         }
         self.finish_if_ready();
     }
@@ -465,6 +481,10 @@ impl Stream {
 
     fn wants_message(&self) -> bool {
         !self.finished() && self.queue.len() < APPLY_QUEUE
+    }
+
+    fn awaits_changes(&self) -> bool {
+        self.open && !self.peer_done && !self.finished()
     }
 }
 
@@ -620,6 +640,10 @@ impl StreamSession for ClientSession {
     fn pull_progress(&self) -> (u64, u64) {
         (self.s.plan.done(), self.s.plan.total)
     }
+
+    fn awaits_changes(&self) -> bool {
+        self.s.awaits_changes()
+    }
 }
 
 /// How a server treats the peer of a stream.
@@ -681,8 +705,6 @@ impl StreamSession for ServerSession {
         let phase = std::mem::replace(&mut self.phase, ServerPhase::Exchange);
         match (phase, input) {
             (ServerPhase::Request, Input::Received(Message::SyncRequest(req))) => {
-                self.s.shard = req.shard.clone();
-                self.s.filter = req.tables.clone();
                 if self
                     .config
                     .scope
@@ -692,6 +714,8 @@ impl StreamSession for ServerSession {
                     // Out of scope looks exactly like absent.
                     return self.no_shard(&req.shard);
                 }
+                self.s.shard = req.shard.clone();
+                self.s.filter = req.tables.clone();
                 self.s.push(Action::Admit {
                     shard: req.shard.clone(),
                     schema: if self.config.may_push {
@@ -768,6 +792,10 @@ impl StreamSession for ServerSession {
     fn pull_progress(&self) -> (u64, u64) {
         (self.s.plan.done(), self.s.plan.total)
     }
+
+    fn awaits_changes(&self) -> bool {
+        self.s.awaits_changes()
+    }
 }
 
 #[cfg(test)]
@@ -811,8 +839,8 @@ mod tests {
     fn def(name: &str) -> TableDef {
         TableDef {
             name: name.into(),
-            kind: "table".into(),
-            strategy: "lww".into(),
+            kind: crate::TableKind::Table,
+            strategy: crate::Strategy::Lww,
             pk: vec![ColumnDef {
                 name: "id".into(),
                 decl_type: "TEXT".into(),

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::frame::{self, Frame, FrameError};
-use crate::{ChangeBatch, SiteId, VersionVector};
+pub use crate::table::ColumnDef;
+use crate::{ChangeBatch, Metric, SiteId, Strategy, TableKind, VersionVector};
 
 /// The protocol this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -75,25 +76,17 @@ pub struct ErrorMsg {
     pub retry_after_ms: Option<u64>,
 }
 
-/// A column as declared, so a replica lacking a table can create it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ColumnDef {
-    pub name: String,
-    pub decl_type: String,
-    pub not_null: bool,
-}
-
-/// A replicated table's definition.
+/// A replicated table's definition, so a replica lacking it can create it.
+/// The enums travel as the same lowercase names `quiver/1` always sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableDef {
     pub name: String,
-    /// `table` or `collection`.
-    pub kind: String,
-    pub strategy: String,
+    pub kind: TableKind,
+    pub strategy: Strategy,
     pub pk: Vec<ColumnDef>,
     pub columns: Vec<ColumnDef>,
     pub dim: Option<u32>,
-    pub metric: Option<String>,
+    pub metric: Option<Metric>,
 }
 
 /// Opens a shard's stream: what the requester holds, per table.
@@ -154,26 +147,6 @@ impl Report {
     }
 }
 
-/// Every message of the protocol.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Message {
-    Hello(Hello),
-    Welcome(Welcome),
-    Refused(ErrorMsg),
-    SyncRequest(SyncRequest),
-    SyncReply(SyncReply),
-    Batch(ChangeBatch),
-    Done(Done),
-    Report(Report),
-    Ping(u64),
-    Pong(u64),
-    Error(ErrorMsg),
-    /// Opens a live stream: notify me when these shards change (empty: all).
-    Subscribe(Vec<String>),
-    /// Sent on a live stream: the sender has changes in these shards.
-    Notify(Vec<String>),
-}
-
 /// Why a message could not be decoded.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum WireError {
@@ -198,63 +171,63 @@ fn parse<T: DeserializeOwned>(kind: &'static str, b: &[u8]) -> Result<T, WireErr
     })
 }
 
-impl Message {
-    /// The frame type byte and a name for messages.
-    pub fn kind(&self) -> (u8, &'static str) {
-        match self {
-            Message::Hello(_) => (1, "hello"),
-            Message::Welcome(_) => (2, "welcome"),
-            Message::Refused(_) => (3, "refused"),
-            Message::SyncRequest(_) => (4, "sync-request"),
-            Message::SyncReply(_) => (5, "sync-reply"),
-            Message::Batch(_) => (6, "batch"),
-            Message::Done(_) => (7, "done"),
-            Message::Report(_) => (8, "report"),
-            Message::Ping(_) => (9, "ping"),
-            Message::Pong(_) => (10, "pong"),
-            Message::Error(_) => (11, "error"),
-            Message::Subscribe(_) => (12, "subscribe"),
-            Message::Notify(_) => (13, "notify"),
+/// The one table of messages: each with its frame type byte, its name and
+/// its body. `Message`, its names, its encoding and its decoding all come
+/// from it.
+macro_rules! messages {
+    ($( $(#[$doc:meta])* $kind:literal $name:literal $variant:ident($body:ty), )*) => {
+        /// Every message of the protocol.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Message {
+            $( $(#[$doc])* $variant($body), )*
         }
-    }
 
-    /// Encodes the message as one frame.
-    pub fn encode(&self, compress: bool) -> Result<Vec<u8>, WireError> {
-        let b = match self {
-            Message::Hello(m) => body(m)?,
-            Message::Welcome(m) => body(m)?,
-            Message::Refused(m) | Message::Error(m) => body(m)?,
-            Message::SyncRequest(m) => body(m)?,
-            Message::SyncReply(m) => body(m)?,
-            Message::Batch(m) => body(m)?,
-            Message::Done(m) => body(m)?,
-            Message::Report(m) => body(m)?,
-            Message::Ping(n) | Message::Pong(n) => body(n)?,
-            Message::Subscribe(s) | Message::Notify(s) => body(s)?,
-        };
-        Ok(frame::encode(self.kind().0, &b, compress))
-    }
+        impl Message {
+            /// The frame type byte and a name for messages.
+            pub fn kind(&self) -> (u8, &'static str) {
+                match self {
+                    $( Message::$variant(_) => ($kind, $name), )*
+                }
+            }
 
-    /// Decodes a frame's body.
-    pub fn decode(f: &Frame) -> Result<Message, WireError> {
-        let b = &f.body;
-        Ok(match f.kind {
-            1 => Message::Hello(parse("hello", b)?),
-            2 => Message::Welcome(parse("welcome", b)?),
-            3 => Message::Refused(parse("refused", b)?),
-            4 => Message::SyncRequest(parse("sync-request", b)?),
-            5 => Message::SyncReply(parse("sync-reply", b)?),
-            6 => Message::Batch(parse("batch", b)?),
-            7 => Message::Done(parse("done", b)?),
-            8 => Message::Report(parse("report", b)?),
-            9 => Message::Ping(parse("ping", b)?),
-            10 => Message::Pong(parse("pong", b)?),
-            11 => Message::Error(parse("error", b)?),
-            12 => Message::Subscribe(parse("subscribe", b)?),
-            13 => Message::Notify(parse("notify", b)?),
-            k => return Err(WireError::UnknownKind(k)),
-        })
-    }
+            /// Encodes the message as one frame.
+            pub fn encode(&self, compress: bool) -> Result<Vec<u8>, WireError> {
+                let b = match self {
+                    $( Message::$variant(m) => body(m)?, )*
+                };
+                Ok(frame::encode(self.kind().0, &b, compress))
+            }
+
+            /// Decodes a frame's body.
+            pub fn decode(f: &Frame) -> Result<Message, WireError> {
+                Ok(match f.kind {
+                    $( $kind => Message::$variant(parse($name, &f.body)?), )*
+                    k => return Err(WireError::UnknownKind(k)),
+                })
+            }
+        }
+
+        /// Every frame type byte in use, with its message's name.
+        pub const MESSAGE_KINDS: &[(u8, &str)] = &[$( ($kind, $name), )*];
+    };
+}
+
+messages! {
+    1 "hello" Hello(Hello),
+    2 "welcome" Welcome(Welcome),
+    3 "refused" Refused(ErrorMsg),
+    4 "sync-request" SyncRequest(SyncRequest),
+    5 "sync-reply" SyncReply(SyncReply),
+    6 "batch" Batch(ChangeBatch),
+    7 "done" Done(Done),
+    8 "report" Report(Report),
+    9 "ping" Ping(u64),
+    10 "pong" Pong(u64),
+    11 "error" Error(ErrorMsg),
+    /// Opens a live stream: notify me when these shards change (empty: all).
+    12 "subscribe" Subscribe(Vec<String>),
+    /// Sent on a live stream: the sender has changes in these shards.
+    13 "notify" Notify(Vec<String>),
 }
 
 /// Compares two secrets in constant time (for the length of the longer).
@@ -349,7 +322,7 @@ mod tests {
     fn garbage_bodies_give_errors_not_panics() {
         // Every kind, Notify included: an empty body, a reserved marker, a
         // truncated array, and a run of negative integers are errors.
-        for kind in 1..=13u8 {
+        for &(kind, _) in MESSAGE_KINDS {
             for body in [vec![], vec![0xc1], vec![0x93, 0x01], vec![0xff; 40]] {
                 let decoded = Message::decode(&Frame {
                     kind,
@@ -375,6 +348,54 @@ mod tests {
             }),
             Err(WireError::UnknownKind(99))
         ));
+    }
+
+    #[test]
+    fn typed_definitions_travel_as_the_names_quiver_1_sent() {
+        // What a quiver/1 peer of the first stage sends: the same fields,
+        // with strings where the enums are now.
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Legacy {
+            name: String,
+            kind: String,
+            strategy: String,
+            pk: Vec<ColumnDef>,
+            columns: Vec<ColumnDef>,
+            dim: Option<u32>,
+            metric: Option<String>,
+        }
+        let col = ColumnDef {
+            name: "id".into(),
+            decl_type: "TEXT".into(),
+            not_null: true,
+        };
+        let typed = TableDef {
+            name: "docs".into(),
+            kind: TableKind::Collection,
+            strategy: Strategy::LocalWins,
+            pk: vec![col.clone()],
+            columns: vec![],
+            dim: Some(4),
+            metric: Some(Metric::L2),
+        };
+        let legacy = Legacy {
+            name: "docs".into(),
+            kind: "collection".into(),
+            strategy: "local-wins".into(),
+            pk: vec![col],
+            columns: vec![],
+            dim: Some(4),
+            metric: Some("l2".into()),
+        };
+        let bytes = rmp_serde::to_vec(&legacy).unwrap();
+        assert_eq!(rmp_serde::to_vec(&typed).unwrap(), bytes);
+        assert_eq!(rmp_serde::from_slice::<TableDef>(&bytes).unwrap(), typed);
+        // A name this build does not know is an error, not a default.
+        let unknown = Legacy {
+            strategy: "newest-ever".into(),
+            ..legacy
+        };
+        assert!(rmp_serde::from_slice::<TableDef>(&rmp_serde::to_vec(&unknown).unwrap()).is_err());
     }
 
     #[test]

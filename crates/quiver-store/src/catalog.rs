@@ -1,37 +1,13 @@
 //! The registry of replicated tables and collections (`quiver_tables`).
 
-use quiver_core::{ColumnKind, Strategy, Value};
+use quiver_core::{ColumnKind, Metric, Strategy, Value};
 use rusqlite::{Connection, OptionalExtension, Row};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::names::{self, quote};
 use crate::{triggers, wall_ms, Result, Store, StoreError};
 
-/// Whether a replicated table is a plain table or a vector collection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TableKind {
-    Table,
-    Collection,
-}
-
-impl TableKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            TableKind::Table => "table",
-            TableKind::Collection => "collection",
-        }
-    }
-}
-
-/// One column of a replicated table, as declared.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ColumnInfo {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub decl_type: String,
-    pub not_null: bool,
-}
+pub use quiver_core::{ColumnDef, TableKind};
 
 /// A replicated table (or collection) as registered.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -43,21 +19,21 @@ pub struct TableInfo {
     pub strategy: Strategy,
     pub kind: TableKind,
     /// Primary-key columns, in key order.
-    pub pk: Vec<ColumnInfo>,
+    pub pk: Vec<ColumnDef>,
     /// The other columns, in table order.
-    pub columns: Vec<ColumnInfo>,
+    pub columns: Vec<ColumnDef>,
     pub dim: Option<usize>,
-    pub metric: Option<String>,
+    pub metric: Option<Metric>,
     pub schema_version: i64,
 }
 
 impl TableInfo {
-    pub fn column(&self, name: &str) -> Option<&ColumnInfo> {
+    pub fn column(&self, name: &str) -> Option<&ColumnDef> {
         self.columns.iter().find(|c| c.name == name)
     }
 
     /// How `merge` treats the column.
-    pub fn column_kind(&self, col: &ColumnInfo) -> ColumnKind {
+    pub fn column_kind(&self, col: &ColumnDef) -> ColumnKind {
         let t = col.decl_type.to_ascii_uppercase();
         match self.kind {
             TableKind::Collection if col.name == "vector" => ColumnKind::Vector,
@@ -69,7 +45,7 @@ impl TableInfo {
     }
 
     /// Checks a value a peer sent for `col` against the declared column.
-    pub fn check_value(&self, col: &ColumnInfo, v: &Value) -> std::result::Result<(), String> {
+    pub fn check_value(&self, col: &ColumnDef, v: &Value) -> std::result::Result<(), String> {
         let what = || format!("{}.{}", self.name, col.name);
         if matches!(v, Value::Null) {
             return if col.not_null {
@@ -176,7 +152,10 @@ fn decode(
         pk: serde_json::from_str(&pk).map_err(|_| corrupt("pk"))?,
         columns: serde_json::from_str(&columns).map_err(|_| corrupt("columns"))?,
         dim: dim.map(|d| d as usize),
-        metric,
+        metric: metric
+            .map(|m| m.parse())
+            .transpose()
+            .map_err(|_| corrupt("metric"))?,
         schema_version,
         name,
         shard,
@@ -208,7 +187,7 @@ pub(crate) fn register(
     strategy: Strategy,
     kind: TableKind,
     dim: Option<usize>,
-    metric: Option<&str>,
+    metric: Option<Metric>,
 ) -> Result<TableInfo> {
     names::check(name)?;
     names::check_shard(shard)?;
@@ -243,11 +222,11 @@ pub(crate) fn register(
             Ok((r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? != 0, r.get(5)?))
         })?
         .collect::<rusqlite::Result<_>>()?;
-    let mut pk: Vec<(i64, ColumnInfo)> = Vec::new();
+    let mut pk: Vec<(i64, ColumnDef)> = Vec::new();
     let mut columns = Vec::new();
     for (cname, ctype, not_null, pk_pos) in cols {
         names::check(&cname).map_err(|e| refuse(format!("column {cname:?}: {e}")))?;
-        let info = ColumnInfo {
+        let info = ColumnDef {
             name: cname,
             decl_type: ctype,
             not_null: not_null || pk_pos > 0,
@@ -265,7 +244,7 @@ pub(crate) fn register(
         ));
     }
     pk.sort_by_key(|(p, _)| *p);
-    let pk: Vec<ColumnInfo> = pk.into_iter().map(|(_, c)| c).collect();
+    let pk: Vec<ColumnDef> = pk.into_iter().map(|(_, c)| c).collect();
     if pk.len() == 1
         && pk[0].decl_type.eq_ignore_ascii_case("INTEGER")
         && !has_pk_index(conn, name)?
@@ -299,7 +278,7 @@ pub(crate) fn register(
             serde_json::to_string(&pk).map_err(|e| StoreError::Corrupt(e.to_string()))?,
             serde_json::to_string(&columns).map_err(|e| StoreError::Corrupt(e.to_string()))?,
             dim.map(|d| d as i64),
-            metric,
+            metric.map(Metric::as_str),
             wall_ms() as i64,
         ],
     )?;
@@ -333,8 +312,8 @@ impl Store {
         name: &str,
         shard: &str,
         strategy: Strategy,
-        pk: &[ColumnInfo],
-        columns: &[ColumnInfo],
+        pk: &[ColumnDef],
+        columns: &[ColumnDef],
     ) -> Result<TableInfo> {
         names::check(name)?;
         if pk.is_empty() {

@@ -1,9 +1,7 @@
 //! Vector collections: replicated tables of a fixed shape
 //! (`id TEXT PRIMARY KEY, vector BLOB, metadata TEXT, content TEXT`).
 
-use std::fmt;
 use std::io::Write;
-use std::str::FromStr;
 
 use quiver_core::{Strategy, Value};
 use rusqlite::{params, OptionalExtension};
@@ -14,45 +12,7 @@ use crate::names::{self, quote};
 use crate::sqlvalue::{from_ref, to_json};
 use crate::{triggers, Result, Store, StoreError};
 
-/// Distance metric of a collection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Metric {
-    #[default]
-    Cosine,
-    L2,
-    Dot,
-}
-
-impl Metric {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Metric::Cosine => "cosine",
-            Metric::L2 => "l2",
-            Metric::Dot => "dot",
-        }
-    }
-}
-
-impl fmt::Display for Metric {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Metric {
-    type Err = StoreError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cosine" => Ok(Metric::Cosine),
-            "l2" => Ok(Metric::L2),
-            "dot" => Ok(Metric::Dot),
-            _ => Err(StoreError::InvalidValue(format!(
-                "unknown metric {s:?}: expected cosine, l2 or dot"
-            ))),
-        }
-    }
-}
+pub use quiver_core::Metric;
 
 /// What defines a new collection.
 #[derive(Debug, Clone)]
@@ -112,17 +72,11 @@ impl Record {
 pub const MAX_DIM: usize = 65_536;
 
 pub(crate) fn vector_blob(v: &[f32]) -> Vec<u8> {
-    let mut out = vec![0u8; v.len() * 4];
-    for (c, x) in out.chunks_exact_mut(4).zip(v) {
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    out
+    quiver_core::vector::encode(v)
 }
 
 pub(crate) fn blob_vector(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    quiver_core::vector::decode(b).collect()
 }
 
 pub(crate) fn check_finite(v: &[f32]) -> Result<()> {
@@ -208,7 +162,7 @@ impl Store {
                 spec.strategy,
                 TableKind::Collection,
                 Some(spec.dim),
-                Some(spec.metric.as_str()),
+                Some(spec.metric),
             )
         })
     }

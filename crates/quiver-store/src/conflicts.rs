@@ -55,10 +55,11 @@ fn label(v: &Version) -> String {
 /// How a value is shown in a conflict listing: vectors as float arrays.
 fn show(t: &TableInfo, col: &str, v: &Value) -> serde_json::Value {
     match (t.column(col).map(|c| t.column_kind(c)), v) {
-        (Some(quiver_core::ColumnKind::Vector), Value::Blob(b)) if b.len() % 4 == 0 => b
-            .chunks_exact(4)
-            .map(|c| serde_json::json!(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect(),
+        (Some(quiver_core::ColumnKind::Vector), Value::Blob(b)) if b.len() % 4 == 0 => {
+            quiver_core::vector::decode(b)
+                .map(|x| serde_json::json!(x))
+                .collect()
+        }
         (_, Value::Blob(b)) => serde_json::Value::String(hex(b)),
         _ => to_json(v),
     }
@@ -255,7 +256,7 @@ impl Store {
             (ColumnKind::Vector, j) => {
                 let v: Vec<f32> = serde_json::from_value(j.clone())
                     .map_err(|e| bad(format!("the value must be a number array: {e}")))?;
-                Value::Blob(v.iter().flat_map(|f| f.to_le_bytes()).collect())
+                Value::Blob(quiver_core::vector::encode(&v))
             }
             (ColumnKind::JsonObject, j @ serde_json::Value::Object(_)) => {
                 Value::Text(j.to_string())

@@ -29,7 +29,7 @@ use quiver_core::{Hlc, HlcClock, SiteId, DEFAULT_MAX_DRIFT_MS};
 use rusqlite::{Connection, OpenFlags};
 
 pub use apply::ApplyReport;
-pub use catalog::{ColumnInfo, TableInfo, TableKind};
+pub use catalog::{ColumnDef, TableInfo, TableKind};
 pub use changes::{ChangeStream, StreamLimits};
 pub use collections::{check_record, CollectionSpec, Metric, Record};
 pub use conflicts::{Conflict, ConflictVersion, Resolution};

@@ -330,12 +330,9 @@ impl Store {
         let dim = t.dim.ok_or_else(|| {
             StoreError::Corrupt(format!("collection {:?} has no dimension", t.name))
         })?;
-        let metric: Metric = t
+        let metric = t
             .metric
-            .as_deref()
-            .unwrap_or("")
-            .parse()
-            .map_err(|e| StoreError::Corrupt(format!("collection {:?}: {e}", t.name)))?;
+            .ok_or_else(|| StoreError::Corrupt(format!("collection {:?} has no metric", t.name)))?;
         Ok((t, dim, metric))
     }
 }

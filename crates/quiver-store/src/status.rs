@@ -14,7 +14,7 @@ pub struct TableStatus {
     pub rows: u64,
     pub strategy: String,
     pub dim: Option<usize>,
-    pub metric: Option<String>,
+    pub metric: Option<quiver_core::Metric>,
 }
 
 #[derive(Debug, Clone, Serialize)]

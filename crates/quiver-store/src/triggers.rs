@@ -15,7 +15,7 @@
 use rusqlite::config::DbConfig;
 use rusqlite::Connection;
 
-use crate::catalog::{ColumnInfo, TableInfo};
+use crate::catalog::{ColumnDef, TableInfo};
 use crate::names::quote;
 use crate::Result;
 
@@ -27,8 +27,8 @@ const CAPTURING: &str = "(SELECT applying FROM quiver_state) = 0";
 const KNOW: &str = "coalesce(know, json_object(CAST(site AS TEXT), dbv))";
 
 /// The clock key of a row: the key itself, or a JSON array of a composite key.
-pub(crate) fn pk_expr(prefix: &str, pk: &[ColumnInfo]) -> String {
-    let col = |c: &ColumnInfo| {
+pub(crate) fn pk_expr(prefix: &str, pk: &[ColumnDef]) -> String {
+    let col = |c: &ColumnDef| {
         if prefix.is_empty() {
             quote(&c.name)
         } else {
@@ -170,9 +170,9 @@ fn delete_body(tid: i64, pk: &str) -> String {
     )
 }
 
-fn update_body(tid: i64, pk: &str, cols: &[ColumnInfo]) -> String {
+fn update_body(tid: i64, pk: &str, cols: &[ColumnDef]) -> String {
     let mut sql = String::new();
-    let changed = |c: &ColumnInfo| format!("NEW.{q} IS NOT OLD.{q}", q = quote(&c.name));
+    let changed = |c: &ColumnDef| format!("NEW.{q} IS NOT OLD.{q}", q = quote(&c.name));
     for c in cols {
         sql.push_str(&format!(
             "INSERT INTO quiver_clock(tbl, pk, col, site, dbv, hlc, cl, ctx)

@@ -84,7 +84,7 @@ fn collection_crud_and_validation() -> R {
         .create_collection(&CollectionSpec::new("zero", 0))
         .is_err());
     assert_eq!(s.collections()?.len(), 1);
-    assert_eq!(s.collection("docs")?.metric.as_deref(), Some("l2"));
+    assert_eq!(s.collection("docs")?.metric, Some(Metric::L2));
 
     let mut r = Record::new("a", vec![1.0, 2.0, 3.0]);
     r.metadata = json!({"k": 1});

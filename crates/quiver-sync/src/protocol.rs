@@ -137,7 +137,13 @@ fn record_metrics(r: &Result<ShardResult>, took: std::time::Duration) {
 /// failure on this side (told to the peer as `msg`, returned as `error`).
 enum Event {
     Input(Input),
-    Failed { msg: ErrorMsg, error: SyncError },
+    Failed {
+        msg: ErrorMsg,
+        error: SyncError,
+    },
+    /// The stream no longer takes what we send (the peer stopped reading,
+    /// or the connection is gone).
+    WriteFailed(SyncError),
 }
 
 impl Event {
@@ -147,6 +153,14 @@ impl Event {
             error,
         }
     }
+}
+
+/// Keeps a local failure to return and gives the session its input.
+fn fail(kept: &mut Option<SyncError>, e: Option<SyncError>) -> Input {
+    let e = e.unwrap_or_else(|| SyncError::Protocol("the stream failed".into()));
+    let msg = failure_msg(&e, "");
+    kept.get_or_insert(e);
+    Input::Failed(msg)
 }
 
 /// What the peer is told of a local failure.
@@ -167,17 +181,11 @@ enum Out {
     Finish,
 }
 
-/// Reads the peer's messages one ahead of the session, giving up on a peer
-/// silent for [`STALL_TIMEOUT`] (keep-alives would otherwise hold a stalled
-/// exchange open forever). Each message comes with the bytes read so far.
+/// Reads the peer's messages one ahead of the session. Each message comes
+/// with the bytes read so far.
 async fn read_messages(mut reader: FrameReader, tx: mpsc::Sender<Result<Option<(Message, u64)>>>) {
     loop {
-        let next = match tokio::time::timeout(STALL_TIMEOUT, reader.next()).await {
-            Ok(n) => n.map(|m| m.map(|m| (m, reader.bytes))),
-            Err(_) => Err(SyncError::Timeout(format!(
-                "waiting for the peer ({STALL_TIMEOUT:?} without a message)"
-            ))),
-        };
+        let next = reader.next().await.map(|m| m.map(|m| (m, reader.bytes)));
         let end = !matches!(next, Ok(Some(_)));
         if tx.send(next).await.is_err() || end {
             return;
@@ -202,7 +210,7 @@ async fn write_messages(
                     _ => None,
                 };
                 if let Err(e) = writer.send(&m).await {
-                    let _ = events.send(Event::failed(e, ""));
+                    let _ = events.send(Event::WriteFailed(e));
                     break;
                 }
                 if let Some(n) = batch {
@@ -312,6 +320,9 @@ async fn run<S: StreamSession>(
     let mut failure: Option<SyncError> = None;
     let (mut bytes_received, mut bytes_counted) = (0u64, 0u64);
     let (mut pulled, mut applied) = (0u64, 0u64);
+    let mut stall_at = tokio::time::Instant::now() + STALL_TIMEOUT;
+    let mut write_failed: Option<SyncError> = None;
+    let mut write_failed_at = tokio::time::Instant::now();
     loop {
         while let Some(action) = session.poll_action() {
             match action {
@@ -407,11 +418,23 @@ async fn run<S: StreamSession>(
         if session.result().is_some() {
             break;
         }
+        // A peer silent for STALL_TIMEOUT while we wait for its changes is
+        // given up on (keep-alives would otherwise hold a stalled exchange
+        // open forever); only the time spent waiting on it counts.
+        let waiting = reader_open && session.awaits_changes() && session.wants_message();
+        if !waiting {
+            stall_at = tokio::time::Instant::now() + STALL_TIMEOUT;
+        }
         let input = tokio::select! {
             m = msgs.recv(), if reader_open && session.wants_message() => match m {
                 Some(Ok(Some((m, bytes)))) => {
+                    stall_at = tokio::time::Instant::now() + STALL_TIMEOUT;
                     bytes_received = bytes;
-                    if let Message::Batch(b) = &m {
+                    let batch = match &m {
+                        Message::Batch(b) => Some(b.changes.len() as u64),
+                        _ => None,
+                    };
+                    if batch.is_some() {
                         let over = peer.bytes_limit.as_ref().and_then(|limit| {
                             limit((bytes - bytes_counted) as usize).err()
                         });
@@ -429,11 +452,12 @@ async fn run<S: StreamSession>(
                             failure.get_or_insert(e);
                             continue;
                         }
-                        pulled += b.changes.len() as u64;
                     }
-                    let is_batch = matches!(m, Message::Batch(_));
                     session.handle(Input::Received(m));
-                    if let (true, Some(p), Some(shard)) = (is_batch, &progress, session.shard()) {
+                    if let (Some(n), None, Some(p), Some(shard)) =
+                        (batch, session.result(), &progress, session.shard())
+                    {
+                        pulled += n;
                         let (versions_done, versions_total) = session.pull_progress();
                         p(Progress::Pulling {
                             shard: shard.to_string(),
@@ -444,19 +468,27 @@ async fn run<S: StreamSession>(
                     }
                     continue;
                 }
+                // Our writes failed before the peer's stream ended: the
+                // peer stopped reading without a word, or the link is gone.
+                Some(end) if write_failed.is_some() && !matches!(end, Ok(Some(_))) => {
+                    reader_open = false;
+                    fail(&mut failure, write_failed.take())
+                }
                 Some(Ok(None)) => {
                     reader_open = false;
                     Input::PeerFinished
                 }
                 Some(Err(e)) => {
                     reader_open = false;
-                    let msg = failure_msg(&e, "");
-                    failure.get_or_insert(e);
-                    Input::Failed(msg)
+                    fail(&mut failure, Some(e))
                 }
                 None => {
                     reader_open = false;
-                    continue;
+                    Input::Failed(ErrorMsg {
+                        code: ErrorCode::Internal,
+                        message: "the stream's reader stopped".into(),
+                        retry_after_ms: None,
+                    })
                 }
             },
             Some(ev) = events.recv() => match ev {
@@ -465,7 +497,25 @@ async fn run<S: StreamSession>(
                     failure.get_or_insert(error);
                     Input::Failed(msg)
                 }
+                // The peer's own word on why (an error message before its
+                // stream ends) is worth more than "stopped": wait for it.
+                Event::WriteFailed(e) if reader_open => {
+                    write_failed.get_or_insert(e);
+                    write_failed_at = tokio::time::Instant::now() + WRITE_GRACE;
+                    continue;
+                }
+                Event::WriteFailed(e) => fail(&mut failure, Some(e)),
             },
+            _ = tokio::time::sleep_until(stall_at), if waiting => {
+                let e = SyncError::Timeout(format!(
+                    "waiting for the peer's changes on shard {:?} ({STALL_TIMEOUT:?} without a message)",
+                    session.shard().unwrap_or_default()
+                ));
+                fail(&mut failure, Some(e))
+            }
+            _ = tokio::time::sleep_until(write_failed_at), if write_failed.is_some() => {
+                fail(&mut failure, write_failed.take())
+            }
             Some(Err(e)) = tasks.join_next(), if !tasks.is_empty() => {
                 if !e.is_panic() {
                     continue;
@@ -492,9 +542,13 @@ async fn run<S: StreamSession>(
     drop(out);
     drop(credits);
     reading.abort();
+    let stop_writing = writing.abort_handle();
     let bytes_sent = match tokio::time::timeout(WRITE_GRACE, writing).await {
         Ok(Ok(n)) => n,
-        _ => 0,
+        _ => {
+            stop_writing.abort();
+            0
+        }
     };
     tasks.abort_all();
     match session.result() {

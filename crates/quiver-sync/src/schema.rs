@@ -1,40 +1,21 @@
 //! Table definitions exchanged at the start of a shard's stream, so a
 //! replica lacking a table (or a whole shard) creates it before data flows.
 
-use quiver_core::wire::{ColumnDef, TableDef};
-use quiver_store::{CollectionSpec, ColumnInfo, Store, TableInfo, TableKind};
+use quiver_core::wire::TableDef;
+use quiver_store::{CollectionSpec, Store, TableInfo, TableKind};
 
 use crate::{Result, SyncError};
-
-fn col_def(c: &ColumnInfo) -> ColumnDef {
-    ColumnDef {
-        name: c.name.clone(),
-        decl_type: c.decl_type.clone(),
-        not_null: c.not_null,
-    }
-}
-
-fn col_info(c: &ColumnDef) -> ColumnInfo {
-    ColumnInfo {
-        name: c.name.clone(),
-        decl_type: c.decl_type.clone(),
-        not_null: c.not_null,
-    }
-}
 
 /// The wire definition of a table.
 pub fn def_of(t: &TableInfo) -> TableDef {
     TableDef {
         name: t.name.clone(),
-        kind: match t.kind {
-            TableKind::Table => "table".into(),
-            TableKind::Collection => "collection".into(),
-        },
-        strategy: t.strategy.to_string(),
-        pk: t.pk.iter().map(col_def).collect(),
-        columns: t.columns.iter().map(col_def).collect(),
+        kind: t.kind,
+        strategy: t.strategy,
+        pk: t.pk.clone(),
+        columns: t.columns.clone(),
         dim: t.dim.map(|d| d as u32),
-        metric: t.metric.clone(),
+        metric: t.metric,
     }
 }
 
@@ -97,11 +78,8 @@ pub fn ensure_tables(store: &mut Store, shard: &str, defs: &[TableDef]) -> Resul
                 }
             }
             Err(quiver_store::StoreError::NoSuchTable(_)) => {
-                let strategy = d
-                    .strategy
-                    .parse()
-                    .map_err(|e| SyncError::Protocol(format!("{e}")))?;
-                if d.kind == "collection" {
+                let strategy = d.strategy;
+                if d.kind == TableKind::Collection {
                     let dim = d
                         .dim
                         .ok_or_else(|| mismatch("collection without a dimension".into()))?
@@ -109,14 +87,12 @@ pub fn ensure_tables(store: &mut Store, shard: &str, defs: &[TableDef]) -> Resul
                     store.create_collection(&CollectionSpec {
                         name: d.name.clone(),
                         dim,
-                        metric: d.metric.as_deref().unwrap_or("cosine").parse()?,
+                        metric: d.metric.unwrap_or_default(),
                         strategy,
                         shard: shard.to_string(),
                     })?;
                 } else {
-                    let pk: Vec<ColumnInfo> = d.pk.iter().map(col_info).collect();
-                    let cols: Vec<ColumnInfo> = d.columns.iter().map(col_info).collect();
-                    store.create_table(&d.name, shard, strategy, &pk, &cols)?;
+                    store.create_table(&d.name, shard, strategy, &d.pk, &d.columns)?;
                 }
                 created.push(d.name.clone());
             }

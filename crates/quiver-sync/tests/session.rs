@@ -87,6 +87,11 @@ struct Round {
     cut_at: Option<usize>,
     /// Per mille of batches delivered twice.
     dup: u32,
+    /// Per mille of applies that fail (a full disk, say).
+    fail: u32,
+    /// At this step, one direction of one stream ends early: what was not
+    /// yet delivered is lost.
+    truncate_at: Option<usize>,
 }
 
 impl Round {
@@ -99,6 +104,8 @@ impl Round {
             scoped: false,
             cut_at: None,
             dup: 0,
+            fail: 0,
+            truncate_at: None,
         }
     }
 }
@@ -110,6 +117,11 @@ struct Side<S> {
     inbox: VecDeque<Option<Message>>,
     /// Store work asked for, answered in order.
     work: VecDeque<Action>,
+    /// Reads asked for (of the changes the peer lacks), answered in order
+    /// but independently of the store work, as a reader connection does.
+    read_work: VecDeque<Action>,
+    /// The peer's stream ended early: nothing more arrives.
+    cut_off: bool,
     /// Batches read ahead, of the changes the peer lacks.
     reads: VecDeque<ChangeBatch>,
     /// Batches handed to the writer and not yet acknowledged.
@@ -124,6 +136,8 @@ impl<S: StreamSession> Side<S> {
             session,
             inbox: VecDeque::new(),
             work: VecDeque::new(),
+            read_work: VecDeque::new(),
+            cut_off: false,
             reads: VecDeque::new(),
             unacked: 0,
             finished_sending: false,
@@ -141,13 +155,13 @@ fn pump<S: StreamSession, T>(side: &mut Side<S>, peer: &mut Side<T>) {
                 if matches!(m, Message::Batch(_)) {
                     side.unacked += 1;
                 }
-                if peer.receiving {
+                if peer.receiving && !peer.cut_off {
                     peer.inbox.push_back(Some(m));
                 }
             }
             Action::Send(_) => panic!("a message after the end of the stream"),
             Action::FinishSending => {
-                if !side.finished_sending && peer.receiving {
+                if !side.finished_sending && peer.receiving && !peer.cut_off {
                     peer.inbox.push_back(None);
                 }
                 side.finished_sending = true;
@@ -156,14 +170,25 @@ fn pump<S: StreamSession, T>(side: &mut Side<S>, peer: &mut Side<T>) {
                 side.receiving = false;
                 side.inbox.clear();
             }
+            a @ (Action::ReadChanges { .. } | Action::ReadNext) => side.read_work.push_back(a),
             other => side.work.push_back(other),
         }
     }
 }
 
-/// Does a side's oldest store work; gives the session's answer.
-fn work<S>(side: &mut Side<S>, store: &mut Store, peer_name: &str) -> Option<Input> {
-    let a = side.work.pop_front()?;
+/// Does a side's oldest store work (or read); gives the session's answer.
+fn work<S>(
+    side: &mut Side<S>,
+    store: &mut Store,
+    peer_name: &str,
+    read: bool,
+    fail: bool,
+) -> Option<Input> {
+    let a = if read {
+        side.read_work.pop_front()?
+    } else {
+        side.work.pop_front()?
+    };
     Some(match a {
         Action::ReadShardState { shard } => Input::ShardState {
             versions: store.table_versions(&shard).unwrap().into_iter().collect(),
@@ -199,6 +224,7 @@ fn work<S>(side: &mut Side<S>, store: &mut Store, peer_name: &str) -> Option<Inp
             Some(b) => Input::ChangesRead(b),
             None => Input::ChangesEnd,
         },
+        Action::Apply(_) if fail => Input::Failed(internal("disk full")),
         Action::Apply(b) => Input::Applied(store.apply_from(&b, Some(peer_name)).unwrap()),
         other => panic!("not store work: {other:?}"),
     })
@@ -254,12 +280,12 @@ fn run(
             // learns it from its transport.
             for (c, s) in &mut streams {
                 for _ in 0..rng.gen_range(0..=c.work.len()) {
-                    if let Some(i) = work(c, a, "server") {
+                    if let Some(i) = work(c, a, "server", false, false) {
                         c.session.handle(i);
                     }
                 }
                 for _ in 0..rng.gen_range(0..=s.work.len()) {
-                    if let Some(i) = work(s, b, "client") {
+                    if let Some(i) = work(s, b, "client", false, false) {
                         s.session.handle(i);
                     }
                 }
@@ -267,39 +293,47 @@ fn run(
                 s.receiving = false;
                 c.session.handle(Input::Failed(internal("connection lost")));
                 s.session.handle(Input::Failed(internal("connection lost")));
-                c.work.clear();
-                s.work.clear();
+                // What they ask for after the end must not send anything
+                // after their end of stream (`pump` checks).
+                pump(c, s);
+                pump(s, c);
             }
             break;
+        }
+        if round.truncate_at == Some(step) {
+            let (c, s) = &mut streams[rng.gen_range(0..SHARDS.len())];
+            let inbox_of_client = rng.gen_bool(0.5);
+            let side_inbox = if inbox_of_client {
+                c.cut_off = true;
+                &mut c.inbox
+            } else {
+                s.cut_off = true;
+                &mut s.inbox
+            };
+            let keep = rng.gen_range(0..=side_inbox.len());
+            side_inbox.truncate(keep);
+            side_inbox.push_back(None);
         }
         // Every step that can happen now: (stream, side, kind).
         let mut steps = Vec::new();
         for (i, (c, s)) in streams.iter().enumerate() {
-            let sides: [(bool, &VecDeque<Option<Message>>, bool, usize, usize); 2] = [
+            let sides = [
                 (
                     true,
-                    &c.inbox,
-                    c.session.wants_message(),
-                    c.work.len(),
-                    c.unacked,
+                    c.session.wants_message() && !c.inbox.is_empty(),
+                    [!c.work.is_empty(), c.unacked > 0, !c.read_work.is_empty()],
                 ),
                 (
                     false,
-                    &s.inbox,
-                    s.session.wants_message(),
-                    s.work.len(),
-                    s.unacked,
+                    s.session.wants_message() && !s.inbox.is_empty(),
+                    [!s.work.is_empty(), s.unacked > 0, !s.read_work.is_empty()],
                 ),
             ];
-            for (client, inbox, wants, work, unacked) in sides {
-                if wants && !inbox.is_empty() {
-                    steps.push((i, client, 0));
-                }
-                if work > 0 {
-                    steps.push((i, client, 1));
-                }
-                if unacked > 0 {
-                    steps.push((i, client, 2));
+            for (client, deliver, [work, ack, read]) in sides {
+                for (kind, can) in [(0, deliver), (1, work), (2, ack), (3, read)] {
+                    if can {
+                        steps.push((i, client, kind));
+                    }
                 }
             }
         }
@@ -309,10 +343,11 @@ fn run(
         let (i, client, kind) = steps[rng.gen_range(0..steps.len())];
         let (c, s) = &mut streams[i];
         let dup = rng.gen_range(0..1000) < round.dup;
+        let fail = rng.gen_range(0..1000) < round.fail;
         if client {
-            step_side(c, s, a, kind, dup, "server");
+            step_side(c, s, a, kind, dup, fail, "server");
         } else {
-            step_side(s, c, b, kind, dup, "client");
+            step_side(s, c, b, kind, dup, fail, "client");
         }
         step += 1;
         assert!(step < 100_000, "the sessions do not end");
@@ -336,6 +371,7 @@ fn step_side<S: StreamSession, T: StreamSession>(
     store: &mut Store,
     kind: u8,
     dup: bool,
+    fail: bool,
     peer_name: &str,
 ) {
     match kind {
@@ -351,8 +387,8 @@ fn step_side<S: StreamSession, T: StreamSession>(
                 None => side.session.handle(Input::PeerFinished),
             }
         }
-        1 => {
-            if let Some(i) = work(side, store, peer_name) {
+        1 | 3 => {
+            if let Some(i) = work(side, store, peer_name, kind == 3, fail) {
                 side.session.handle(i);
             }
         }
@@ -396,9 +432,11 @@ fn round() -> impl Strategy<Value = Round> {
         prop::bool::weighted(0.15),
         prop::option::weighted(0.3, 0usize..60),
         prop_oneof![Just(0u32), Just(300u32)],
+        prop_oneof![3 => Just(0u32), 1 => Just(200u32)],
+        prop::option::weighted(0.15, 0usize..60),
     )
         .prop_map(
-            |(seed, filter, pull_only, may_push, scoped, cut_at, dup)| Round {
+            |(seed, filter, pull_only, may_push, scoped, cut_at, dup, fail, truncate_at)| Round {
                 seed,
                 filter,
                 pull_only,
@@ -406,6 +444,8 @@ fn round() -> impl Strategy<Value = Round> {
                 scoped,
                 cut_at,
                 dup,
+                fail,
+                truncate_at,
             },
         )
 }
@@ -434,8 +474,14 @@ proptest! {
             StreamLimits::default(),
         ).unwrap().map(|x| x.unwrap()).all(|x| x.changes.is_empty());
         let results = run(&mut a, &mut b, &first);
+        let faults = first.cut_at.is_some() || first.truncate_at.is_some() || first.fail > 0;
         for (i, (c, s)) in results.iter().enumerate() {
-            if first.cut_at.is_some() {
+            // A failure that is not a refusal names its cause on both ends:
+            // the side that failed (Local) told the other (Peer).
+            if let (Err(Failure::Local(e)), Err(Failure::Peer(p))) | (Err(Failure::Peer(p)), Err(Failure::Local(e))) = (c, s) {
+                prop_assert_eq!(e, p);
+            }
+            if faults {
                 continue;
             }
             // Both ends agree on failure: a side that failed made the other fail.
@@ -461,7 +507,7 @@ proptest! {
                 }
             }
         }
-        if first.cut_at.is_none() && !first.filter && !first.pull_only && first.may_push && !first.scoped {
+        if !faults && !first.filter && !first.pull_only && first.may_push && !first.scoped {
             assert_equal(&a, &b);
         }
         // More writes, then a clean sync: whatever happened before, the

@@ -237,10 +237,7 @@ impl Matrix {
         if b.len() != self.dim * 4 {
             return None;
         }
-        let out: Vec<f32> = b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let out: Vec<f32> = quiver_core::vector::decode(b).collect();
         out.iter().all(|x| x.is_finite()).then_some(out)
     }
 

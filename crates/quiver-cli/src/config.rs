@@ -238,6 +238,20 @@ fn range<T: PartialOrd + std::fmt::Display + Copy>(key: &str, v: T, lo: T, hi: T
     Ok(v)
 }
 
+/// The number under `key`, which must lie within `lo..=hi`.
+fn bounded<'a, T>(
+    get: &impl Fn(&str) -> Option<&'a str>,
+    key: &str,
+    what: &str,
+    lo: T,
+    hi: T,
+) -> Result<T>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    range(key, parse(key, get(key).unwrap_or(""), what)?, lo, hi)
+}
+
 /// Layers defaults, file, environment and flags, and validates the result.
 pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<DaemonConfig> {
     let mut values: BTreeMap<String, (String, Source)> = BTreeMap::new();
@@ -264,39 +278,12 @@ pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<Daemo
     if let Some(port) = get("port") {
         listen.set_port(parse("port", port, "a port number")?);
     }
-    let idle: u64 = range(
-        "idle_timeout_secs",
-        parse(
-            "idle_timeout_secs",
-            get("idle_timeout_secs").unwrap_or(""),
-            "a number of seconds",
-        )?,
-        1,
-        86_400,
-    )?;
-    let keep: u64 = range(
-        "keep_alive_secs",
-        parse(
-            "keep_alive_secs",
-            get("keep_alive_secs").unwrap_or(""),
-            "a number of seconds",
-        )?,
-        1,
-        3_600,
-    )?;
+    let idle: u64 = bounded(&get, "idle_timeout_secs", "a number of seconds", 1, 86_400)?;
+    let keep: u64 = bounded(&get, "keep_alive_secs", "a number of seconds", 1, 3_600)?;
     if keep >= idle {
         bail!("config key `keep_alive_secs`: {keep} must be below idle_timeout_secs ({idle}), or idle links would time out");
     }
-    let grace: u64 = range(
-        "shutdown_grace_secs",
-        parse(
-            "shutdown_grace_secs",
-            get("shutdown_grace_secs").unwrap_or(""),
-            "a number of seconds",
-        )?,
-        0,
-        3_600,
-    )?;
+    let grace: u64 = bounded(&get, "shutdown_grace_secs", "a number of seconds", 0, 3_600)?;
     let log_format = get("log_format").unwrap_or("text");
     if !matches!(log_format, "text" | "json") {
         bail!("config key `log_format`: {log_format:?} is not text or json");
@@ -314,60 +301,21 @@ pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<Daemo
             }
             other => other,
         },
-        max_connections: range(
-            "max_connections",
-            parse(
-                "max_connections",
-                get("max_connections").unwrap_or(""),
-                "a whole number",
-            )?,
-            1,
-            1_000_000,
-        )?,
-        max_streams: range(
-            "max_streams",
-            parse(
-                "max_streams",
-                get("max_streams").unwrap_or(""),
-                "a whole number",
-            )?,
-            // The handshake, a live subscription and one shard at a time.
-            3,
-            10_000,
-        )?,
+        max_connections: bounded(&get, "max_connections", "a whole number", 1, 1_000_000)?,
+        // At least the handshake, a live subscription and one shard at a time.
+        max_streams: bounded(&get, "max_streams", "a whole number", 3, 10_000)?,
         idle_timeout: Duration::from_secs(idle),
         shutdown_grace: Duration::from_secs(grace),
         keep_alive: Duration::from_secs(keep),
-        max_frame: range(
+        max_frame: bounded(
+            &get,
             "max_frame_bytes",
-            parse(
-                "max_frame_bytes",
-                get("max_frame_bytes").unwrap_or(""),
-                "a number of bytes",
-            )?,
+            "a number of bytes",
             65_536,
             64 << 20,
         )?,
-        batch_max_changes: range(
-            "batch_max_changes",
-            parse(
-                "batch_max_changes",
-                get("batch_max_changes").unwrap_or(""),
-                "a whole number",
-            )?,
-            1,
-            1_000_000,
-        )?,
-        batch_max_bytes: range(
-            "batch_max_bytes",
-            parse(
-                "batch_max_bytes",
-                get("batch_max_bytes").unwrap_or(""),
-                "a number of bytes",
-            )?,
-            1024,
-            64 << 20,
-        )?,
+        batch_max_changes: bounded(&get, "batch_max_changes", "a whole number", 1, 1_000_000)?,
+        batch_max_bytes: bounded(&get, "batch_max_bytes", "a number of bytes", 1024, 64 << 20)?,
         compression: parse(
             "compression",
             get("compression").unwrap_or(""),

@@ -424,8 +424,33 @@ impl Stream {
         }
     }
 
-    /// Inputs of the exchange; `false` when the input does not belong here.
-    fn exchange(&mut self, input: Input) -> bool {
+    /// The front of both sides' `handle`: nothing counts after the end,
+    /// and in the exchange the stream takes the input. Gives back an input
+    /// for the opening phase to handle.
+    fn route(&mut self, exchanging: bool, input: Input) -> Option<Input> {
+        if self.finished() {
+            return None;
+        }
+        if !exchanging {
+            return Some(input);
+        }
+        if let Err(input) = self.exchange(input) {
+            self.misplaced(&input);
+        }
+        None
+    }
+
+    /// An input the opening phase had no use for: a failure ends the
+    /// session; anything else came at the wrong time.
+    fn unexpected(&mut self, input: Input) {
+        match input {
+            Input::Failed(e) => self.fail(e),
+            other => self.misplaced(&other),
+        }
+    }
+
+    /// Inputs of the exchange; gives back an input that does not belong here.
+    fn exchange(&mut self, input: Input) -> Result<(), Input> {
         match input {
             Input::Received(m) => self.received(m),
             Input::PeerFinished if !self.peer_done => {
@@ -463,9 +488,9 @@ impl Stream {
                 self.apply_next();
             }
             Input::Failed(e) => self.fail(e),
-            _ => return false,
+            other => return Err(other),
         }
-        true
+        Ok(())
     }
 
     /// An input that came when it could not: a fault of the driver.
@@ -558,15 +583,10 @@ impl ClientSession {
 
 impl StreamSession for ClientSession {
     fn handle(&mut self, input: Input) {
-        if self.s.finished() {
+        let exchanging = matches!(self.phase, ClientPhase::Exchange);
+        let Some(input) = self.s.route(exchanging, input) else {
             return;
-        }
-        if let ClientPhase::Exchange = self.phase {
-            if !self.s.exchange(input.clone()) {
-                self.s.misplaced(&input);
-            }
-            return;
-        }
+        };
         let phase = std::mem::replace(&mut self.phase, ClientPhase::Exchange);
         match (phase, input) {
             (ClientPhase::State, Input::ShardState { versions, schema }) => {
@@ -609,10 +629,9 @@ impl StreamSession for ClientSession {
                 };
                 self.s.begin(since);
             }
-            (_, Input::Failed(e)) => self.s.fail(e),
             (phase, other) => {
                 self.phase = phase;
-                self.s.misplaced(&other);
+                self.s.unexpected(other);
             }
         }
     }
@@ -693,15 +712,10 @@ impl ServerSession {
 
 impl StreamSession for ServerSession {
     fn handle(&mut self, input: Input) {
-        if self.s.finished() {
+        let exchanging = matches!(self.phase, ServerPhase::Exchange);
+        let Some(input) = self.s.route(exchanging, input) else {
             return;
-        }
-        if let ServerPhase::Exchange = self.phase {
-            if !self.s.exchange(input.clone()) {
-                self.s.misplaced(&input);
-            }
-            return;
-        }
+        };
         let phase = std::mem::replace(&mut self.phase, ServerPhase::Exchange);
         match (phase, input) {
             (ServerPhase::Request, Input::Received(Message::SyncRequest(req))) => {
@@ -761,10 +775,9 @@ impl StreamSession for ServerSession {
                 let since = their_versions(&names, &req.versions, &req.tables);
                 self.s.begin(since);
             }
-            (_, Input::Failed(e)) => self.s.fail(e),
             (phase, other) => {
                 self.phase = phase;
-                self.s.misplaced(&other);
+                self.s.unexpected(other);
             }
         }
     }

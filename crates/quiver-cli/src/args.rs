@@ -114,6 +114,9 @@ pub enum Command {
     /// Agent memory (episodes, skills, edges).
     #[command(subcommand)]
     Memory(MemoryCmd),
+    /// Schema conflicts with peers, and their resolution.
+    #[command(subcommand)]
+    Schema(SchemaCmd),
     /// List and resolve conflicts.
     #[command(subcommand)]
     Conflicts(ConflictsCmd),
@@ -326,13 +329,61 @@ pub enum TableCmd {
         /// The shard it syncs in.
         #[arg(long, default_value = "default")]
         shard: String,
-        /// How concurrent writes to a column resolve: lww, fww, merge,
-        /// manual, local-wins or remote-wins.
+        /// How concurrent writes to a column resolve: lww, fww, max, min,
+        /// counter, merge, manual, local-wins or remote-wins.
         #[arg(long, default_value = "lww")]
         strategy: String,
+        /// A column's own rule, as COLUMN=RULE (e.g. views=counter,
+        /// title=fww); repeatable. Rules: lww, fww, max, min, counter
+        /// (increments on different replicas add up), merge, manual.
+        #[arg(long, value_name = "COLUMN=RULE")]
+        column: Vec<String>,
+        /// A column that points at a row of another replicated table of
+        /// the shard, as COLUMN=TABLE.KEY (e.g. src=episodes.id);
+        /// repeatable. Kept whole across merges (see --on-delete).
+        #[arg(long, value_name = "COLUMN=TABLE.KEY")]
+        references: Vec<String>,
+        /// What happens to a row whose referenced row is deleted: cascade
+        /// (deleted too, on every replica) or keep (left, listed as
+        /// dangling in `quiver status`).
+        #[arg(long, default_value = "cascade", value_name = "cascade|keep")]
+        on_delete: String,
     },
     /// List replicated tables and collections.
     List,
+    /// Drop a column of a replicated table (SQLite refuses a plain ALTER
+    /// TABLE … DROP COLUMN while capture watches the column). Peers keep it.
+    DropColumn {
+        /// A replicated table.
+        table: String,
+        /// One of its columns (not a key column).
+        column: String,
+    },
+    /// Change the rule of one column (a schema change; peers take it at
+    /// their next sync).
+    Policy {
+        /// A replicated table.
+        table: String,
+        /// COLUMN=RULE, e.g. title=fww.
+        #[arg(value_name = "COLUMN=RULE")]
+        rule: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchemaCmd {
+    /// Columns a peer defines with another type: their shard is held.
+    Conflicts,
+    /// Resolve a schema conflict: keep this replica's column (the peer
+    /// then resolves with theirs) or take the peer's (this replica's
+    /// values of the column are discarded; the peer's arrive at the next sync).
+    Resolve {
+        /// The column, as TABLE.COLUMN.
+        column: String,
+        /// Which definition stays: this replica's (ours) or the peer's (theirs).
+        #[arg(long, value_name = "ours|theirs")]
+        keep: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -444,6 +495,11 @@ pub enum BenchCmd {
         /// Rows per transaction.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+        /// Also measure a table with per-column rules: one `counter` and
+        /// one `fww` column, each row inserted and then incremented once
+        /// from SQL, against the same table without rules.
+        #[arg(long)]
+        policies: bool,
     },
     /// k-NN queries per second: quiverdb's search against a plain scalar loop.
     Search(BenchSearchArgs),

@@ -37,13 +37,19 @@ pub fn records(n: usize, dim: usize, seed: u64) -> Vec<Record> {
         .collect()
 }
 
-fn plain_insert(path: &std::path::Path, rows: &[Record], batch: usize) -> Result<f64> {
-    let mut conn = Connection::open(path)?;
+/// A plain SQLite connection set up as a store's is.
+fn plain_conn(path: &std::path::Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "cache_size", -65536)?;
     conn.pragma_update(None, "wal_autocheckpoint", 10000)?;
+    Ok(conn)
+}
+
+fn plain_insert(path: &std::path::Path, rows: &[Record], batch: usize) -> Result<f64> {
+    let mut conn = plain_conn(path)?;
     conn.execute_batch(
         "CREATE TABLE docs(id TEXT PRIMARY KEY NOT NULL, vector BLOB NOT NULL, metadata TEXT NOT NULL, content TEXT)",
     )?;
@@ -132,6 +138,124 @@ pub fn write(n: usize, dim: usize, batch: usize, json: bool) -> Result<()> {
         println!("  ratio         {ratio:>8.2}x (change tracking cost on the write path)");
         println!(
             "  + fold        {fold:>8.3} s  {ratio_with_fold:>8.2}x with the clock brought up to date"
+        );
+    }
+    Ok(())
+}
+
+/// The table of `quiver bench write --policies`: a collection's shape plus
+/// a counter and a first-writer-wins column.
+const POLICY_TABLE: &str = "CREATE TABLE docs(id TEXT PRIMARY KEY NOT NULL, vector BLOB NOT NULL,
+    metadata TEXT NOT NULL, content TEXT, views INTEGER NOT NULL DEFAULT 0, title TEXT)";
+
+/// Inserts the rows in transactions of `batch`, then increments each
+/// row's `views` once, in transactions of `batch`: the time of both.
+fn sql_writes(conn: &mut Connection, rows: &[Record], batch: usize) -> Result<f64> {
+    let start = Instant::now();
+    for chunk in rows.chunks(batch) {
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO docs(id, vector, metadata, content, title) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for r in chunk {
+                let blob = quiver_core::vector::encode(&r.vector);
+                stmt.execute(params![
+                    r.id,
+                    blob,
+                    r.metadata.to_string(),
+                    r.content,
+                    &r.id[..8]
+                ])?;
+            }
+        }
+        tx.commit()?;
+    }
+    for chunk in rows.chunks(batch) {
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached("UPDATE docs SET views = views + 1 WHERE id = ?1")?;
+            for r in chunk {
+                stmt.execute([&r.id])?;
+            }
+        }
+        tx.commit()?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// The same writes on a replicated table, with or without column rules.
+fn quiver_sql_writes(
+    path: &std::path::Path,
+    rows: &[Record],
+    batch: usize,
+    policies: bool,
+) -> Result<f64> {
+    let mut s = Store::init(path)?;
+    s.execute_sql(POLICY_TABLE)?;
+    let opts = quiver_store::TableOptions {
+        policies: if policies {
+            vec![
+                ("views".into(), quiver_core::Strategy::Counter),
+                ("title".into(), quiver_core::Strategy::Fww),
+            ]
+        } else {
+            Vec::new()
+        },
+        ..Default::default()
+    };
+    s.add_table_with("docs", "default", quiver_core::Strategy::Lww, &opts)?;
+    drop(s);
+    let mut conn = plain_conn(path)?;
+    sql_writes(&mut conn, rows, batch)
+}
+
+/// `quiver bench write --policies`: what per-column rules cost on the
+/// write path, against the same replicated table without them (and both
+/// against plain SQLite), each arm's best of several alternating runs.
+pub fn write_policies(n: usize, dim: usize, batch: usize, json: bool) -> Result<()> {
+    let batch = batch.max(1);
+    let rows = records(n, dim, 0x5eed);
+    let dir = tempfile::tempdir()?;
+    let rounds = if n <= 20_000 { 7 } else { 3 };
+    let (mut plain, mut bare, mut ruled) = (f64::MAX, f64::MAX, f64::MAX);
+    for round in 0..rounds {
+        let mut conn = plain_conn(&dir.path().join(format!("plain{round}.db")))?;
+        conn.execute_batch(POLICY_TABLE)?;
+        plain = plain.min(sql_writes(&mut conn, &rows, batch)?);
+        bare = bare.min(quiver_sql_writes(
+            &dir.path().join(format!("bare{round}.db")),
+            &rows,
+            batch,
+            false,
+        )?);
+        ruled = ruled.min(quiver_sql_writes(
+            &dir.path().join(format!("ruled{round}.db")),
+            &rows,
+            batch,
+            true,
+        )?);
+    }
+    let (ratio, ratio_without) = (ruled / plain, bare / plain);
+    let cost = ruled / bare;
+    if json {
+        crate::output::json(&serde_json::json!({
+            "bench": "write", "policies": ["views=counter", "title=fww"], "n": n, "dim": dim,
+            "batch": batch, "plain_sqlite_s": plain, "quiver_s": ruled,
+            "quiver_without_policies_s": bare, "ratio": ratio,
+            "ratio_without_policies": ratio_without, "policy_cost": cost,
+        }))?;
+    } else {
+        println!(
+            "insert {n} rows ({dim}-dim vector, views=counter, title=fww), then views = views + 1 on each, \
+             {batch} per transaction"
+        );
+        println!("  plain SQLite             {plain:>8.3} s");
+        println!("  quiverdb, no rules       {bare:>8.3} s  {ratio_without:>6.2}x");
+        println!("  quiverdb, counter + fww  {ruled:>8.3} s  {ratio:>6.2}x");
+        println!(
+            "  rules cost               {cost:>8.2}x the same writes without them ({:+.1} %)",
+            (cost - 1.0) * 100.0
         );
     }
     Ok(())

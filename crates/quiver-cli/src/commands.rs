@@ -8,7 +8,8 @@ use quiver_core::Strategy;
 use quiver_store::{check_record, CollectionSpec, Record, Resolution, Store};
 
 use crate::args::{
-    BenchCmd, Cli, CollectionCmd, Command, ConflictsCmd, MemoryCmd, PeersCmd, TableCmd, TokenCmd,
+    BenchCmd, Cli, CollectionCmd, Command, ConflictsCmd, MemoryCmd, PeersCmd, SchemaCmd, TableCmd,
+    TokenCmd,
 };
 use crate::output::{self, cell};
 
@@ -185,9 +186,23 @@ pub fn run(cli: Cli) -> Result<()> {
             table,
             shard,
             strategy,
+            column,
+            references,
+            on_delete,
         }) => {
             let mut s = open()?;
-            let t = s.add_table(&table, &shard, parse_strategy(&strategy)?)?;
+            let on_delete: quiver_core::OnDelete = on_delete.parse()?;
+            let opts = quiver_store::TableOptions {
+                policies: column
+                    .iter()
+                    .map(|c| parse_rule(c))
+                    .collect::<Result<_>>()?,
+                references: references
+                    .iter()
+                    .map(|r| parse_reference(r, on_delete))
+                    .collect::<Result<_>>()?,
+            };
+            let t = s.add_table_with(&table, &shard, parse_strategy(&strategy)?, &opts)?;
             if json {
                 output::json(&t)?;
             } else {
@@ -198,6 +213,83 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Table(TableCmd::List) => list_tables(&read()?, json, false)?,
+        Command::Table(TableCmd::DropColumn { table, column }) => {
+            let t = open()?.drop_column(&table, &column)?;
+            if json {
+                output::json(&t)?;
+            } else {
+                println!(
+                    "dropped {table}.{column} here (schema version {}); peers keep it, and what they send for it is ignored here",
+                    t.schema_version
+                );
+            }
+        }
+        Command::Table(TableCmd::Policy { table, rule }) => {
+            let mut s = open()?;
+            let (col, policy) = parse_rule(&rule)?;
+            let t = s.set_column_policy(&table, &col, policy)?;
+            if json {
+                output::json(&t)?;
+            } else {
+                println!(
+                    "{table}.{col} now merges by {policy} (schema version {}; peers take the rule at their next sync)",
+                    t.schema_version
+                );
+            }
+        }
+        Command::Schema(SchemaCmd::Conflicts) => {
+            let list = read()?.schema_conflicts()?;
+            if json {
+                output::json(&list)?;
+            } else if list.is_empty() {
+                println!("no schema conflicts");
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            format!("{}.{}", c.table, c.column),
+                            c.shard.clone(),
+                            c.ours.clone(),
+                            c.theirs.clone(),
+                            c.peer.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["column", "shard", "ours", "theirs", "peer"], &rows);
+            }
+        }
+        Command::Schema(SchemaCmd::Resolve { column, keep }) => {
+            let (table, col) = column.split_once('.').ok_or_else(|| {
+                anyhow!("name the column as TABLE.COLUMN, e.g. tasks.size (got {column:?})")
+            })?;
+            let keep = match keep.as_str() {
+                "ours" => quiver_store::Keep::Ours,
+                "theirs" => quiver_store::Keep::Theirs,
+                other => return Err(anyhow!("--keep takes ours or theirs, not {other:?}")),
+            };
+            let r = open()?.resolve_schema_conflict(table, col, keep)?;
+            if json {
+                output::json(&r)?;
+            } else {
+                println!(
+                    "{}.{}: kept {}{}",
+                    r.table,
+                    r.column,
+                    r.kept,
+                    if r.values_discarded > 0 {
+                        format!(
+                            "; {} value(s) of this replica's column were discarded",
+                            r.values_discarded
+                        )
+                    } else if keep == quiver_store::Keep::Ours {
+                        "; the peer must resolve with --keep theirs before the shard syncs".into()
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
         Command::Memory(MemoryCmd::Init) => {
             let mut s = open()?;
             let tables = s.init_memory()?;
@@ -221,8 +313,17 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Watch { shard } => crate::net::watch(open()?, shard)?,
         Command::Demo { rows } => crate::demo::run(rows, json)?,
-        Command::Bench(BenchCmd::Write { n, dim, batch }) => {
-            crate::bench::write(n, dim, batch, json)?
+        Command::Bench(BenchCmd::Write {
+            n,
+            dim,
+            batch,
+            policies,
+        }) => {
+            if policies {
+                crate::bench::write_policies(n, dim, batch, json)?
+            } else {
+                crate::bench::write(n, dim, batch, json)?
+            }
         }
         Command::Bench(BenchCmd::Search(a)) => crate::bench_search::run(&db, a, json)?,
         Command::Bench(BenchCmd::Live { writes, bursts }) => {
@@ -237,6 +338,32 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn parse_strategy(s: &str) -> Result<Strategy> {
     Ok(s.parse::<Strategy>()?)
+}
+
+/// `COLUMN=RULE`, as `--column views=counter`.
+fn parse_rule(s: &str) -> Result<(String, Strategy)> {
+    let (col, rule) = s
+        .split_once('=')
+        .ok_or_else(|| anyhow!("expected COLUMN=RULE (e.g. views=counter), got {s:?}"))?;
+    Ok((col.to_string(), parse_strategy(rule)?))
+}
+
+/// `COLUMN=TABLE.COLUMN`, as `--references src=nodes.id`.
+fn parse_reference(
+    s: &str,
+    on_delete: quiver_core::OnDelete,
+) -> Result<(String, quiver_core::Reference)> {
+    let bad = || anyhow!("expected COLUMN=TABLE.COLUMN (e.g. src=episodes.id), got {s:?}");
+    let (col, target) = s.split_once('=').ok_or_else(bad)?;
+    let (table, column) = target.split_once('.').ok_or_else(bad)?;
+    Ok((
+        col.to_string(),
+        quiver_core::Reference {
+            table: table.to_string(),
+            column: column.to_string(),
+            on_delete,
+        },
+    ))
 }
 
 fn parse_vector(s: &str) -> Result<Vec<f32>> {
@@ -283,6 +410,20 @@ fn collection(mut s: Store, c: CollectionCmd, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `  [views=counter, src->nodes.id (cascade)]`, or nothing.
+fn column_notes(policies: &[String], references: &[String]) -> String {
+    let all: Vec<&str> = policies
+        .iter()
+        .chain(references)
+        .map(String::as_str)
+        .collect();
+    if all.is_empty() {
+        String::new()
+    } else {
+        format!("  [{}]", all.join(", "))
+    }
+}
+
 fn list_tables(s: &Store, json: bool, collections_only: bool) -> Result<()> {
     let tables: Vec<_> = s
         .tables()?
@@ -303,6 +444,24 @@ fn list_tables(s: &Store, json: bool, collections_only: bool) -> Result<()> {
     let rows: Vec<Vec<String>> = tables
         .iter()
         .map(|t| {
+            let policies: Vec<String> = t
+                .columns
+                .iter()
+                .filter_map(|c| c.policy().map(|p| format!("{}={p}", c.name)))
+                .collect();
+            let references: Vec<String> = t
+                .references()
+                .map(|(c, r)| {
+                    format!(
+                        "{}->{}.{} ({})",
+                        c.name,
+                        r.table,
+                        r.column,
+                        r.on_delete.as_str()
+                    )
+                })
+                .collect();
+            let columns = column_notes(&policies, &references);
             vec![
                 t.name.clone(),
                 format!("{:?}", t.kind).to_lowercase(),
@@ -311,11 +470,18 @@ fn list_tables(s: &Store, json: bool, collections_only: bool) -> Result<()> {
                 t.dim.map_or("-".into(), |d| d.to_string()),
                 t.metric.map_or_else(|| "-".into(), |m| m.to_string()),
                 s.count(&t.name).map(|n| n.to_string()).unwrap_or_default(),
+                columns
+                    .trim()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
             ]
         })
         .collect();
     output::table(
-        &["name", "kind", "shard", "strategy", "dim", "metric", "rows"],
+        &[
+            "name", "kind", "shard", "strategy", "dim", "metric", "rows", "columns",
+        ],
         &rows,
     );
     Ok(())
@@ -668,9 +834,10 @@ fn status(s: &Store, json: bool) -> Result<()> {
         for (site, v) in &sh.version_vector {
             println!("  vv  {site} = {v}");
         }
+        println!("  schema version {}", sh.schema_version);
         for t in &sh.tables {
             println!(
-                "  {:<20} {:<10} {:>8} rows  {}{}",
+                "  {:<20} {:<10} {:>8} rows  {}{}{}",
                 t.name,
                 format!("{:?}", t.kind).to_lowercase(),
                 t.rows,
@@ -680,7 +847,42 @@ fn status(s: &Store, json: bool) -> Result<()> {
                         "  dim {d} {}",
                         t.metric.map(quiver_core::Metric::as_str).unwrap_or("")
                     ))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                column_notes(&t.policies, &t.references)
+            );
+        }
+        if sh.held > 0 {
+            println!(
+                "  held       {} change(s) for tables or columns not known here yet; applied when their schema arrives",
+                sh.held
+            );
+        }
+        for c in &sh.schema_conflicts {
+            println!(
+                "  SCHEMA CONFLICT {}.{}: {} here, {} at {}; this shard does not sync until \
+                 `quiver schema resolve {}.{} --keep ours|theirs`",
+                c.table,
+                c.column,
+                c.ours,
+                c.theirs,
+                c.peer.as_deref().unwrap_or("a peer"),
+                c.table,
+                c.column
+            );
+        }
+        for d in &sh.dangling {
+            println!(
+                "  dangling   {}.{} -> {}: {} row(s) point at nothing: {}",
+                d.table,
+                d.column,
+                d.references,
+                d.keys.len(),
+                d.keys
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
     }

@@ -477,6 +477,13 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
             r.peer_conflicts_detected
         );
     }
+    if r.held > 0 {
+        println!(
+            "  held {} change(s) for tables or columns this replica does not know yet; \
+             they apply when the schema arrives (quiver status shows them)",
+            r.held
+        );
+    }
     for s in &r.shards {
         println!(
             "  {:<12} sent {:>7}  received {:>7}  applied {:>7}  bytes out {:>9} in {:>9}{}",

@@ -13,8 +13,11 @@ pub enum CoreError {
     #[error("invalid site id {0:?}: expected 32 hexadecimal characters")]
     InvalidSiteId(String),
     /// An unknown conflict strategy name.
-    #[error("unknown conflict strategy {0:?}: expected one of lww, fww, merge, manual, local-wins, remote-wins")]
+    #[error("unknown conflict strategy {0:?}: expected one of lww, fww, max, min, counter, merge, manual, local-wins, remote-wins")]
     UnknownStrategy(String),
+    /// A value that does not name what it should.
+    #[error("{0}")]
+    Invalid(String),
     /// An unknown distance metric name.
     #[error("unknown metric {0:?}: expected cosine, l2 or dot")]
     UnknownMetric(String),

@@ -20,6 +20,6 @@ pub use error::CoreError;
 pub use hlc::{Hlc, HlcClock, DEFAULT_MAX_DRIFT_MS};
 pub use merge::{ColumnKind, Strategy};
 pub use site::SiteId;
-pub use table::{vector, ColumnDef, Metric, TableKind};
+pub use table::{is_literal, vector, ColumnDef, ColumnExt, Metric, OnDelete, Reference, TableKind};
 pub use value::Value;
 pub use version::{Dot, VersionVector};

@@ -23,6 +23,13 @@ pub enum Strategy {
     Lww,
     /// Least `(hlc, site)` wins.
     Fww,
+    /// Of concurrent versions, the greatest value wins (SQLite's order).
+    Max,
+    /// Of concurrent versions, the least value wins.
+    Min,
+    /// Each replica's increments add up: every site keeps its own total,
+    /// and the cell shows their sum.
+    Counter,
     /// Vectors: element-wise mean; JSON objects: key-wise, newest key wins.
     Merge,
     /// Shows the `lww` winner and keeps every concurrent version until resolved.
@@ -34,9 +41,12 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 6] = [
+    pub const ALL: [Strategy; 9] = [
         Strategy::Lww,
         Strategy::Fww,
+        Strategy::Max,
+        Strategy::Min,
+        Strategy::Counter,
         Strategy::Merge,
         Strategy::Manual,
         Strategy::LocalWins,
@@ -47,6 +57,9 @@ impl Strategy {
         match self {
             Strategy::Lww => "lww",
             Strategy::Fww => "fww",
+            Strategy::Max => "max",
+            Strategy::Min => "min",
+            Strategy::Counter => "counter",
             Strategy::Merge => "merge",
             Strategy::Manual => "manual",
             Strategy::LocalWins => "local-wins",
@@ -167,13 +180,19 @@ pub fn merge_cell(
     if incoming.cl < row_cl {
         return unchanged(Verdict::Stale);
     }
+    if strategy == Strategy::Counter {
+        return merge_counter(held, incoming);
+    }
     if known.covers(&incoming.dot) || held.iter().any(|h| h.dot == incoming.dot) {
         return unchanged(Verdict::Duplicate);
     }
-    // Versions of an older life, and versions the writer had seen, are replaced.
+    // Versions of an older life, versions the writer had seen, and a
+    // column's unwritten default (version 0) are replaced.
     let remaining: Vec<Version> = held
         .iter()
-        .filter(|h| h.cl >= incoming.cl && !incoming.replaces.covers(&h.dot))
+        .filter(|h| {
+            h.cl >= incoming.cl && h.dot.db_version > 0 && !incoming.replaces.covers(&h.dot)
+        })
         .cloned()
         .collect();
     if remaining.is_empty() {
@@ -198,7 +217,12 @@ pub fn merge_cell(
         // dropped versions too. Under fww a dropped version could be the
         // least again once the winner is replaced, so every one is kept.
         Strategy::Lww => vec![contenders[contenders.len() - 1].clone()],
-        Strategy::Fww | Strategy::Merge | Strategy::Manual => contenders.clone(),
+        // Every contender is kept, as under fww: the winner by value may be
+        // replaced later, and the next one must still be there.
+        Strategy::Fww | Strategy::Max | Strategy::Min | Strategy::Merge | Strategy::Manual => {
+            contenders.clone()
+        }
+        Strategy::Counter => unreachable!("counters merge per site"),
         Strategy::LocalWins => sorted(remaining),
         Strategy::RemoteWins => vec![incoming],
     };
@@ -210,18 +234,110 @@ pub fn merge_cell(
     }
 }
 
+/// A counter cell holds one version per origin site, whose value is that
+/// site's own running total; a site's newer version replaces its older one
+/// and never touches another site's. Versions of an older life of the row
+/// are gone with it.
+fn merge_counter(held: &[Version], incoming: Version) -> CellOutcome {
+    let (site, cl) = (incoming.dot.site, incoming.cl);
+    // A site's totals only grow in its own versions: an older or equal one
+    // is already counted.
+    if held
+        .iter()
+        .any(|h| h.dot.site == site && h.cl == cl && h.dot.db_version >= incoming.dot.db_version)
+    {
+        return CellOutcome {
+            verdict: Verdict::Duplicate,
+            versions: held.to_vec(),
+            visible: counter_sum(held),
+            contenders: Vec::new(),
+        };
+    }
+    let versions = sorted(
+        held.iter()
+            .filter(|h| h.dot.site != site && h.cl >= cl)
+            .cloned()
+            .chain([incoming])
+            .collect(),
+    );
+    CellOutcome {
+        verdict: Verdict::FastForward,
+        visible: counter_sum(&versions),
+        versions,
+        contenders: Vec::new(),
+    }
+}
+
+/// The sum of every site's total: integers while all are integers.
+fn counter_sum(versions: &[Version]) -> Value {
+    let mut int: Option<i64> = Some(0);
+    let mut real = 0f64;
+    let mut any = false;
+    for v in versions {
+        match &v.value {
+            Value::Integer(i) => {
+                any = true;
+                int = int.and_then(|s| s.checked_add(*i));
+                real += *i as f64;
+            }
+            Value::Real(r) => {
+                any = true;
+                int = None;
+                real += r;
+            }
+            _ => {}
+        }
+    }
+    match (any, int) {
+        (false, _) => versions.first().map_or(Value::Null, |v| v.value.clone()),
+        (true, Some(i)) => Value::Integer(i),
+        (true, None) => Value::Real(real),
+    }
+}
+
+/// SQLite's order of values: NULL, numbers, text, blobs.
+fn value_cmp(a: &Value, b: &Value) -> Ordering {
+    fn rank(v: &Value) -> u8 {
+        match v {
+            Value::Null => 0,
+            Value::Integer(_) | Value::Real(_) => 1,
+            Value::Text(_) => 2,
+            Value::Blob(_) => 3,
+        }
+    }
+    let num = |v: &Value| match v {
+        Value::Integer(i) => *i as f64,
+        Value::Real(r) => *r,
+        _ => 0.0,
+    };
+    match (a, b) {
+        (Value::Integer(x), Value::Integer(y)) => x.cmp(y),
+        (Value::Text(x), Value::Text(y)) => x.cmp(y),
+        (Value::Blob(x), Value::Blob(y)) => x.cmp(y),
+        _ if rank(a) == 1 && rank(b) == 1 => num(a).total_cmp(&num(b)),
+        _ => rank(a).cmp(&rank(b)),
+    }
+}
+
 /// The value a cell holding `versions` shows.
 pub fn visible_value(versions: &[Version], strategy: Strategy, kind: ColumnKind) -> Value {
+    if strategy == Strategy::Counter {
+        return counter_sum(versions);
+    }
     match versions {
         [] => Value::Null,
         [one] => one.value.clone(),
         many => {
             let many = sorted(many.to_vec());
             let winner = || {
-                let pick = if strategy == Strategy::Fww {
-                    many.first()
-                } else {
-                    max_version(&many)
+                let by_value = |a: &&Version, b: &&Version| {
+                    value_cmp(&a.value, &b.value).then_with(|| a.order(b))
+                };
+                let pick = match strategy {
+                    Strategy::Fww => many.first(),
+                    Strategy::Max => many.iter().max_by(by_value),
+                    Strategy::Min => many.iter().min_by(by_value),
+                    _ => max_version(&many),
                 };
                 pick.map(|v| v.value.clone()).unwrap_or(Value::Null)
             };

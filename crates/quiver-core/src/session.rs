@@ -854,11 +854,7 @@ mod tests {
             name: name.into(),
             kind: crate::TableKind::Table,
             strategy: crate::Strategy::Lww,
-            pk: vec![ColumnDef {
-                name: "id".into(),
-                decl_type: "TEXT".into(),
-                not_null: true,
-            }],
+            pk: vec![ColumnDef::plain("id", "TEXT", true)],
             columns: vec![],
             dim: None,
             metric: None,

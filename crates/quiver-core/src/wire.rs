@@ -126,13 +126,23 @@ pub struct Report {
     pub applied: u64,
     /// Changes already held (or replaced by something held): no effect.
     pub duplicates: u64,
-    /// Changes to an older life of a row deleted since: no effect.
+    /// Changes to an older life of a row deleted since, or to a column or
+    /// table dropped on this replica: no effect.
     pub stale: u64,
     pub conflicts_detected: u64,
     /// Conflicts the strategy resolved on its own.
     pub conflicts_resolved: u64,
     /// Conflicts left open for review (`manual`).
     pub conflicts_open: u64,
+    /// Changes for a table or column the receiver does not know yet: kept,
+    /// and applied once the schema that explains them arrives. Encoded
+    /// only when not zero, so a report without any is the `quiver/1` one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Report {
@@ -144,6 +154,7 @@ impl Report {
         self.conflicts_detected += o.conflicts_detected;
         self.conflicts_resolved += o.conflicts_resolved;
         self.conflicts_open += o.conflicts_open;
+        self.held += o.held;
     }
 }
 
@@ -364,11 +375,7 @@ mod tests {
             dim: Option<u32>,
             metric: Option<String>,
         }
-        let col = ColumnDef {
-            name: "id".into(),
-            decl_type: "TEXT".into(),
-            not_null: true,
-        };
+        let col = ColumnDef::plain("id", "TEXT", true);
         let typed = TableDef {
             name: "docs".into(),
             kind: TableKind::Collection,
@@ -396,6 +403,27 @@ mod tests {
             ..legacy
         };
         assert!(rmp_serde::from_slice::<TableDef>(&rmp_serde::to_vec(&unknown).unwrap()).is_err());
+    }
+
+    /// A column with a rule or a reference carries them; one without is
+    /// encoded as `quiver/1` always encoded it (checked above).
+    #[test]
+    fn column_extensions_travel() {
+        let mut col = ColumnDef::plain("views", "INTEGER", true);
+        col.edit_ext(|e| {
+            e.default = Some("0".into());
+            e.policy = Some(Strategy::Counter);
+            e.references = Some(crate::Reference {
+                table: "nodes".into(),
+                column: "id".into(),
+                on_delete: crate::OnDelete::Keep,
+            });
+            e.added = 42;
+        });
+        let bytes = rmp_serde::to_vec(&col).unwrap();
+        assert_eq!(rmp_serde::from_slice::<ColumnDef>(&bytes).unwrap(), col);
+        let json = serde_json::to_string(&ColumnDef::plain("a", "TEXT", false)).unwrap();
+        assert_eq!(json, r#"{"name":"a","type":"TEXT","not_null":false}"#);
     }
 
     #[test]

@@ -27,19 +27,41 @@ fn version_of(c: &Change) -> Version {
     }
 }
 
+/// A batch that would break a constraint of a user table (a row without
+/// a value its NOT NULL column needs, a CHECK) is bad input from the peer,
+/// refused whole like any other: its transaction rolled back.
+fn refused_by_constraint(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Sqlite(ref s)
+            if s.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) =>
+        {
+            StoreError::BatchRefused(format!("it would break a constraint of a table here: {s}"))
+        }
+        other => other,
+    }
+}
+
+/// What validation decided about a batch.
+struct Plan {
+    tables: HashMap<String, TableInfo>,
+    /// Indexes of changes whose table or column is unknown here (held).
+    held: Vec<(usize, String)>,
+    /// Indexes of changes for a table or column dropped here (ignored).
+    ignored: Vec<usize>,
+}
+
 /// Checks a whole batch against the catalog before anything is written.
-fn validate(
-    conn: &rusqlite::Connection,
-    batch: &ChangeBatch,
-) -> Result<HashMap<String, TableInfo>> {
+fn validate(conn: &rusqlite::Connection, batch: &ChangeBatch) -> Result<Plan> {
     let refuse = |m: String| Err(StoreError::BatchRefused(m));
+    let dropped = crate::evolve::dropped_tables(conn)?;
     let mut tables: HashMap<String, TableInfo> = HashMap::new();
-    let mut lookup = |name: &str| -> Result<TableInfo> {
+    // Ok(None): not known here (dropped, or not arrived yet).
+    let mut lookup = |name: &str| -> Result<Option<TableInfo>> {
         if let Some(t) = tables.get(name) {
-            return Ok(t.clone());
+            return Ok(Some(t.clone()));
         }
         let Some(t) = catalog::load(conn, name)? else {
-            return Err(StoreError::BatchRefused(format!("unknown table {name:?}")));
+            return Ok(None);
         };
         if t.shard != batch.shard {
             return Err(StoreError::BatchRefused(format!(
@@ -48,13 +70,14 @@ fn validate(
             )));
         }
         tables.insert(name.to_string(), t.clone());
-        Ok(t)
+        Ok(Some(t))
     };
     for c in &batch.covered {
         lookup(&c.table)?;
     }
+    let mut plan_held = Vec::new();
+    let mut ignored = Vec::new();
     for (i, ch) in batch.changes.iter().enumerate() {
-        let t = lookup(&ch.table)?;
         let at = |m: String| {
             format!(
                 "change {i} ({}.{}): {m}",
@@ -65,6 +88,16 @@ fn validate(
         if ch.db_version == 0 || ch.cl == 0 {
             return refuse(at("db_version and causal length must be positive".into()));
         }
+        let Some(t) = lookup(&ch.table)? else {
+            if dropped.contains_key(&ch.table) {
+                ignored.push(i);
+            } else {
+                crate::names::check(&ch.table)
+                    .map_err(|e| StoreError::BatchRefused(at(e.to_string())))?;
+                plan_held.push((i, format!("table {:?} is not known here yet", ch.table)));
+            }
+            continue;
+        };
         if ch.pk.len() != t.pk.len() {
             return refuse(at(format!(
                 "key has {} values, table has {}",
@@ -83,7 +116,15 @@ fn validate(
             None => {}
             Some(name) => {
                 let Some(col) = t.column(name) else {
-                    return refuse(at(format!("unknown column {name:?}")));
+                    if t.dropped.contains(name) {
+                        ignored.push(i);
+                    } else {
+                        crate::names::check(name)
+                            .map_err(|e| StoreError::BatchRefused(at(e.to_string())))?;
+                        plan_held
+                            .push((i, format!("column {}.{name} is not known here yet", t.name)));
+                    }
+                    continue;
                 };
                 if ch.alive() {
                     t.check_value(col, &ch.value)
@@ -92,7 +133,11 @@ fn validate(
             }
         }
     }
-    Ok(tables)
+    Ok(Plan {
+        tables,
+        held: plan_held,
+        ignored,
+    })
 }
 
 impl Store {
@@ -103,7 +148,48 @@ impl Store {
 
     /// Applies a batch received from `peer` (a node name, for its cursor).
     pub fn apply_from(&mut self, batch: &ChangeBatch, peer: Option<&str>) -> Result<ApplyReport> {
-        let tables = validate(&self.conn, batch)?;
+        self.apply_inner(batch, peer, None)
+            .map_err(refused_by_constraint)
+    }
+
+    /// Applies held changes whose schema has arrived, removing them from
+    /// the held list in the same transaction.
+    pub(crate) fn apply_replay(
+        &mut self,
+        batch: &ChangeBatch,
+        seqs: &[i64],
+    ) -> Result<ApplyReport> {
+        self.apply_inner(batch, None, Some(seqs))
+    }
+
+    fn apply_inner(
+        &mut self,
+        batch: &ChangeBatch,
+        peer: Option<&str>,
+        replay: Option<&[i64]>,
+    ) -> Result<ApplyReport> {
+        self.refresh_schema()?;
+        let plan = validate(&self.conn, batch)?;
+        let tables = &plan.tables;
+        let set_aside: std::collections::HashSet<usize> = plan
+            .held
+            .iter()
+            .map(|(i, _)| *i)
+            .chain(plan.ignored.iter().copied())
+            .collect();
+        let changes: std::borrow::Cow<'_, [Change]> = if set_aside.is_empty() {
+            std::borrow::Cow::Borrowed(&batch.changes)
+        } else {
+            std::borrow::Cow::Owned(
+                batch
+                    .changes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !set_aside.contains(i))
+                    .map(|(_, c)| c.clone())
+                    .collect(),
+            )
+        };
         if let Some(max) = batch.changes.iter().map(|c| c.hlc).max() {
             self.clock.observe(max, wall_ms())?;
         }
@@ -114,29 +200,44 @@ impl Store {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         crate::triggers::fold_pending(&tx)?;
+        for (i, reason) in &plan.held {
+            if crate::evolve::hold(&tx, &batch.shard, &batch.changes[*i], reason)? {
+                report.held += 1;
+            }
+        }
+        report.stale += plan.ignored.len() as u64;
+        if let Some(seqs) = replay {
+            let mut del = tx.prepare_cached("DELETE FROM quiver_held WHERE seq = ?1")?;
+            for s in seqs {
+                del.execute([s])?;
+            }
+        }
         tx.execute(
             "UPDATE quiver_state SET applying = 1, hlc_floor = max(hlc_floor, ?1)",
             [floor.as_i64()],
         )?;
         let mut sites = Sites::default();
         let mut start = 0;
-        while start < batch.changes.len() {
-            let first = &batch.changes[start];
-            let end = batch.changes[start..]
+        while start < changes.len() {
+            let first = &changes[start];
+            let end = changes[start..]
                 .iter()
                 .position(|c| c.table != first.table || c.pk != first.pk)
-                .map_or(batch.changes.len(), |n| start + n);
+                .map_or(changes.len(), |n| start + n);
             let t = &tables[&first.table];
             apply_row(
                 &tx,
                 &mut sites,
                 t,
-                &batch.changes[start..end],
+                &changes[start..end],
+                replay.is_some(),
                 &mut report,
                 &mut events,
             )?;
             start = end;
         }
+        tx.execute("UPDATE quiver_state SET applying = 0", [])?;
+        crate::references::keep_whole(&tx, tables, &events)?;
         for c in &batch.covered {
             if c.site == self.site {
                 continue;
@@ -158,7 +259,7 @@ impl Store {
                 params![peer, batch.shard, json, wall_ms() as i64],
             )?;
         }
-        tx.execute("UPDATE quiver_state SET applying = 0", [])?;
+        crate::triggers::close_open_version(&tx)?;
         tx.commit()?;
         if report.applied > 0 {
             self.changes += 1;
@@ -172,11 +273,14 @@ impl Store {
 }
 
 /// Merges one row group: the existence record first, then the cells.
+/// Replaying held changes, a cell is merged by what its versions replaced
+/// alone: the row's knowledge moved past them while they were held.
 fn apply_row(
     tx: &Transaction<'_>,
     sites: &mut Sites,
     t: &TableInfo,
     group: &[Change],
+    replay: bool,
     report: &mut ApplyReport,
     events: &mut Vec<StoreEvent>,
 ) -> Result<()> {
@@ -194,11 +298,13 @@ fn apply_row(
             changed = true;
         }
     };
+    let mut fresh_life = false;
     for ch in group.iter().filter(|c| c.is_existence()) {
         let out = merge_existence(state.existence.as_ref(), version_of(ch), &known);
         tally(out.verdict, report);
         if out.new_life {
             state.cells.clear();
+            fresh_life = true;
         }
         state.existence = Some(out.record);
     }
@@ -214,11 +320,12 @@ fn apply_row(
             continue;
         };
         let held = state.cells.get(col_name).cloned().unwrap_or_default();
+        let nothing = quiver_core::VersionVector::new();
         let out = merge_cell(
             &held,
             version_of(ch),
-            &known,
-            t.strategy,
+            if replay { &nothing } else { &known },
+            t.policy(col),
             t.column_kind(col),
         );
         tally(out.verdict, report);
@@ -235,6 +342,19 @@ fn apply_row(
         }
         state.cells.insert(col_name.to_string(), out.versions);
     }
+    // A new life from a writer that did not know a column added since
+    // says nothing about it: the column shows its default, under a version
+    // any real write replaces.
+    if fresh_life && state.alive() {
+        if let Some(ex) = &state.existence {
+            for c in t.columns.iter().filter(|c| c.added() > 0) {
+                state
+                    .cells
+                    .entry(c.name.clone())
+                    .or_insert_with(|| vec![crate::evolve::bottom(ex, c)]);
+            }
+        }
+    }
     for ch in group {
         state.know.advance(ch.site, ch.db_version);
         state.know.merge(&ch.replaces);
@@ -246,7 +366,7 @@ fn apply_row(
                 let versions = s.cells.get(&c.name).map(Vec::as_slice).unwrap_or(&[]);
                 (
                     c.name.clone(),
-                    visible_value(versions, t.strategy, t.column_kind(c)),
+                    visible_value(versions, t.policy(c), t.column_kind(c)),
                 )
             })
             .collect()
@@ -265,6 +385,7 @@ fn apply_row(
         )?;
     }
     for (col, contenders, kept) in conflicted {
+        let strategy = t.column(&col).map_or(t.strategy, |c| t.policy(c));
         let id = conflicts::record(
             tx,
             t,
@@ -275,7 +396,7 @@ fn apply_row(
             Hlc::new(wall_ms(), 0),
         )?;
         report.conflicts_detected += 1;
-        if t.strategy.keeps_open() {
+        if strategy.keeps_open() {
             report.conflicts_open += 1;
         } else {
             report.conflicts_resolved += 1;
@@ -285,8 +406,8 @@ fn apply_row(
             table: t.name.clone(),
             pk: display_pk(pk),
             column: col,
-            strategy: t.strategy,
-            open: t.strategy.keeps_open(),
+            strategy,
+            open: strategy.keeps_open(),
         });
     }
     if shown_changed {

@@ -1,6 +1,6 @@
 //! The registry of replicated tables and collections (`quiver_tables`).
 
-use quiver_core::{ColumnKind, Metric, Strategy, Value};
+use quiver_core::{ColumnKind, Metric, Reference, Strategy, Value};
 use rusqlite::{Connection, OptionalExtension, Row};
 use serde::Serialize;
 
@@ -25,11 +25,55 @@ pub struct TableInfo {
     pub dim: Option<usize>,
     pub metric: Option<Metric>,
     pub schema_version: i64,
+    /// Columns dropped on this replica: what peers send for them is ignored.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
+}
+
+/// Per-column rules and references given when a table is registered.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TableOptions {
+    /// Column name and its own merge rule.
+    pub policies: Vec<(String, Strategy)>,
+    /// Column name and the row it points to.
+    pub references: Vec<(String, Reference)>,
 }
 
 impl TableInfo {
     pub fn column(&self, name: &str) -> Option<&ColumnDef> {
         self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// The definition peers receive.
+    pub fn def(&self) -> quiver_core::wire::TableDef {
+        quiver_core::wire::TableDef {
+            name: self.name.clone(),
+            kind: self.kind,
+            strategy: self.strategy,
+            pk: self.pk.clone(),
+            columns: self.columns.clone(),
+            dim: self.dim.map(|d| d as u32),
+            metric: self.metric,
+        }
+    }
+
+    /// The rule that merges `col`: its own, or the table's strategy.
+    pub fn policy(&self, col: &ColumnDef) -> Strategy {
+        col.policy().unwrap_or(self.strategy)
+    }
+
+    /// Whether any column is a counter (its capture keeps per-site totals).
+    pub fn has_counters(&self) -> bool {
+        self.columns
+            .iter()
+            .any(|c| self.policy(c) == Strategy::Counter)
+    }
+
+    /// The declared references of this table's columns.
+    pub fn references(&self) -> impl Iterator<Item = (&ColumnDef, &Reference)> {
+        self.columns
+            .iter()
+            .filter_map(|c| c.references().map(|r| (c, r)))
     }
 
     /// How `merge` treats the column.
@@ -117,6 +161,7 @@ type RawTable = (
     Option<i64>,
     Option<String>,
     i64,
+    String,
 );
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<RawTable> {
@@ -131,13 +176,14 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<RawTable> {
         r.get(7)?,
         r.get(8)?,
         r.get(9)?,
+        r.get(10)?,
     ))
 }
 
-const SELECT: &str = "SELECT id, name, shard, strategy, kind, pk, columns, dim, metric, schema_version FROM quiver_tables";
+const SELECT: &str = "SELECT id, name, shard, strategy, kind, pk, columns, dim, metric, schema_version, dropped FROM quiver_tables";
 
 fn decode(
-    (id, name, shard, strategy, kind, pk, columns, dim, metric, schema_version): RawTable,
+    (id, name, shard, strategy, kind, pk, columns, dim, metric, schema_version, dropped): RawTable,
 ) -> Result<TableInfo> {
     let corrupt =
         |what: &str| StoreError::Corrupt(format!("quiver_tables row {name:?}: bad {what}"));
@@ -157,9 +203,151 @@ fn decode(
             .transpose()
             .map_err(|_| corrupt("metric"))?,
         schema_version,
+        dropped: serde_json::from_str(&dropped).map_err(|_| corrupt("dropped"))?,
         name,
         shard,
     })
+}
+
+fn json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Writes a table's columns, strategy, dropped list and schema version back
+/// to the catalog.
+pub(crate) fn save(conn: &Connection, t: &TableInfo) -> Result<()> {
+    conn.execute(
+        "UPDATE quiver_tables SET columns = ?2, strategy = ?3, dropped = ?4, schema_version = ?5 WHERE id = ?1",
+        rusqlite::params![
+            t.id,
+            json(&t.columns)?,
+            t.strategy.as_str(),
+            json(&t.dropped)?,
+            t.schema_version
+        ],
+    )?;
+    Ok(())
+}
+
+/// The next schema version of `shard`: one past every table's in it, so a
+/// change to any table moves the shard's version.
+pub(crate) fn next_schema_version(conn: &Connection, shard: &str) -> Result<i64> {
+    Ok(conn.query_row(
+        "SELECT coalesce(max(schema_version), 0) + 1 FROM quiver_tables WHERE shard = ?1",
+        [shard],
+        |r| r.get(0),
+    )?)
+}
+
+/// Checks that a rule fits its column.
+pub(crate) fn check_policy(table: &str, col: &ColumnDef, policy: Strategy) -> Result<()> {
+    let t = col.decl_type.to_ascii_uppercase();
+    let numeric = t.contains("INT")
+        || t.contains("REAL")
+        || t.contains("FLOA")
+        || t.contains("DOUB")
+        || t.contains("NUM");
+    if policy == Strategy::Counter && !numeric {
+        return Err(StoreError::TableRefused {
+            table: table.to_string(),
+            reason: format!(
+                "column {:?} is declared {:?}: a counter needs an INTEGER or REAL column",
+                col.name, col.decl_type
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Applies the rules and references of `opts` to the columns of a table
+/// being registered, checking each against the catalog.
+fn apply_options(
+    conn: &Connection,
+    name: &str,
+    shard: &str,
+    columns: &mut [ColumnDef],
+    pk: &[ColumnDef],
+    opts: &TableOptions,
+) -> Result<()> {
+    let refuse = |reason: String| StoreError::TableRefused {
+        table: name.to_string(),
+        reason,
+    };
+    let find = |columns: &mut [ColumnDef], c: &str| -> Result<usize> {
+        if pk.iter().any(|k| k.name == c) {
+            return Err(refuse(format!(
+                "column {c:?} is part of the primary key, which has no merge rule or reference of its own"
+            )));
+        }
+        columns
+            .iter()
+            .position(|x| x.name == c)
+            .ok_or_else(|| refuse(format!("it has no column {c:?}")))
+    };
+    for (c, policy) in &opts.policies {
+        let i = find(columns, c)?;
+        check_policy(name, &columns[i], *policy)?;
+        columns[i].edit_ext(|e| e.policy = Some(*policy));
+    }
+    for (c, r) in &opts.references {
+        let i = find(columns, c)?;
+        let target = if r.table == name {
+            None
+        } else {
+            load(conn, &r.table)?
+        };
+        let (target_shard, target_pk) = match (&target, r.table == name) {
+            (_, true) => (shard.to_string(), pk.to_vec()),
+            (Some(t), false) => (t.shard.clone(), t.pk.clone()),
+            (None, false) => {
+                return Err(refuse(format!(
+                "column {c:?} references {:?}, which is not a replicated table; register it first",
+                r.table
+            )))
+            }
+        };
+        if target_shard != shard {
+            return Err(refuse(format!(
+                "column {c:?} references {:?} in shard {target_shard:?}: a reference must stay within one shard, which syncs as a whole",
+                r.table
+            )));
+        }
+        if target_pk.len() != 1 || target_pk[0].name != r.column {
+            return Err(refuse(format!(
+                "column {c:?} references {}.{}, which is not that table's single-column primary key",
+                r.table, r.column
+            )));
+        }
+        columns[i].edit_ext(|e| e.references = Some(r.clone()));
+    }
+    Ok(())
+}
+
+/// The live columns of a table as SQLite declares them now:
+/// (name, type, not null, primary-key position, default).
+pub(crate) type LiveColumn = (String, String, bool, i64, Option<String>);
+
+pub(crate) fn live_columns(conn: &Connection, name: &str) -> Result<Vec<LiveColumn>> {
+    let mut stmt = conn.prepare(&format!("PRAGMA table_xinfo({})", quote(name)))?;
+    let cols = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(1)?,
+                r.get(2)?,
+                r.get::<_, i64>(3)? != 0,
+                r.get(5)?,
+                r.get(4)?,
+                r.get::<_, i64>(6)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<(String, String, bool, i64, Option<String>, i64)>>>()?;
+    // Hidden columns of virtual tables (1) are not stored; generated
+    // columns (2, 3) are computed on each replica.
+    Ok(cols
+        .into_iter()
+        .filter(|c| c.5 == 0)
+        .map(|(n, t, nn, pk, d, _)| (n, t, nn, pk, d))
+        .collect())
 }
 
 /// The registered table `name`, if any.
@@ -180,6 +368,7 @@ pub(crate) fn load_all(conn: &Connection) -> Result<Vec<TableInfo>> {
 
 /// Inspects an existing user table and registers it for replication:
 /// records it, installs its triggers and gives its existing rows a version.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn register(
     conn: &Connection,
     name: &str,
@@ -188,6 +377,7 @@ pub(crate) fn register(
     kind: TableKind,
     dim: Option<usize>,
     metric: Option<Metric>,
+    opts: &TableOptions,
 ) -> Result<TableInfo> {
     names::check(name)?;
     names::check_shard(shard)?;
@@ -216,21 +406,27 @@ pub(crate) fn register(
         }
         None => return Err(refuse("no such table; create it first".into())),
     }
-    let mut stmt = conn.prepare(&format!("PRAGMA table_info({})", quote(name)))?;
-    let cols: Vec<(String, String, bool, i64)> = stmt
-        .query_map([], |r| {
-            Ok((r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? != 0, r.get(5)?))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+    let foreign: i64 = conn.query_row(
+        "SELECT count(*) FROM pragma_foreign_key_list(?1)",
+        [name],
+        |r| r.get(0),
+    )?;
+    if foreign > 0 {
+        return Err(refuse(
+            "it declares SQL FOREIGN KEY constraints, which a replica cannot check against rows \
+             that have not arrived yet; declare them with `quiver table add T --references COL=TABLE.COL` \
+             instead, which keeps them whole across merges"
+                .into(),
+        ));
+    }
     let mut pk: Vec<(i64, ColumnDef)> = Vec::new();
     let mut columns = Vec::new();
-    for (cname, ctype, not_null, pk_pos) in cols {
+    // Defaults of the columns a table starts with stay in its own DDL (a
+    // replica creating it from a peer's definition gets none, as before);
+    // only columns added later carry theirs, which their ALTER needs.
+    for (cname, ctype, not_null, pk_pos, _default) in live_columns(conn, name)? {
         names::check(&cname).map_err(|e| refuse(format!("column {cname:?}: {e}")))?;
-        let info = ColumnDef {
-            name: cname,
-            decl_type: ctype,
-            not_null: not_null || pk_pos > 0,
-        };
+        let info = ColumnDef::plain(&cname, &ctype, not_null || pk_pos > 0);
         if pk_pos > 0 {
             pk.push((pk_pos, info));
         } else {
@@ -267,23 +463,40 @@ pub(crate) fn register(
             )));
         }
     }
+    apply_options(conn, name, shard, &mut columns, &pk, opts)?;
+    if strategy == Strategy::Counter {
+        for c in &columns {
+            check_policy(name, c, strategy)?;
+        }
+    }
     conn.execute(
-        "INSERT INTO quiver_tables(name, shard, strategy, kind, pk, columns, dim, metric, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO quiver_tables(name, shard, strategy, kind, pk, columns, dim, metric, created_at, schema_version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         rusqlite::params![
             name,
             shard,
             strategy.as_str(),
             kind.as_str(),
-            serde_json::to_string(&pk).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            serde_json::to_string(&columns).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            json(&pk)?,
+            json(&columns)?,
             dim.map(|d| d as i64),
             metric.map(Metric::as_str),
             wall_ms() as i64,
+            next_schema_version(conn, shard)?,
         ],
     )?;
+    let mut dropped = crate::evolve::dropped_tables(conn)?;
+    if dropped.remove(name).is_some() {
+        crate::evolve::set_dropped_tables(conn, &dropped)?;
+    }
     let info = load(conn, name)?.ok_or_else(|| StoreError::NoSuchTable(name.to_string()))?;
     triggers::install(conn, &info)?;
+    // Tables whose references point here get their cascade trigger now.
+    for other in load_all(conn)? {
+        if other.name != name && other.references().any(|(_, r)| r.table == name) {
+            triggers::reinstall(conn, &other)?;
+        }
+    }
     triggers::backfill(conn, &info)?;
     Ok(info)
 }
@@ -300,7 +513,30 @@ fn has_pk_index(conn: &Connection, name: &str) -> Result<bool> {
 impl Store {
     /// Registers an existing table for replication in `shard`.
     pub fn add_table(&mut self, name: &str, shard: &str, strategy: Strategy) -> Result<TableInfo> {
-        self.local_write(|tx| register(tx, name, shard, strategy, TableKind::Table, None, None))
+        self.add_table_with(name, shard, strategy, &TableOptions::default())
+    }
+
+    /// Registers an existing table with per-column rules and references.
+    pub fn add_table_with(
+        &mut self,
+        name: &str,
+        shard: &str,
+        strategy: Strategy,
+        opts: &TableOptions,
+    ) -> Result<TableInfo> {
+        self.refresh_schema()?;
+        self.local_write(|tx| {
+            register(
+                tx,
+                name,
+                shard,
+                strategy,
+                TableKind::Table,
+                None,
+                None,
+                opts,
+            )
+        })
     }
 
     /// Creates and registers a plain replicated table from column
@@ -322,27 +558,11 @@ impl Store {
                 reason: "no primary key columns given".into(),
             });
         }
-        let mut defs = Vec::new();
-        for c in pk.iter().chain(columns) {
-            names::check(&c.name)?;
-            let t = &c.decl_type;
-            if t.len() > 64
-                || !t
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || " _(),".contains(ch))
-            {
-                return Err(StoreError::TableRefused {
-                    table: name.to_string(),
-                    reason: format!("column {:?} has an unsupported type {t:?}", c.name),
-                });
-            }
-            defs.push(format!(
-                "{} {}{}",
-                quote(&c.name),
-                t,
-                if c.not_null { " NOT NULL" } else { "" }
-            ));
-        }
+        let defs = pk
+            .iter()
+            .chain(columns)
+            .map(|c| crate::evolve::column_sql(name, c))
+            .collect::<Result<Vec<_>>>()?;
         let keys = pk
             .iter()
             .map(|c| quote(&c.name))
@@ -355,17 +575,28 @@ impl Store {
         );
         self.local_write(|tx| {
             tx.execute_batch(&ddl)?;
-            register(tx, name, shard, strategy, TableKind::Table, None, None)
+            register(
+                tx,
+                name,
+                shard,
+                strategy,
+                TableKind::Table,
+                None,
+                None,
+                &TableOptions::default(),
+            )
         })
     }
 
     /// Every replicated table and collection.
     pub fn tables(&self) -> Result<Vec<TableInfo>> {
+        self.refresh_schema()?;
         load_all(&self.conn)
     }
 
     /// One replicated table or collection.
     pub fn table(&self, name: &str) -> Result<TableInfo> {
+        self.refresh_schema()?;
         load(&self.conn, name)?.ok_or_else(|| StoreError::NoSuchTable(name.to_string()))
     }
 

@@ -86,6 +86,11 @@ pub(crate) fn table_vv(
             vv.advance(sites.id(conn, ix)?, dbv as u64);
         }
     }
+    for (site, lowest) in crate::evolve::held_floor(conn, &t.name)? {
+        if vv.get(&site) >= lowest {
+            vv.set(site, lowest - 1);
+        }
+    }
     Ok(vv)
 }
 
@@ -258,7 +263,12 @@ impl ChangeStream<'_> {
             out,
         );
         for (col, versions) in &state.cells {
-            for v in versions.iter().filter(|v| !seg.theirs.covers(&v.dot)) {
+            // A version 0 is a column's default before anyone wrote it
+            // (see `evolve::bottom`): every replica has it, none sends it.
+            for v in versions
+                .iter()
+                .filter(|v| v.dot.db_version > 0 && !seg.theirs.covers(&v.dot))
+            {
                 push(
                     Change {
                         table: t.name.clone(),

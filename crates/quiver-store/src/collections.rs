@@ -163,6 +163,7 @@ impl Store {
                 TableKind::Collection,
                 Some(spec.dim),
                 Some(spec.metric),
+                &catalog::TableOptions::default(),
             )
         })
     }

@@ -90,7 +90,8 @@ pub(crate) fn record(
     now: Hlc,
 ) -> Result<i64> {
     let versions = versions_json(t, col, contenders, kept);
-    if t.strategy.keeps_open() {
+    let strategy = t.column(col).map_or(t.strategy, |c| t.policy(c));
+    if strategy.keeps_open() {
         let open: Option<i64> = conn
             .prepare_cached(
                 "SELECT id FROM quiver_conflicts WHERE tbl = ?1 AND pk = ?2 AND col = ?3 AND resolved_at IS NULL",
@@ -106,7 +107,7 @@ pub(crate) fn record(
         }
         conn.execute(
             "INSERT INTO quiver_conflicts(tbl, pk, col, strategy, detected_at, versions) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![t.id, P(key), col, t.strategy.as_str(), now.ms() as i64, versions],
+            params![t.id, P(key), col, strategy.as_str(), now.ms() as i64, versions],
         )?;
     } else {
         conn.execute(
@@ -116,10 +117,10 @@ pub(crate) fn record(
                 t.id,
                 P(key),
                 col,
-                t.strategy.as_str(),
+                strategy.as_str(),
                 now.ms() as i64,
                 versions,
-                format!("automatic ({})", t.strategy)
+                format!("automatic ({strategy})")
             ],
         )?;
     }

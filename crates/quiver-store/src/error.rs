@@ -69,6 +69,20 @@ pub enum StoreError {
         version: String,
         choices: String,
     },
+    #[error(
+        "the schema of table {table:?} changed in a way quiverdb cannot carry to peers: {reason}"
+    )]
+    SchemaRefused { table: String, reason: String },
+    #[error(
+        "schema conflict on {table}.{column}: {ours} here, {theirs} at the peer; the shard is held until \
+         one side gives way: `quiver schema resolve {table}.{column} --keep ours|theirs` (see the README)"
+    )]
+    SchemaConflict {
+        table: String,
+        column: String,
+        ours: String,
+        theirs: String,
+    },
     #[error("store is corrupt: {0}")]
     Corrupt(String),
 }

@@ -49,6 +49,22 @@ pub enum StoreEvent {
         pk: String,
         deleted: bool,
     },
+    /// A replicated table's schema changed (by any writer, or from a peer).
+    SchemaChanged {
+        shard: String,
+        table: String,
+        change: String,
+        schema_version: i64,
+    },
+    /// A peer defines a column this replica has with another shape: the
+    /// shard's sync is held until someone resolves it.
+    SchemaConflict {
+        shard: String,
+        table: String,
+        column: String,
+        ours: String,
+        theirs: String,
+    },
     /// A conflict was detected while applying.
     Conflict {
         id: i64,
@@ -65,7 +81,9 @@ impl StoreEvent {
     /// left out, and `None` when nothing of the shard is left.
     pub fn in_shard(mut self, shard: &str) -> Option<StoreEvent> {
         let keep = match &mut self {
-            StoreEvent::RemoteChange { shard: s, .. } => s == shard,
+            StoreEvent::RemoteChange { shard: s, .. }
+            | StoreEvent::SchemaChanged { shard: s, .. }
+            | StoreEvent::SchemaConflict { shard: s, .. } => s == shard,
             StoreEvent::LocalCommit { changes, .. }
             | StoreEvent::ExternalChange { changes, .. } => {
                 let had = !changes.is_empty();
@@ -98,6 +116,14 @@ impl Default for EventHub {
 impl EventHub {
     pub fn emit(&mut self, e: StoreEvent) {
         self.subscribers.retain(|s| s.send(e.clone()).is_ok());
+    }
+
+    /// Like [`EventHub::emit`] through a shared reference; a dropped
+    /// receiver is forgotten at the next `emit`.
+    pub fn emit_shared(&self, e: StoreEvent) {
+        for s in &self.subscribers {
+            let _ = s.send(e.clone());
+        }
     }
 
     /// Whether events that cost a query (the rows a commit wrote) are

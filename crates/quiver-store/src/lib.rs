@@ -12,8 +12,10 @@ mod collections;
 mod conflicts;
 mod error;
 mod events;
+mod evolve;
 mod memory;
 mod names;
+mod references;
 mod rowstate;
 mod schema;
 mod search;
@@ -29,14 +31,16 @@ use quiver_core::{Hlc, HlcClock, SiteId, DEFAULT_MAX_DRIFT_MS};
 use rusqlite::{Connection, OpenFlags};
 
 pub use apply::ApplyReport;
-pub use catalog::{ColumnDef, TableInfo, TableKind};
+pub use catalog::{ColumnDef, TableInfo, TableKind, TableOptions};
 pub use changes::{ChangeStream, StreamLimits};
 pub use collections::{check_record, CollectionSpec, Metric, Record};
 pub use conflicts::{Conflict, ConflictVersion, Resolution};
 pub use error::{Result, StoreError};
 pub use events::{StoreEvent, TableChanges, KEYS_LISTED};
+pub use evolve::{Keep, SchemaConflict, SchemaResolution};
 pub use memory::MEMORY_SHARD;
 pub use names::DEFAULT_SHARD;
+pub use references::Dangling;
 pub use schema::FORMAT_VERSION;
 pub use search::{Filter, Hit, SearchStats};
 pub use sqlvalue::to_json as value_to_json;
@@ -67,6 +71,9 @@ pub struct Store {
     /// processes' commits from our own.
     revision: (i64, f64),
     search: search::SearchCache,
+    /// SQLite's schema cookie when this handle last compared the live
+    /// tables with the catalog (see [`Store::refresh_schema`]).
+    schema_seen: std::cell::Cell<i64>,
 }
 
 impl Store {
@@ -243,6 +250,7 @@ impl Store {
             changes: 0,
             revision: (0, 0.0),
             search,
+            schema_seen: std::cell::Cell::new(-1),
         };
         store.close_open_version()?;
         store.revision = store.read_revision()?;
@@ -312,6 +320,7 @@ impl Store {
         &mut self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>,
     ) -> Result<T> {
+        self.refresh_schema()?;
         let stamp = self.clock.now(wall_ms());
         let tx = self
             .conn
@@ -460,7 +469,11 @@ impl Store {
             tx.commit()?;
             return Ok(out);
         }
-        self.local_write(|tx| run_statements(tx, sql, params))
+        let out = self.local_write(|tx| run_statements(tx, sql, params))?;
+        // A schema change made by this text is recorded now, not at the
+        // next command.
+        self.refresh_schema()?;
+        Ok(out)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The agent-memory preset: AgentDB's episodes, skills and edges as
 //! replicated tables of the `memory` shard.
 
-use quiver_core::Strategy;
+use quiver_core::{OnDelete, Reference, Strategy};
 
 use crate::catalog::{self, TableInfo, TableKind};
 use crate::{Result, Store, StoreError};
@@ -42,6 +42,22 @@ CREATE TABLE IF NOT EXISTS edges(
 /// The preset's tables, in the order the seed's sync types name them.
 pub const MEMORY_TABLES: [&str; 3] = ["episodes", "skills", "edges"];
 
+/// Edges join episodes: an edge whose episode a merge deletes goes too.
+fn options(table: &str) -> catalog::TableOptions {
+    let episode = || Reference {
+        table: "episodes".into(),
+        column: "id".into(),
+        on_delete: OnDelete::Cascade,
+    };
+    match table {
+        "edges" => catalog::TableOptions {
+            references: vec![("from_id".into(), episode()), ("to_id".into(), episode())],
+            ..Default::default()
+        },
+        _ => catalog::TableOptions::default(),
+    }
+}
+
 impl Store {
     /// Creates the agent-memory tables and registers them in the `memory`
     /// shard. Running it again is refused rather than silently repeated.
@@ -64,6 +80,7 @@ impl Store {
                         TableKind::Table,
                         None,
                         None,
+                        &options(t),
                     )
                 })
                 .collect()

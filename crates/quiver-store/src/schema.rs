@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::{Result, StoreError};
 
 /// The newest store format this build reads and writes.
-pub const FORMAT_VERSION: i64 = 3;
+pub const FORMAT_VERSION: i64 = 4;
 
 /// Each entry migrates from format `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -137,11 +137,41 @@ CREATE TABLE quiver_pending(
   hlc INTEGER NOT NULL
 );
 "#,
+    r#"
+-- Columns dropped on this replica (what peers send for them is ignored).
+ALTER TABLE quiver_tables ADD COLUMN dropped TEXT NOT NULL DEFAULT '[]';
+-- Changes whose table or column this replica does not know yet, kept
+-- until the schema that explains them arrives (col '' for a row record).
+CREATE TABLE quiver_held(
+  seq INTEGER PRIMARY KEY,
+  shard TEXT NOT NULL,
+  tbl TEXT NOT NULL,
+  col TEXT NOT NULL,
+  pk NOT NULL,
+  site BLOB NOT NULL,
+  dbv INTEGER NOT NULL,
+  change TEXT NOT NULL,
+  reason TEXT NOT NULL,
+  held_at INTEGER NOT NULL,
+  UNIQUE (tbl, pk, col, site, dbv)
+);
+-- A column a peer defines with another shape than this replica.
+CREATE TABLE quiver_schema_conflicts(
+  tbl TEXT NOT NULL,
+  col TEXT NOT NULL,
+  shard TEXT NOT NULL,
+  ours TEXT NOT NULL,
+  theirs TEXT NOT NULL,
+  peer TEXT,
+  detected_at INTEGER NOT NULL,
+  PRIMARY KEY (tbl, col)
+);
+"#,
 ];
 
 /// Formats from which the capture triggers changed: opening an older store
 /// replaces every table's triggers with this build's.
-const TRIGGERS_CHANGED_AT: i64 = 3;
+const TRIGGERS_CHANGED_AT: i64 = 4;
 
 /// How long a statement waits for another connection's write lock.
 pub(crate) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

@@ -15,6 +15,12 @@ pub struct TableStatus {
     pub strategy: String,
     pub dim: Option<usize>,
     pub metric: Option<quiver_core::Metric>,
+    /// Columns with a rule of their own, as `column=rule`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+    /// Declared references, as `column->table.column (on-delete)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -23,6 +29,14 @@ pub struct ShardStatus {
     /// Site id (hex) to db_version.
     pub version_vector: BTreeMap<String, u64>,
     pub tables: Vec<TableStatus>,
+    /// The shard's schema version: moves with every schema change.
+    pub schema_version: i64,
+    /// Changes held until the schema that explains them arrives.
+    pub held: u64,
+    /// Columns a peer defines differently: the shard's sync is held.
+    pub schema_conflicts: Vec<crate::SchemaConflict>,
+    /// Rows whose declared reference points at no row (`keep`).
+    pub dangling: Vec<crate::Dangling>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -46,9 +60,33 @@ impl Store {
         for shard in self.shards()? {
             let vv = self.version_vector(&shard)?;
             let mut tables = Vec::new();
-            for t in self.shard_tables(&shard)? {
+            let shard_tables = self.shard_tables(&shard)?;
+            let schema_version = shard_tables
+                .iter()
+                .map(|t| t.schema_version)
+                .max()
+                .unwrap_or(0);
+            let dangling = self.dangling()?;
+            for t in shard_tables {
                 tables.push(TableStatus {
                     rows: self.count(&t.name)?,
+                    policies: t
+                        .columns
+                        .iter()
+                        .filter_map(|c| c.policy().map(|p| format!("{}={p}", c.name)))
+                        .collect(),
+                    references: t
+                        .references()
+                        .map(|(c, r)| {
+                            format!(
+                                "{}->{}.{} ({})",
+                                c.name,
+                                r.table,
+                                r.column,
+                                r.on_delete.as_str()
+                            )
+                        })
+                        .collect(),
                     name: t.name,
                     kind: t.kind,
                     strategy: t.strategy.to_string(),
@@ -57,9 +95,20 @@ impl Store {
                 });
             }
             shards.push(ShardStatus {
-                name: shard,
                 version_vector: vv.iter().map(|(s, v)| (s.to_hex(), *v)).collect(),
+                schema_version,
+                held: self.held_count(Some(&shard))?,
+                schema_conflicts: self
+                    .schema_conflicts()?
+                    .into_iter()
+                    .filter(|c| c.shard == shard)
+                    .collect(),
+                dangling: dangling
+                    .into_iter()
+                    .filter(|d| tables.iter().any(|t| t.name == d.table))
+                    .collect(),
                 tables,
+                name: shard,
             });
         }
         let open: i64 = self.conn.query_row(

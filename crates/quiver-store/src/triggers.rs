@@ -170,9 +170,67 @@ fn delete_body(tid: i64, pk: &str) -> String {
     )
 }
 
-fn update_body(tid: i64, pk: &str, cols: &[ColumnDef]) -> String {
+/// A counter column keeps one version per site, each with that site's own
+/// running total; the cell shows their sum. While the only version is this
+/// site's, it is an ordinary cell (the update's clock record, the value in
+/// the table), and nothing more is written. Once another site's total is
+/// in, the versions live side by side in `quiver_siblings`: a local update
+/// first turns the cell's single version (if it has no siblings yet in
+/// this life) into a sibling holding the old value, then moves this site's
+/// total, `+ NEW - OLD`, to a new version, and its older one goes. This
+/// runs in a BEFORE trigger of its own, so it reads the cell as it was
+/// before the update trigger records the new version, and its WHEN skips
+/// it whole while the cell is this site's alone.
+fn counter_body(tid: i64, pk: &str, c: &ColumnDef) -> String {
+    let q = quote(&c.name);
+    let name = &c.name;
+    let cond = format!("NEW.{q} IS NOT OLD.{q}");
+    let row = format!("quiver_clock r WHERE r.tbl = {tid} AND r.pk = {pk} AND r.col = ''");
+    let mine = format!(
+        "quiver_siblings s WHERE s.tbl = {tid} AND s.pk = {pk} AND s.col = '{name}' AND s.site = 0"
+    );
+    format!(
+        "DELETE FROM quiver_siblings WHERE tbl = {tid} AND pk = {pk} AND col = '{name}' AND {cond}
+           AND cl <> (SELECT r.cl FROM {row});
+         INSERT OR IGNORE INTO quiver_siblings(tbl, pk, col, site, dbv, hlc, cl, ctx, value)
+           SELECT {tid}, {pk}, '{name}', coalesce(x.site, r.site), coalesce(x.dbv, r.dbv),
+                  coalesce(x.hlc, r.hlc), r.cl, CASE WHEN x.col IS NULL THEN r.ctx ELSE x.ctx END, OLD.{q}
+           FROM quiver_clock r LEFT JOIN quiver_clock x
+             ON x.tbl = r.tbl AND x.pk = r.pk AND x.col = '{name}' AND x.cl = r.cl
+           WHERE r.tbl = {tid} AND r.pk = {pk} AND r.col = '' AND {cond}
+             AND coalesce(x.site, r.site) <> 0
+             AND NOT EXISTS (SELECT 1 FROM quiver_siblings s WHERE s.tbl = {tid} AND s.pk = {pk}
+                               AND s.col = '{name}' AND s.cl = r.cl);
+         INSERT INTO quiver_siblings(tbl, pk, col, site, dbv, hlc, cl, ctx, value)
+           SELECT {tid}, {pk}, '{name}', 0, {DBV}, {HLC}, r.cl,
+                  coalesce(r.know, json_object(CAST(r.site AS TEXT), r.dbv)),
+                  coalesce((SELECT s.value FROM {mine} AND s.cl = r.cl ORDER BY s.dbv DESC LIMIT 1), 0)
+                    + (coalesce(NEW.{q}, 0) - coalesce(OLD.{q}, 0))
+           FROM {row} AND {cond}
+             AND EXISTS (SELECT 1 FROM quiver_siblings s WHERE s.tbl = {tid} AND s.pk = {pk}
+                           AND s.col = '{name}' AND s.cl = r.cl)
+         ON CONFLICT(tbl, pk, col, site, dbv) DO UPDATE SET value = excluded.value, hlc = excluded.hlc;
+         DELETE FROM quiver_siblings WHERE tbl = {tid} AND pk = {pk} AND col = '{name}' AND site = 0
+           AND dbv < {DBV} AND {cond};\n"
+    )
+}
+
+/// Whether a counter cell holds (or must now hold) other sites' totals.
+fn counter_shared(tid: i64, pk: &str, name: &str) -> String {
+    format!(
+        "(EXISTS (SELECT 1 FROM quiver_siblings s WHERE s.tbl = {tid} AND s.pk = {pk} AND s.col = '{name}')
+          OR (SELECT CASE WHEN x.cl = r.cl THEN x.site ELSE r.site END
+              FROM quiver_clock r LEFT JOIN quiver_clock x
+                ON x.tbl = r.tbl AND x.pk = r.pk AND x.col = '{name}'
+              WHERE r.tbl = {tid} AND r.pk = {pk} AND r.col = '') <> 0)"
+    )
+}
+
+fn update_body(t: &TableInfo, pk: &str) -> String {
+    let (tid, cols) = (t.id, &t.columns);
     let mut sql = String::new();
     let changed = |c: &ColumnDef| format!("NEW.{q} IS NOT OLD.{q}", q = quote(&c.name));
+    let counter = |c: &ColumnDef| t.policy(c) == quiver_core::Strategy::Counter;
     for c in cols {
         sql.push_str(&format!(
             "INSERT INTO quiver_clock(tbl, pk, col, site, dbv, hlc, cl, ctx)
@@ -186,9 +244,12 @@ fn update_body(tid: i64, pk: &str, cols: &[ColumnDef]) -> String {
             cond = changed(c),
         ));
     }
+    // A counter's siblings are its sites' totals, never a conflict.
     let per_col = cols
         .iter()
+        .filter(|c| !counter(c))
         .map(|c| format!("(col = '{}' AND {})", c.name, changed(c)))
+        .chain(std::iter::once("false".to_string()))
         .collect::<Vec<_>>()
         .join(" OR ");
     let any = cols.iter().map(changed).collect::<Vec<_>>().join(" OR ");
@@ -202,10 +263,69 @@ fn update_body(tid: i64, pk: &str, cols: &[ColumnDef]) -> String {
     sql
 }
 
-const KINDS: [&str; 4] = ["ins", "del", "rekey", "upd"];
+pub(crate) const KINDS: [&str; 4] = ["ins", "del", "rekey", "upd"];
 
-fn trigger_ident(kind: &str, t: &TableInfo) -> String {
+pub(crate) fn trigger_ident(kind: &str, t: &TableInfo) -> String {
     format!("quiver_{kind}_{}", t.name)
+}
+
+/// The trigger that deletes rows of `t` pointing at a row of the
+/// referenced table deleted by a local write (a merge's deletes are
+/// followed in the apply path).
+fn reference_ident(t: &TableInfo, col: &ColumnDef) -> String {
+    format!("quiver_ref_{}_{}", t.name, col.name)
+}
+
+fn counter_ident(t: &TableInfo, col: &ColumnDef) -> String {
+    format!("quiver_cnt_{}_{}", t.name, col.name)
+}
+
+/// The names of every capture trigger `t` should have.
+fn expected_triggers(conn: &Connection, t: &TableInfo) -> Vec<String> {
+    let kinds = if t.columns.is_empty() {
+        &KINDS[..3]
+    } else {
+        &KINDS[..]
+    };
+    kinds
+        .iter()
+        .map(|k| trigger_ident(k, t))
+        .chain(
+            t.references()
+                .filter(|(_, r)| {
+                    r.on_delete == quiver_core::OnDelete::Cascade
+                        && table_exists(conn, &r.table).unwrap_or(true)
+                })
+                .map(|(c, _)| reference_ident(t, c)),
+        )
+        .chain(
+            t.columns
+                .iter()
+                .filter(|c| t.policy(c) == quiver_core::Strategy::Counter)
+                .map(|c| counter_ident(t, c)),
+        )
+        .collect()
+}
+
+fn table_exists(conn: &Connection, name: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1")?
+        .query_row([name], |r| r.get::<_, i64>(0))?
+        > 0)
+}
+
+/// Whether every capture trigger of `t` exists (a table rebuilt by
+/// another writer loses them).
+pub(crate) fn installed(conn: &Connection, t: &TableInfo) -> Result<bool> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
+    )?;
+    for name in expected_triggers(conn, t) {
+        if stmt.query_row([&name], |r| r.get::<_, i64>(0))? == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn trigger_name(kind: &str, t: &TableInfo) -> String {
@@ -216,6 +336,22 @@ fn trigger_name(kind: &str, t: &TableInfo) -> String {
 pub(crate) fn reinstall(conn: &Connection, t: &TableInfo) -> Result<()> {
     for kind in KINDS {
         conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", trigger_name(kind, t)))?;
+    }
+    // Its counter triggers are on the table itself; its reference
+    // triggers are on the tables it points to, and delete from it.
+    let extra: Vec<String> = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND (
+               (tbl_name = ?1 AND substr(name, 1, 11) = 'quiver_cnt_')
+               OR (substr(name, 1, 11) = 'quiver_ref_' AND instr(sql, ?2) > 0))",
+        )?
+        .query_map(
+            rusqlite::params![t.name, format!("DELETE FROM {} WHERE", quote(&t.name))],
+            |r| r.get(0),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    for name in extra {
+        conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(&name)))?;
     }
     install(conn, t)
 }
@@ -290,7 +426,38 @@ pub(crate) fn install(conn: &Connection, t: &TableInfo) -> Result<()> {
         sql.push_str(&format!(
             "CREATE TRIGGER {upd} AFTER UPDATE ON {q} WHEN {CAPTURING} AND ({same_key}) BEGIN {FOLD} {ub} END;",
             upd = trigger_name("upd", t),
-            ub = update_body(tid, &new_pk, &t.columns),
+            ub = update_body(t, &new_pk),
+        ));
+    }
+    for c in t
+        .columns
+        .iter()
+        .filter(|c| t.policy(c) == quiver_core::Strategy::Counter)
+    {
+        sql.push_str(&format!(
+            "CREATE TRIGGER {name} BEFORE UPDATE OF {col} ON {q}
+               WHEN {CAPTURING} AND ({same_key}) AND NEW.{col} IS NOT OLD.{col}
+                 AND {shared}
+             BEGIN {body} END;",
+            name = quote(&counter_ident(t, c)),
+            col = quote(&c.name),
+            shared = counter_shared(tid, &old_pk, &c.name),
+            body = counter_body(tid, &old_pk, c),
+        ));
+    }
+    for (c, r) in t.references() {
+        // A target not created yet gets the trigger when it is registered.
+        if r.on_delete != quiver_core::OnDelete::Cascade || !table_exists(conn, &r.table)? {
+            continue;
+        }
+        sql.push_str(&format!(
+            "CREATE TRIGGER {name} AFTER DELETE ON {target} WHEN {CAPTURING} BEGIN
+               DELETE FROM {q} WHERE {col} = OLD.{tcol};
+             END;",
+            name = quote(&reference_ident(t, c)),
+            target = quote(&r.table),
+            col = quote(&c.name),
+            tcol = quote(&r.column),
         ));
     }
     conn.execute_batch(&sql)?;

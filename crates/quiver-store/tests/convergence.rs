@@ -1,6 +1,9 @@
 //! Property test: random writes on 3-5 stores (through the API and through
-//! plain SQL), random exchanges that may be split, repeated or cut short;
-//! after everyone exchanges until quiescent, every export is identical.
+//! plain SQL), schema changes (columns added on any replica, concurrently),
+//! counter increments, max registers and references that cascade, random
+//! exchanges that may be split, repeated or cut short; after everyone
+//! exchanges until quiescent, every export is identical, counters hold
+//! every increment and no reference dangles.
 //!
 //! `QUIVER_PROPTEST_CASES=100000 cargo test -p quiver-store --release --test convergence`
 //! runs a long campaign.
@@ -12,8 +15,8 @@ use proptest::prelude::{
     any, prop, prop_assert_eq, prop_oneof, proptest, Just, ProptestConfig, TestCaseError,
 };
 use proptest::strategy::Strategy as _;
-use quiver_core::{ChangeBatch, Strategy};
-use quiver_store::{Record, Store, StreamLimits};
+use quiver_core::{ChangeBatch, OnDelete, Reference, Strategy};
+use quiver_store::{Record, Store, StreamLimits, TableOptions};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -57,6 +60,26 @@ enum Op {
         s: usize,
         id: u8,
     },
+    AddColumn {
+        s: usize,
+        col: u8,
+        val: u8,
+    },
+    Count {
+        s: usize,
+        id: u8,
+        by: i8,
+    },
+    Raise {
+        s: usize,
+        id: u8,
+        to: i8,
+    },
+    Link {
+        s: usize,
+        id: u8,
+        to: u8,
+    },
     Sync {
         from: usize,
         to: usize,
@@ -77,7 +100,11 @@ fn op(n: usize) -> impl proptest::strategy::Strategy<Value = Op> {
         1 => (s.clone(), id.clone()).prop_map(|(s, id)| Op::SqlDelete { s, id }),
         1 => (s.clone(), id.clone(), 0u8..4).prop_map(|(s, id, title)| Op::NoteReplace { s, id, title }),
         2 => (s.clone(), id.clone(), 0u8..4, any::<i8>()).prop_map(|(s, id, body, n)| Op::NoteColumn { s, id, body, n }),
-        1 => (s.clone(), id).prop_map(|(s, id)| Op::NoteDelete { s, id }),
+        1 => (s.clone(), id.clone()).prop_map(|(s, id)| Op::NoteDelete { s, id }),
+        1 => (s.clone(), 0u8..3, 0u8..4).prop_map(|(s, col, val)| Op::AddColumn { s, col, val }),
+        2 => (s.clone(), 0u8..2, -3i8..4).prop_map(|(s, id, by)| Op::Count { s, id, by }),
+        1 => (s.clone(), 0u8..2, any::<i8>()).prop_map(|(s, id, to)| Op::Raise { s, id, to }),
+        1 => (s.clone(), id.clone(), id).prop_map(|(s, id, to)| Op::Link { s, id, to }),
         4 => (s.clone(), s, prop_oneof![Just(1usize), Just(3), Just(1000)], any::<bool>(), prop::option::weighted(0.2, 0usize..3))
             .prop_map(|(from, to, max, twice, cut)| Op::Sync { from, to, max, twice, cut }),
     ]
@@ -103,6 +130,16 @@ fn deliver(
     if from == to {
         return;
     }
+    // As a sync's stream start does: definitions first.
+    let defs: Vec<_> = stores[from]
+        .shard_tables("default")
+        .unwrap()
+        .iter()
+        .map(|t| t.def())
+        .collect();
+    for d in &defs {
+        stores[to].merge_table_def("default", d, None).unwrap();
+    }
     let theirs = stores[to].table_versions("default").unwrap();
     let batches: Vec<ChangeBatch> = stores[from]
         .changes_since_tables(
@@ -125,10 +162,104 @@ fn deliver(
     }
 }
 
+/// Store 0 also gets `stats` (a counter and a max column) and `links`
+/// (referencing notes, cascade); the others receive them with the schema.
+fn more_tables(s: &mut Store) {
+    s.execute_sql(
+        "CREATE TABLE stats(id TEXT PRIMARY KEY, views INTEGER NOT NULL DEFAULT 0, hi INTEGER);
+         CREATE TABLE links(id TEXT PRIMARY KEY, note TEXT NOT NULL);",
+    )
+    .unwrap();
+    let opts = TableOptions {
+        policies: vec![
+            ("views".into(), Strategy::Counter),
+            ("hi".into(), Strategy::Max),
+        ],
+        ..Default::default()
+    };
+    s.add_table_with("stats", "default", Strategy::Lww, &opts)
+        .unwrap();
+    let opts = TableOptions {
+        references: vec![(
+            "note".into(),
+            Reference {
+                table: "notes".into(),
+                column: "id".into(),
+                on_delete: OnDelete::Cascade,
+            },
+        )],
+        ..Default::default()
+    };
+    s.add_table_with("links", "default", Strategy::Lww, &opts)
+        .unwrap();
+}
+
 fn run(n: usize, strategy: Strategy, ops: &[Op]) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let mut s = stores(&dir, n, strategy);
+    more_tables(&mut s[0]);
+    for i in 1..n {
+        deliver(&mut s, 0, i, 1000, false, None);
+    }
+    // Every increment made, per row: what the counters must end at.
+    let mut counted = [0i64; 2];
     for op in ops {
+        match *op {
+            Op::AddColumn { s: i, col, val } => {
+                let name = format!("extra{col}");
+                let has: bool = s[i]
+                    .connection()
+                    .query_row(
+                        "SELECT count(*) FROM pragma_table_info('notes') WHERE name = ?1",
+                        [&name],
+                        |r| r.get::<_, i64>(0).map(|c| c > 0),
+                    )
+                    .unwrap();
+                if !has {
+                    s[i].connection()
+                        .execute_batch(&format!("ALTER TABLE notes ADD COLUMN {name} TEXT"))
+                        .unwrap();
+                }
+                s[i].connection()
+                    .execute(
+                        &format!("UPDATE notes SET {name} = ?1"),
+                        [format!("x{val}")],
+                    )
+                    .unwrap();
+            }
+            Op::Count { s: i, id, by } => {
+                let c = s[i].connection();
+                let key = format!("c{id}");
+                c.execute(
+                    "INSERT OR IGNORE INTO stats(id, views) VALUES (?1, 0)",
+                    [&key],
+                )
+                .unwrap();
+                c.execute(
+                    "UPDATE stats SET views = views + ?1 WHERE id = ?2",
+                    rusqlite::params![by, key],
+                )
+                .unwrap();
+                counted[id as usize] += by as i64;
+            }
+            Op::Raise { s: i, id, to } => {
+                s[i].connection()
+                    .execute(
+                        "UPDATE stats SET hi = ?1 WHERE id = ?2",
+                        rusqlite::params![to, format!("c{id}")],
+                    )
+                    .unwrap();
+            }
+            Op::Link { s: i, id, to } => {
+                s[i].connection()
+                    .execute(
+                        "INSERT OR REPLACE INTO links(id, note) SELECT ?1, id FROM notes WHERE id = ?2",
+                        rusqlite::params![format!("l{id}"), format!("n{to}")],
+                    )
+                    .unwrap();
+            }
+            _ => {}
+        }
         match *op {
             Op::Put { s: i, id, v, meta } => {
                 let mut r = Record::new(&format!("v{id}"), vec3(v));
@@ -187,6 +318,7 @@ fn run(n: usize, strategy: Strategy, ops: &[Op]) -> Result<(), TestCaseError> {
                 twice,
                 cut,
             } => deliver(&mut s, from, to, max, twice, cut),
+            _ => {}
         }
     }
     // Everyone exchanges until nothing moves.
@@ -197,7 +329,7 @@ fn run(n: usize, strategy: Strategy, ops: &[Op]) -> Result<(), TestCaseError> {
             }
         }
     }
-    for t in ["docs", "notes"] {
+    for t in ["docs", "notes", "stats", "links"] {
         let first = export(&s[0], t);
         for (i, other) in s.iter().enumerate().skip(1) {
             prop_assert_eq!(
@@ -209,6 +341,24 @@ fn run(n: usize, strategy: Strategy, ops: &[Op]) -> Result<(), TestCaseError> {
                 strategy
             );
         }
+    }
+    for st in &s {
+        for (id, total) in counted.iter().enumerate() {
+            let views: Option<i64> = st
+                .connection()
+                .query_row(
+                    "SELECT views FROM stats WHERE id = ?1",
+                    [format!("c{id}")],
+                    |r| r.get(0),
+                )
+                .ok();
+            // A row that was never inserted has nothing to count; one
+            // that was holds every increment.
+            if let Some(v) = views {
+                prop_assert_eq!(v, *total, "counter c{} lost or doubled increments", id);
+            }
+        }
+        prop_assert_eq!(st.dangling().unwrap().len(), 0, "a link dangles");
     }
     Ok(())
 }
@@ -232,7 +382,8 @@ proptest! {
         let ops: Vec<Op> = ops.into_iter().filter(|o| match o {
             Op::Sync { from, to, .. } => *from < n && *to < n,
             Op::Put { s, .. } | Op::SqlVector { s, .. } | Op::SqlMeta { s, .. } | Op::Delete { s, .. }
-            | Op::SqlDelete { s, .. } | Op::NoteReplace { s, .. } | Op::NoteColumn { s, .. } | Op::NoteDelete { s, .. } => *s < n,
+            | Op::SqlDelete { s, .. } | Op::NoteReplace { s, .. } | Op::NoteColumn { s, .. } | Op::NoteDelete { s, .. }
+            | Op::AddColumn { s, .. } | Op::Count { s, .. } | Op::Raise { s, .. } | Op::Link { s, .. } => *s < n,
         }).collect();
         run(n, strategy, &ops)?;
     }

@@ -300,7 +300,8 @@ fn older_formats_are_migrated_forward() -> R {
     // Make it a format-1 store: no token table yet.
     let c = Connection::open(&p)?;
     c.execute_batch(
-        "DROP TABLE quiver_tokens; DROP TABLE quiver_pending;
+        "ALTER TABLE quiver_tables DROP COLUMN dropped; DROP TABLE quiver_held; DROP TABLE quiver_schema_conflicts;
+         DROP TABLE quiver_tokens; DROP TABLE quiver_pending;
          UPDATE quiver_meta SET value = 1 WHERE key = 'format';",
     )?;
     drop(c);
@@ -363,7 +364,8 @@ fn a_format_2_store_gets_the_insert_log_and_new_triggers() -> R {
     // writes the clock directly.
     let c = Connection::open(&p)?;
     c.execute_batch(
-        "DROP TABLE quiver_pending;
+        "ALTER TABLE quiver_tables DROP COLUMN dropped; DROP TABLE quiver_held; DROP TABLE quiver_schema_conflicts;
+         DROP TABLE quiver_pending;
          DROP TABLE gone;
          DROP TRIGGER quiver_ins_notes;
          CREATE TRIGGER quiver_ins_notes AFTER INSERT ON notes BEGIN

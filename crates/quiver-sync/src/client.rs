@@ -90,6 +90,9 @@ pub struct SyncResult {
     pub conflicts_detected: u64,
     pub conflicts_resolved: u64,
     pub conflicts_open: u64,
+    /// Changes received for a table or column this replica does not know
+    /// yet: kept, and applied once the schema that explains them arrives.
+    pub held: u64,
     /// Conflicts the server recorded on its side while applying what this
     /// replica pushed (the same concurrent writes seen from there).
     pub peer_conflicts_detected: u64,
@@ -575,6 +578,7 @@ impl Client {
             result.conflicts_detected += s.local.conflicts_detected;
             result.conflicts_resolved += s.local.conflicts_resolved;
             result.conflicts_open += s.local.conflicts_open;
+            result.held += s.local.held;
             result.peer_conflicts_detected += s.remote.conflicts_detected;
             result.bytes_sent += s.bytes_sent;
             result.bytes_received += s.bytes_received;

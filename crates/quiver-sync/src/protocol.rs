@@ -377,9 +377,11 @@ async fn run<S: StreamSession>(
                     });
                 }
                 Action::CreateTables { shard, defs } => {
-                    let (h, ev) = (handle.clone(), events_tx.clone());
+                    let (h, ev, name) = (handle.clone(), events_tx.clone(), peer.name.clone());
                     tasks.spawn(async move {
-                        let r = h.call(move |s| ensure_tables(s, &shard, &defs)).await;
+                        let r = h
+                            .call(move |s| ensure_tables(s, &shard, &defs, Some(&name)))
+                            .await;
                         let _ = ev.send(match r.and_then(|r| r) {
                             Ok(created) => Event::Input(Input::TablesCreated(created)),
                             Err(e) => Event::failed(e, ""),
@@ -387,12 +389,12 @@ async fn run<S: StreamSession>(
                     });
                 }
                 Action::Admit { shard, schema } => {
-                    let (h, ev) = (handle.clone(), events_tx.clone());
+                    let (h, ev, name) = (handle.clone(), events_tx.clone(), peer.name.clone());
                     tasks.spawn(async move {
                         let r = h
                             .call(move |s| -> Result<_> {
                                 if !schema.is_empty() {
-                                    ensure_tables(s, &shard, &schema)?;
+                                    ensure_tables(s, &shard, &schema, Some(&name))?;
                                 }
                                 Ok((shard_defs(s, &shard)?, s.table_versions(&shard)?))
                             })

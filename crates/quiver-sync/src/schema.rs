@@ -2,21 +2,13 @@
 //! replica lacking a table (or a whole shard) creates it before data flows.
 
 use quiver_core::wire::TableDef;
-use quiver_store::{CollectionSpec, Store, TableInfo, TableKind};
+use quiver_store::{Store, TableInfo};
 
-use crate::{Result, SyncError};
+use crate::Result;
 
 /// The wire definition of a table.
 pub fn def_of(t: &TableInfo) -> TableDef {
-    TableDef {
-        name: t.name.clone(),
-        kind: t.kind,
-        strategy: t.strategy,
-        pk: t.pk.clone(),
-        columns: t.columns.clone(),
-        dim: t.dim.map(|d| d as u32),
-        metric: t.metric,
-    }
+    t.def()
 }
 
 /// The definitions of a shard's tables.
@@ -46,58 +38,32 @@ pub fn schema_version(tables: &[TableInfo]) -> u64 {
         .unwrap_or(0)
 }
 
-/// Creates the tables of `defs` that the store lacks; refuses a table that
-/// exists with a different shape.
-pub fn ensure_tables(store: &mut Store, shard: &str, defs: &[TableDef]) -> Result<Vec<String>> {
+/// Merges a peer's definitions of a shard's tables into the store:
+/// creates the tables it lacks, adds the columns it lacks (before any
+/// change that needs them flows), then applies changes held for want of
+/// them. A column both sides define differently is a schema conflict
+/// that fails this shard's exchange (see `Store::merge_table_def`).
+pub fn ensure_tables(
+    store: &mut Store,
+    shard: &str,
+    defs: &[TableDef],
+    peer: Option<&str>,
+) -> Result<Vec<String>> {
     let mut created = Vec::new();
     for d in defs {
-        let mismatch = |why: String| {
-            SyncError::Protocol(format!(
-                "schema of table {:?} differs from the peer's: {why}",
-                d.name
-            ))
-        };
-        match store.table(&d.name) {
-            Ok(t) => {
-                let mine = def_of(&t);
-                if t.shard != shard {
-                    return Err(mismatch(format!("here it belongs to shard {:?}", t.shard)));
-                }
-                if mine.kind != d.kind
-                    || mine.pk != d.pk
-                    || mine.columns != d.columns
-                    || mine.dim != d.dim
-                {
-                    return Err(mismatch(format!("here {mine:?}, there {d:?}")));
-                }
-                if mine.strategy != d.strategy {
-                    return Err(mismatch(format!(
-                        "strategy {} here, {} there",
-                        mine.strategy, d.strategy
-                    )));
-                }
-            }
-            Err(quiver_store::StoreError::NoSuchTable(_)) => {
-                let strategy = d.strategy;
-                if d.kind == TableKind::Collection {
-                    let dim = d
-                        .dim
-                        .ok_or_else(|| mismatch("collection without a dimension".into()))?
-                        as usize;
-                    store.create_collection(&CollectionSpec {
-                        name: d.name.clone(),
-                        dim,
-                        metric: d.metric.unwrap_or_default(),
-                        strategy,
-                        shard: shard.to_string(),
-                    })?;
-                } else {
-                    store.create_table(&d.name, shard, strategy, &d.pk, &d.columns)?;
-                }
-                created.push(d.name.clone());
-            }
-            Err(e) => return Err(e.into()),
+        if store.merge_table_def(shard, d, peer)? {
+            created.push(d.name.clone());
         }
+    }
+    // Held changes whose schema is known by now (from this peer, or from
+    // a local change) go in before the exchange's own.
+    if store.held_count(Some(shard))? > 0 {
+        let r = store.replay_held()?;
+        tracing::info!(
+            shard,
+            applied = r.applied,
+            "applied changes held for the schema that arrived"
+        );
     }
     Ok(created)
 }

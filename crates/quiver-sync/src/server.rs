@@ -406,7 +406,16 @@ async fn serve_connection(
         .min(ctx.opts.max_frame)
         .clamp(HANDSHAKE_MAX_FRAME as u32, MAX_FRAME_LIMIT as u32) as usize;
     let compression = hello.compression && ctx.opts.compression;
-    let shards = ctx.read(|s| Ok(shard_infos(s))).await??;
+    let shards = match ctx.read(|s| Ok(shard_infos(s))).await.and_then(|r| r) {
+        Ok(s) => s,
+        // Said to the client, not just dropped: it would only see a
+        // closed connection.
+        Err(e) => {
+            warn!("handshake: reading the store's shards failed: {e}");
+            let m = format!("the server could not read its store: {e}");
+            return Err(refuse(&mut writer, &conn, ErrorCode::Internal, m).await);
+        }
+    };
     // Shards outside the token's scope are not even listed.
     let shards: Vec<ShardInfo> = shards
         .into_iter()

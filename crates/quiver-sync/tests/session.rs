@@ -194,13 +194,13 @@ fn work<S>(
             versions: store.table_versions(&shard).unwrap().into_iter().collect(),
             schema: shard_defs(store, &shard).unwrap(),
         },
-        Action::CreateTables { shard, defs } => match ensure_tables(store, &shard, &defs) {
+        Action::CreateTables { shard, defs } => match ensure_tables(store, &shard, &defs, None) {
             Ok(created) => Input::TablesCreated(created),
             Err(e) => Input::Failed(internal(&e.to_string())),
         },
         Action::Admit { shard, schema } => {
             if !schema.is_empty() {
-                ensure_tables(store, &shard, &schema).unwrap();
+                ensure_tables(store, &shard, &schema, None).unwrap();
             }
             Input::Admitted {
                 schema: shard_defs(store, &shard).unwrap(),

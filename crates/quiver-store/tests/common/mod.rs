@@ -14,7 +14,15 @@ pub fn pull_limited(
     shard: &str,
     limits: StreamLimits,
 ) -> ApplyReport {
-    let theirs = dst.table_versions(shard).unwrap();
+    // Only tables the source holds, as a responder does.
+    let mut theirs = dst.table_versions(shard).unwrap();
+    let held: Vec<String> = src
+        .shard_tables(shard)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    theirs.retain(|t, _| held.contains(t));
     let mut total = ApplyReport::default();
     for batch in src.changes_since_tables(shard, &theirs, limits).unwrap() {
         total.add(&dst.apply(&batch.unwrap()).unwrap());

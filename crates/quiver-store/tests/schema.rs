@@ -1,0 +1,420 @@
+//! Schema changes: noticed from any writer, carried between replicas,
+//! changes of a newer schema held, per-column rules, references kept whole.
+
+mod common;
+
+use common::{export, pull};
+use quiver_core::{OnDelete, Reference, Strategy};
+use quiver_store::{Keep, Store, StoreError, TableOptions};
+
+type R = Result<(), Box<dyn std::error::Error>>;
+
+fn store(dir: &tempfile::TempDir, name: &str) -> Store {
+    Store::init(dir.path().join(format!("{name}.db"))).unwrap()
+}
+
+/// Another writer's connection to the same file, as the `sqlite3` shell.
+fn shell(s: &Store, sql: &str) {
+    let c = rusqlite::Connection::open(s.path()).unwrap();
+    c.execute_batch(sql).unwrap();
+}
+
+/// What a sync's stream start does: each side merges the other's
+/// definitions of the shard, then the changes flow both ways.
+fn sync(a: &mut Store, b: &mut Store, shard: &str) {
+    let defs_b: Vec<_> = b
+        .shard_tables(shard)
+        .unwrap()
+        .iter()
+        .map(|t| t.def())
+        .collect();
+    for d in &defs_b {
+        a.merge_table_def(shard, d, Some("b")).unwrap();
+    }
+    let defs_a: Vec<_> = a
+        .shard_tables(shard)
+        .unwrap()
+        .iter()
+        .map(|t| t.def())
+        .collect();
+    for d in &defs_a {
+        b.merge_table_def(shard, d, Some("a")).unwrap();
+    }
+    pull(a, b, shard);
+    pull(b, a, shard);
+}
+
+fn tasks(dir: &tempfile::TempDir) -> (Store, Store) {
+    let mut a = store(dir, "a");
+    let mut b = store(dir, "b");
+    a.execute_sql("CREATE TABLE tasks(id TEXT PRIMARY KEY, title TEXT)")
+        .unwrap();
+    a.add_table("tasks", "default", Strategy::Lww).unwrap();
+    a.execute_sql("INSERT INTO tasks VALUES('t1','one')")
+        .unwrap();
+    sync(&mut a, &mut b, "default");
+    (a, b)
+}
+
+#[test]
+fn a_column_added_by_another_writer_is_captured_and_travels() -> R {
+    let dir = tempfile::tempdir()?;
+    let (mut a, mut b) = tasks(&dir);
+    let before = a.table("tasks")?.schema_version;
+    shell(
+        &a,
+        "ALTER TABLE tasks ADD COLUMN prio INTEGER;
+         UPDATE tasks SET prio = 5 WHERE id = 't1';
+         INSERT INTO tasks VALUES('t2', 'two', 3);",
+    );
+    let t = a.table("tasks")?;
+    assert!(
+        t.column("prio").is_some(),
+        "the added column is in the catalog"
+    );
+    assert!(
+        t.schema_version > before,
+        "the change is a new schema version"
+    );
+    let out = export(&a, "tasks");
+    assert!(
+        out.contains(r#""prio":5"#) && out.contains(r#""prio":3"#),
+        "{out}"
+    );
+    sync(&mut a, &mut b, "default");
+    assert_eq!(export(&a, "tasks"), export(&b, "tasks"));
+    // Captured from now on, on both sides, also from SQL.
+    shell(&b, "UPDATE tasks SET prio = 9 WHERE id = 't2'");
+    sync(&mut a, &mut b, "default");
+    assert!(export(&a, "tasks").contains(r#""prio":9"#));
+    Ok(())
+}
+
+#[test]
+fn concurrent_added_columns_both_survive_in_the_same_order() -> R {
+    let dir = tempfile::tempdir()?;
+    let (mut a, mut b) = tasks(&dir);
+    shell(
+        &a,
+        "ALTER TABLE tasks ADD COLUMN owner TEXT; UPDATE tasks SET owner = 'ann'",
+    );
+    shell(
+        &b,
+        "ALTER TABLE tasks ADD COLUMN due TEXT DEFAULT 'never'; UPDATE tasks SET due = 'mon'",
+    );
+    sync(&mut a, &mut b, "default");
+    sync(&mut a, &mut b, "default");
+    let (ea, eb) = (export(&a, "tasks"), export(&b, "tasks"));
+    assert_eq!(ea, eb);
+    assert!(ea.contains("ann") && ea.contains("mon"), "{ea}");
+    let names = |s: &Store| -> Vec<String> {
+        s.table("tasks")
+            .unwrap()
+            .columns
+            .iter()
+            .map(|c| c.name.clone())
+            .collect()
+    };
+    assert_eq!(names(&a), names(&b));
+    // The default travelled with the column: a new row on A gets it.
+    a.execute_sql("INSERT INTO tasks(id, title) VALUES('t9', 'nine')")?;
+    assert!(export(&a, "tasks").contains(r#""due":"never""#));
+    Ok(())
+}
+
+#[test]
+fn changes_a_peer_cannot_follow_are_refused_with_the_way_out() -> R {
+    let dir = tempfile::tempdir()?;
+    let (a, _b) = tasks(&dir);
+    shell(&a, "ALTER TABLE tasks RENAME COLUMN title TO name");
+    let err = a.table("tasks").unwrap_err().to_string();
+    assert!(
+        err.contains("rename") && err.contains("Rename it back"),
+        "{err}"
+    );
+    shell(&a, "ALTER TABLE tasks RENAME COLUMN name TO title");
+    assert!(a.table("tasks").is_ok(), "renamed back, all is well");
+    // A type change needs a rebuild, which also drops the capture.
+    shell(
+        &a,
+        "CREATE TABLE t2(id TEXT PRIMARY KEY, title INTEGER); INSERT INTO t2 SELECT * FROM tasks;
+         DROP TABLE tasks; ALTER TABLE t2 RENAME TO tasks;",
+    );
+    let err = a.table("tasks").unwrap_err().to_string();
+    assert!(err.contains("changed type from TEXT to INTEGER"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn newer_schema_changes_are_held_until_their_column_arrives() -> R {
+    let dir = tempfile::tempdir()?;
+    let (a, mut b) = tasks(&dir);
+    shell(
+        &a,
+        "ALTER TABLE tasks ADD COLUMN prio INTEGER; UPDATE tasks SET prio = 7",
+    );
+    a.refresh_schema()?;
+    // Changes only, no definitions (as a live push delivers them).
+    let r = pull(&mut b, &a, "default");
+    assert!(r.held > 0, "{r:?}");
+    assert_eq!(b.held_count(Some("default"))?, r.held);
+    // B does not claim what it holds but has not applied.
+    let claimed = b.table_versions("default")?["tasks"].get(&a.site_id());
+    let has = a.table_versions("default")?["tasks"].get(&a.site_id());
+    assert!(claimed < has);
+    for d in a.shard_tables("default")?.iter().map(|t| t.def()) {
+        b.merge_table_def("default", &d, None)?;
+    }
+    let replayed = b.replay_held()?;
+    assert!(replayed.applied > 0);
+    assert_eq!(b.held_count(None)?, 0);
+    assert_eq!(export(&a, "tasks"), export(&b, "tasks"));
+    Ok(())
+}
+
+#[test]
+fn the_same_column_with_two_types_is_a_schema_conflict_until_resolved() -> R {
+    let dir = tempfile::tempdir()?;
+    let (mut a, mut b) = tasks(&dir);
+    shell(
+        &a,
+        "ALTER TABLE tasks ADD COLUMN size INTEGER; UPDATE tasks SET size = 1",
+    );
+    shell(
+        &b,
+        "ALTER TABLE tasks ADD COLUMN size TEXT; UPDATE tasks SET size = 'big'",
+    );
+    let d = a.table("tasks")?.def();
+    let err = b.merge_table_def("default", &d, Some("a")).unwrap_err();
+    assert!(matches!(err, StoreError::SchemaConflict { .. }), "{err}");
+    let open = b.schema_conflicts()?;
+    assert_eq!(open.len(), 1);
+    assert_eq!(
+        (open[0].ours.as_str(), open[0].theirs.as_str()),
+        ("TEXT", "INTEGER")
+    );
+    let res = b.resolve_schema_conflict("tasks", "size", Keep::Theirs)?;
+    assert_eq!(res.values_discarded, 1);
+    assert!(b.schema_conflicts()?.is_empty());
+    sync(&mut a, &mut b, "default");
+    assert_eq!(export(&a, "tasks"), export(&b, "tasks"));
+    assert!(export(&b, "tasks").contains(r#""size":1"#));
+    Ok(())
+}
+
+#[test]
+fn counter_increments_on_three_replicas_add_up() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut s: Vec<Store> = ["a", "b", "c"].iter().map(|n| store(&dir, n)).collect();
+    s[0].execute_sql(
+        "CREATE TABLE stats(id TEXT PRIMARY KEY, views INTEGER NOT NULL DEFAULT 0, title TEXT)",
+    )?;
+    let opts = TableOptions {
+        policies: vec![
+            ("views".into(), Strategy::Counter),
+            ("title".into(), Strategy::Fww),
+        ],
+        ..Default::default()
+    };
+    s[0].add_table_with("stats", "default", Strategy::Lww, &opts)?;
+    s[0].execute_sql("INSERT INTO stats VALUES('page', 10, 'first')")?;
+    let (x, rest) = s.split_at_mut(1);
+    sync(&mut rest[0], &mut x[0], "default");
+    sync(&mut rest[1], &mut x[0], "default");
+    assert_eq!(
+        s[2].table("stats")?.column("views").unwrap().policy(),
+        Some(Strategy::Counter)
+    );
+    for round in 0..4 {
+        for (i, st) in s.iter().enumerate() {
+            for _ in 0..=i {
+                shell(st, "UPDATE stats SET views = views + 1 WHERE id = 'page'");
+            }
+            shell(
+                st,
+                &format!("UPDATE stats SET title = 't{i}{round}' WHERE id = 'page'"),
+            );
+        }
+        // Sync in a different pattern each round.
+        let (i, j) = [(0, 1), (1, 2), (2, 0), (0, 2)][round];
+        let (lo, hi) = (i.min(j), i.max(j));
+        let (p, q) = s.split_at_mut(hi);
+        sync(&mut p[lo], &mut q[0], "default");
+    }
+    for _ in 0..2 {
+        for (i, j) in [(0, 1), (1, 2), (0, 2)] {
+            let (p, q) = s.split_at_mut(j);
+            sync(&mut p[i], &mut q[0], "default");
+        }
+    }
+    let e = export(&s[0], "stats");
+    // 10 + 4 rounds × (1 + 2 + 3)
+    assert!(e.contains(r#""views":34"#), "{e}");
+    assert_eq!(e, export(&s[1], "stats"));
+    assert_eq!(e, export(&s[2], "stats"));
+    Ok(())
+}
+
+#[test]
+fn references_cascade_across_a_merge_and_keep_reports_dangling() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut a = store(&dir, "a");
+    let mut b = store(&dir, "b");
+    a.execute_sql(
+        "CREATE TABLE nodes(id TEXT PRIMARY KEY, name TEXT);
+         CREATE TABLE links(id TEXT PRIMARY KEY, src TEXT NOT NULL, dst TEXT NOT NULL);
+         CREATE TABLE notes(id TEXT PRIMARY KEY, about TEXT);",
+    )?;
+    a.add_table("nodes", "default", Strategy::Lww)?;
+    let to_node = |on_delete| Reference {
+        table: "nodes".into(),
+        column: "id".into(),
+        on_delete,
+    };
+    a.add_table_with(
+        "links",
+        "default",
+        Strategy::Lww,
+        &TableOptions {
+            references: vec![
+                ("src".into(), to_node(OnDelete::Cascade)),
+                ("dst".into(), to_node(OnDelete::Cascade)),
+            ],
+            ..Default::default()
+        },
+    )?;
+    a.add_table_with(
+        "notes",
+        "default",
+        Strategy::Lww,
+        &TableOptions {
+            references: vec![("about".into(), to_node(OnDelete::Keep))],
+            ..Default::default()
+        },
+    )?;
+    a.execute_sql("INSERT INTO nodes VALUES('n1','one'), ('n2','two')")?;
+    sync(&mut a, &mut b, "default");
+    // Concurrently: A deletes n1, B links to it.
+    a.execute_sql("DELETE FROM nodes WHERE id = 'n1'")?;
+    b.execute_sql(
+        "INSERT INTO links VALUES('l1','n1','n2'), ('l2','n2','n2'); INSERT INTO notes VALUES('x','n1')",
+    )?;
+    sync(&mut a, &mut b, "default");
+    sync(&mut a, &mut b, "default");
+    for s in [&a, &b] {
+        let e = export(s, "links");
+        assert!(!e.contains("l1") && e.contains("l2"), "{e}");
+        let d = s.dangling()?;
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(
+            (d[0].table.as_str(), d[0].keys.as_slice()),
+            ("notes", &["x".to_string()][..])
+        );
+    }
+    assert_eq!(export(&a, "links"), export(&b, "links"));
+    // A local delete cascades as it happens.
+    a.execute_sql("DELETE FROM nodes WHERE id = 'n2'")?;
+    assert!(!export(&a, "links").contains("l2"));
+    sync(&mut a, &mut b, "default");
+    assert_eq!(export(&b, "links"), "");
+    Ok(())
+}
+
+#[test]
+fn rules_are_checked_against_their_columns() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut a = store(&dir, "a");
+    a.execute_sql("CREATE TABLE t(id TEXT PRIMARY KEY, name TEXT, n INTEGER)")?;
+    let with = |p: Vec<(&str, Strategy)>| TableOptions {
+        policies: p.into_iter().map(|(c, s)| (c.to_string(), s)).collect(),
+        ..Default::default()
+    };
+    let err = a.add_table_with(
+        "t",
+        "default",
+        Strategy::Lww,
+        &with(vec![("name", Strategy::Counter)]),
+    );
+    assert!(err
+        .unwrap_err()
+        .to_string()
+        .contains("a counter needs an INTEGER or REAL column"));
+    let err = a.add_table_with(
+        "t",
+        "default",
+        Strategy::Lww,
+        &with(vec![("nope", Strategy::Max)]),
+    );
+    assert!(err.unwrap_err().to_string().contains("no column \"nope\""));
+    let err = a.add_table_with(
+        "t",
+        "default",
+        Strategy::Lww,
+        &with(vec![("id", Strategy::Max)]),
+    );
+    assert!(err.unwrap_err().to_string().contains("primary key"));
+    a.add_table_with(
+        "t",
+        "default",
+        Strategy::Lww,
+        &with(vec![("n", Strategy::Max)]),
+    )?;
+    let v = a.table("t")?.schema_version;
+    let t = a.set_column_policy("t", "name", Strategy::Fww)?;
+    assert_eq!(t.column("name").unwrap().policy(), Some(Strategy::Fww));
+    assert!(t.schema_version > v, "a change of rule is a schema change");
+    a.execute_sql("CREATE TABLE fk(id TEXT PRIMARY KEY, t TEXT REFERENCES t(id))")?;
+    let err = a
+        .add_table("fk", "default", Strategy::Lww)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--references"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_dropped_column_stops_replicating_here_and_a_rebuilt_table_gets_capture_back() -> R {
+    let dir = tempfile::tempdir()?;
+    let (mut a, mut b) = tasks(&dir);
+    shell(
+        &a,
+        "ALTER TABLE tasks ADD COLUMN prio INTEGER; UPDATE tasks SET prio = 1",
+    );
+    sync(&mut a, &mut b, "default");
+    // SQLite refuses the plain statement while capture names the column.
+    let c = rusqlite::Connection::open(a.path())?;
+    let e = c
+        .execute_batch("ALTER TABLE tasks DROP COLUMN prio")
+        .unwrap_err();
+    assert!(e.to_string().contains("quiver_upd_tasks"), "{e}");
+    let t = a.drop_column("tasks", "prio")?;
+    assert!(t.column("prio").is_none() && t.dropped == vec!["prio".to_string()]);
+    shell(&b, "UPDATE tasks SET prio = 2");
+    sync(&mut a, &mut b, "default");
+    assert!(
+        !export(&a, "tasks").contains("prio"),
+        "a peer's values for it are ignored"
+    );
+    assert!(
+        export(&b, "tasks").contains(r#""prio":2"#),
+        "the peer keeps its column"
+    );
+    // Rebuilt behind quiverdb's back (same columns): capture comes back.
+    shell(
+        &a,
+        "CREATE TABLE t2(id TEXT PRIMARY KEY, title TEXT); INSERT INTO t2 SELECT * FROM tasks;
+         DROP TABLE tasks; ALTER TABLE t2 RENAME TO tasks;",
+    );
+    a.refresh_schema()?;
+    shell(&a, "UPDATE tasks SET title = 'rebuilt'");
+    sync(&mut a, &mut b, "default");
+    assert!(export(&b, "tasks").contains("rebuilt"));
+    // A table dropped here stops replicating here; the peer keeps it, and
+    // its definition does not bring it back.
+    shell(&a, "DROP TABLE tasks");
+    assert!(a.table("tasks").is_err());
+    sync(&mut a, &mut b, "default");
+    assert!(a.table("tasks").is_err(), "not recreated from the peer");
+    assert!(!export(&b, "tasks").is_empty());
+    Ok(())
+}

@@ -512,6 +512,33 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 20)]
         rows: usize,
     },
+    /// A replica receiving rows from a `quiver serve` process over QUIC,
+    /// against plain SQLite inserting them.
+    Sync {
+        /// Rows to sync.
+        #[arg(long, default_value_t = 10_000)]
+        n: usize,
+        /// Dimensions of each vector.
+        #[arg(long, default_value_t = 384)]
+        dim: usize,
+        /// snapshot: into an empty replica; delta: into one that already
+        /// holds the source's earlier rows.
+        #[arg(long, default_value = "snapshot", value_name = "snapshot|delta|clone")]
+        mode: String,
+    },
+    /// Remote updates applied to rows a replica holds, half of them
+    /// concurrent with its own edits, against plain SQLite inserting them.
+    Apply {
+        /// Changes to apply.
+        #[arg(long, default_value_t = 20_000)]
+        n: usize,
+    },
+    /// Concurrent versions applied and resolved.
+    Conflicts {
+        /// Conflicting rows.
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+    },
     /// Write-to-visible latency across a live link (p50/p99).
     Live {
         /// Single writes to time.

@@ -48,7 +48,75 @@ fn plain_conn(path: &std::path::Path) -> Result<Connection> {
     Ok(conn)
 }
 
-fn plain_insert(path: &std::path::Path, rows: &[Record], batch: usize) -> Result<f64> {
+/// Peak resident memory of a process, in KiB (Linux).
+pub(crate) fn peak_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A `quiver serve` child process on a loopback port of its own, killed
+/// when dropped.
+pub(crate) struct ServeChild {
+    child: std::process::Child,
+    pub addr: String,
+    pub fp: String,
+    _out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl ServeChild {
+    pub fn start(db: &std::path::Path, extra: &[&str]) -> Result<ServeChild> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .arg("--db")
+            .arg(db)
+            .args(["serve", "--listen", "127.0.0.1:0", "--http", "off"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting quiver serve: {e}"))?;
+        let mut out = std::io::BufReader::new(
+            child
+                .stdout
+                .take()
+                .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+        );
+        let mut word = |what: &str| -> Result<String> {
+            let mut line = String::new();
+            out.read_line(&mut line)?;
+            line.split_whitespace()
+                .nth(2)
+                .map(str::to_string)
+                .ok_or_else(|| anyhow::anyhow!("serve printed {line:?} where its {what} goes"))
+        };
+        let addr = word("address")?;
+        let fp = word("fingerprint")?;
+        Ok(ServeChild {
+            child,
+            addr,
+            fp,
+            _out: out,
+        })
+    }
+
+    pub fn peak_kib(&self) -> Option<u64> {
+        peak_kib(self.child.id())
+    }
+}
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) fn plain_insert(path: &std::path::Path, rows: &[Record], batch: usize) -> Result<f64> {
     let mut conn = plain_conn(path)?;
     conn.execute_batch(
         "CREATE TABLE docs(id TEXT PRIMARY KEY NOT NULL, vector BLOB NOT NULL, metadata TEXT NOT NULL, content TEXT)",

@@ -3,26 +3,14 @@
 //! pull everything), no errors allowed, every export equal at the end;
 //! throughput and the server's peak memory are reported.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 use quiver_store::{CollectionSpec, Record, Store};
 use quiver_sync::{Client, ClientOptions, StoreHandle, SyncSpec, Trust};
 
 const DIM: usize = 16;
-
-/// Peak resident memory of a process, in KiB (Linux).
-fn peak_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
 
 fn export(s: &Store) -> Result<String> {
     let mut out = Vec::new();
@@ -49,37 +37,9 @@ pub fn run(clients: usize, rows: usize, json: bool) -> Result<()> {
     };
     q(&["init", "--name", "load-server"])?;
     q(&["collection", "create", "docs", "--dim", &DIM.to_string()])?;
-    let mut server = Command::new(&exe)
-        .arg("--db")
-        .arg(&server_db)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "off",
-            "--max-connections",
-            &(clients + 16).to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting quiver serve")?;
-    let mut out = BufReader::new(server.stdout.take().ok_or_else(|| anyhow!("no stdout"))?);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    let addr = line
-        .split_whitespace()
-        .nth(2)
-        .ok_or_else(|| anyhow!("serve printed {line:?}"))?
-        .to_string();
-    line.clear();
-    out.read_line(&mut line)?;
-    let fp = line
-        .split_whitespace()
-        .nth(2)
-        .ok_or_else(|| anyhow!("serve printed {line:?}"))?
-        .to_string();
+    let max_conns = (clients + 16).to_string();
+    let served = crate::bench::ServeChild::start(&server_db, &["--max-connections", &max_conns])?;
+    let (addr, fp) = (served.addr.clone(), served.fp.clone());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -155,9 +115,8 @@ pub fn run(clients: usize, rows: usize, json: bool) -> Result<()> {
             retries,
         ))
     });
-    let peak = peak_kib(server.id());
-    let _ = server.kill();
-    let _ = server.wait();
+    let peak = served.peak_kib();
+    drop(served);
     let (timings, changes, equal, total_rows, retries) = result?;
     if equal != clients {
         bail!("only {equal} of {clients} clients hold the server's data");

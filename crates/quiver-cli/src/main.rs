@@ -5,6 +5,7 @@ mod bench;
 mod bench_live;
 mod bench_load;
 mod bench_search;
+mod bench_sync;
 mod commands;
 mod config;
 mod demo;

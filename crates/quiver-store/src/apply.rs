@@ -239,6 +239,10 @@ impl Store {
         tx.execute("UPDATE quiver_state SET applying = 0", [])?;
         crate::references::keep_whole(&tx, tables, &events)?;
         for c in &batch.covered {
+            // A table dropped here, or not known yet: nothing to claim.
+            let Some(t) = tables.get(&c.table) else {
+                continue;
+            };
             if c.site == self.site {
                 continue;
             }
@@ -247,7 +251,7 @@ impl Store {
                 "INSERT INTO quiver_vv(tbl, site, dbv) VALUES (?1, ?2, ?3)
                  ON CONFLICT(tbl, site) DO UPDATE SET dbv = max(dbv, excluded.dbv)",
             )?
-            .execute(params![tables[&c.table].id, ix, c.version as i64])?;
+            .execute(params![t.id, ix, c.version as i64])?;
         }
         if let Some(peer) = peer {
             let vv = crate::changes::shard_vv(&tx, &mut sites, &batch.shard, self.site)?;

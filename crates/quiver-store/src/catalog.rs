@@ -247,6 +247,21 @@ pub(crate) fn check_policy(table: &str, col: &ColumnDef, policy: Strategy) -> Re
         || t.contains("FLOA")
         || t.contains("DOUB")
         || t.contains("NUM");
+    if policy == Strategy::Counter
+        && col
+            .default_sql()
+            .is_some_and(|d| !matches!(d.trim(), "0" | "0.0" | "NULL" | "null"))
+    {
+        return Err(StoreError::TableRefused {
+            table: table.to_string(),
+            reason: format!(
+                "column {:?} was added with the default {}: as a counter, each replica would count \
+                 that default once; add it with DEFAULT 0 (or none)",
+                col.name,
+                col.default_sql().unwrap_or_default()
+            ),
+        });
+    }
     if policy == Strategy::Counter && !numeric {
         return Err(StoreError::TableRefused {
             table: table.to_string(),

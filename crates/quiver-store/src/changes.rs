@@ -38,6 +38,8 @@ struct Segment {
     to: u64,
     /// The requester's knowledge of this table.
     theirs: VersionVector,
+    /// Whether this store holds changes of the table it cannot apply yet.
+    held: bool,
 }
 
 /// Where the scan of the current segment stands.
@@ -166,13 +168,24 @@ impl Store {
         let mut sites = Sites::default();
         let mut segments = Vec::new();
         for (name, their_vv) in theirs {
-            let t = self.table(name)?;
+            // A table the peer has and this store dropped (or never had):
+            // nothing of it to send.
+            let t = match self.table(name) {
+                Ok(t) => t,
+                Err(StoreError::NoSuchTable(_)) => continue,
+                Err(e) => return Err(e),
+            };
             if t.shard != shard {
                 return Err(StoreError::NoSuchTable(format!(
                     "{name} (in shard {shard})"
                 )));
             }
             let own = table_vv(&self.conn, &mut sites, &t, self.site)?;
+            let held: bool = self.conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM quiver_held WHERE tbl = ?1)",
+                [&t.name],
+                |r| r.get(0),
+            )?;
             for (site, from, to) in own.ahead_of(their_vv) {
                 let site_ix = if site == self.site {
                     0
@@ -186,6 +199,7 @@ impl Store {
                     from,
                     to,
                     theirs: their_vv.clone(),
+                    held,
                 });
             }
         }
@@ -262,6 +276,26 @@ impl ChangeStream<'_> {
             },
             out,
         );
+        // Changes this store holds for the row, for a column it does not
+        // know, travel with the rest of the row: a receiver taking the
+        // row's other cells of the same transaction counts that
+        // transaction as seen, and would take them for duplicates later.
+        if seg.held {
+            let rows: Vec<String> = self
+                .conn
+                .prepare_cached(
+                    "SELECT change FROM quiver_held WHERE tbl = ?1 AND pk = ?2 ORDER BY seq",
+                )?
+                .query_map(params![t.name, P(key)], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for body in rows {
+                let c: Change = serde_json::from_str(&body)
+                    .map_err(|e| StoreError::Corrupt(format!("a held change: {e}")))?;
+                if !seg.theirs.covers(&c.dot()) {
+                    push(c, out);
+                }
+            }
+        }
         for (col, versions) in &state.cells {
             // A version 0 is a column's default before anyone wrote it
             // (see `evolve::bottom`): every replica has it, none sends it.

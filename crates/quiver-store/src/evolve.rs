@@ -338,12 +338,13 @@ fn forget_table(conn: &Connection, t: &TableInfo) -> Result<()> {
     ] {
         conn.execute(sql, [t.id])?;
     }
-    for kind in triggers::KINDS {
-        conn.execute_batch(&format!(
-            "DROP TRIGGER IF EXISTS {}",
-            quote(&triggers::trigger_ident(kind, t))
-        ))?;
+    for sql in [
+        "DELETE FROM quiver_held WHERE tbl = ?1",
+        "DELETE FROM quiver_schema_conflicts WHERE tbl = ?1",
+    ] {
+        conn.execute(sql, [&t.name])?;
     }
+    triggers::remove(conn, t)?;
     let mut dropped = dropped_tables(conn)?;
     dropped.insert(t.name.clone(), t.shard.clone());
     set_dropped_tables(conn, &dropped)
@@ -424,12 +425,23 @@ pub struct SchemaConflict {
     pub detected_at: u64,
 }
 
+/// `TYPE [NOT NULL] [DEFAULT x]`, as a schema conflict shows a column.
 fn shape(c: &ColumnDef) -> String {
+    let mut s = c.decl_type.clone();
     if c.not_null {
-        format!("{} NOT NULL", c.decl_type)
-    } else {
-        c.decl_type.clone()
+        s.push_str(" NOT NULL");
     }
+    if let Some(d) = c.default_sql() {
+        s.push_str(" DEFAULT ");
+        s.push_str(d);
+    }
+    s
+}
+
+/// Whether two replicas' definitions of one column disagree on what a row
+/// nobody wrote shows (both carry a default, and they differ).
+fn other_default(a: &ColumnDef, b: &ColumnDef) -> bool {
+    matches!((a.default_sql(), b.default_sql()), (Some(x), Some(y)) if x.trim() != y.trim())
 }
 
 /// Which side a schema conflict's resolution keeps.
@@ -493,7 +505,10 @@ impl Store {
             })();
             let events = match recorded {
                 Ok(e) => {
-                    self.conn.execute_batch("COMMIT")?;
+                    if let Err(c) = self.conn.execute_batch("COMMIT") {
+                        let _ = self.conn.execute_batch("ROLLBACK");
+                        return Err(c.into());
+                    }
                     e
                 }
                 Err(e) => {
@@ -563,7 +578,7 @@ impl Store {
                 added.push(theirs.clone());
                 continue;
             };
-            if !mine.same_shape(theirs) {
+            if !mine.same_shape(theirs) || other_default(mine, theirs) {
                 let c = SchemaConflict {
                     shard: shard.to_string(),
                     table: t.name.clone(),
@@ -588,6 +603,7 @@ impl Store {
                     theirs: c.theirs,
                 });
             }
+            check_peer_reference(&self.conn, &t.name, shard, theirs)?;
             let before = mine.clone();
             merge_ext(&t.name, mine, theirs)?;
             if *mine != before {
@@ -598,6 +614,7 @@ impl Store {
             return Ok(false);
         }
         for c in &added {
+            check_peer_reference(&self.conn, &t.name, shard, c)?;
             if c.not_null
                 && c.default_sql()
                     .is_none_or(|d| d.eq_ignore_ascii_case("NULL"))
@@ -655,6 +672,9 @@ impl Store {
     /// Creates a table (or collection) from a peer's definition, with its
     /// columns' rules, references and stamps as the peer has them.
     fn create_from_def(&mut self, shard: &str, d: &TableDef) -> Result<()> {
+        for c in &d.columns {
+            check_peer_reference(&self.conn, &d.name, shard, c)?;
+        }
         let mut t = if d.kind == quiver_core::TableKind::Collection {
             let dim = d.dim.ok_or_else(|| StoreError::TableRefused {
                 table: d.name.clone(),
@@ -737,9 +757,13 @@ impl Store {
         let t = self.table(table)?;
         let mut discarded = 0;
         if keep == Keep::Theirs {
-            let (decl_type, not_null) = match c.theirs.strip_suffix(" NOT NULL") {
+            let (rest, default) = match c.theirs.split_once(" DEFAULT ") {
+                Some((r, d)) => (r, Some(d.to_string())),
+                None => (c.theirs.as_str(), None),
+            };
+            let (decl_type, not_null) = match rest.strip_suffix(" NOT NULL") {
                 Some(t) => (t.to_string(), true),
-                None => (c.theirs.clone(), false),
+                None => (rest.to_string(), false),
             };
             let mut col = t
                 .column(column)
@@ -747,6 +771,7 @@ impl Store {
                 .ok_or_else(|| StoreError::NoSuchTable(format!("{table}.{column}")))?;
             col.decl_type = decl_type;
             col.not_null = not_null;
+            col.edit_ext(|e| e.default = default);
             if not_null && col.default_sql().is_none() {
                 return Err(StoreError::InvalidValue(format!(
                     "the peer's {table}.{column} is NOT NULL: give this replica's rows a value first \
@@ -770,18 +795,15 @@ impl Store {
             self.local_write(|tx| {
                 // Capture is off for the rebuild: the old values go with
                 // the column, not as writes peers would receive.
-                for kind in triggers::KINDS {
-                    tx.execute_batch(&format!(
-                        "DROP TRIGGER IF EXISTS {}",
-                        quote(&triggers::trigger_ident(kind, &t))
-                    ))?;
-                }
+                triggers::fold_pending(tx)?;
+                triggers::remove(tx, &t)?;
                 tx.execute_batch(&format!(
                     "ALTER TABLE {q} DROP COLUMN {c}; ALTER TABLE {q} ADD COLUMN {add}",
                     q = quote(table),
                     c = quote(column)
                 ))?;
                 forget_column(tx, t.id, column)?;
+                bottoms(tx, t.id, column)?;
                 n.schema_version = catalog::next_schema_version(tx, &t.shard)?;
                 catalog::save(tx, &n)?;
                 triggers::install(tx, &n)?;
@@ -831,16 +853,7 @@ impl Store {
             ..Default::default()
         };
         let event = self.local_write(|tx| {
-            for kind in triggers::KINDS {
-                tx.execute_batch(&format!(
-                    "DROP TRIGGER IF EXISTS {}",
-                    quote(&triggers::trigger_ident(kind, &t))
-                ))?;
-            }
-            tx.execute_batch(&format!(
-                "DROP TRIGGER IF EXISTS {}",
-                quote(&format!("quiver_cnt_{}_{}", t.name, column))
-            ))?;
+            triggers::remove(tx, &t)?;
             tx.execute_batch(&format!(
                 "ALTER TABLE {} DROP COLUMN {}",
                 quote(table),
@@ -888,22 +901,24 @@ impl Store {
         )? as u64)
     }
 
-    /// Applies held changes whose schema has arrived, in the order they
-    /// were received. Returns what applying them did.
-    pub fn replay_held(&mut self) -> Result<crate::ApplyReport> {
+    /// Applies held changes (of `shard`, or of every shard) whose schema
+    /// has arrived, in the order they were received. Returns what applying
+    /// them did. A shard's held changes that its store refuses stay held,
+    /// with the reason, and do not stop the others.
+    pub fn replay_held(&mut self, shard: Option<&str>) -> Result<crate::ApplyReport> {
         let mut report = crate::ApplyReport::default();
-        if self.held_count(None)? == 0 {
+        if self.held_count(shard)? == 0 {
             return Ok(report);
         }
         let tables = catalog::load_all(&self.conn)?;
-        let rows: Vec<(i64, String, Vec<u8>)> = self
+        let rows: Vec<(i64, String, String)> = self
             .conn
-            .prepare("SELECT seq, shard, change FROM quiver_held ORDER BY seq")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .prepare("SELECT seq, shard, change FROM quiver_held WHERE ?1 IS NULL OR shard = ?1 ORDER BY seq")?
+            .query_map([shard], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<rusqlite::Result<_>>()?;
         let mut by_shard: BTreeMap<String, (Vec<i64>, Vec<Change>)> = BTreeMap::new();
         for (seq, shard, body) in rows {
-            let ch: Change = serde_json::from_slice(&body)
+            let ch: Change = serde_json::from_str(&body)
                 .map_err(|e| StoreError::Corrupt(format!("held change {seq}: {e}")))?;
             let known = tables.iter().any(|t| {
                 t.name == ch.table
@@ -936,8 +951,19 @@ impl Store {
                 changes,
                 covered: Vec::new(),
             };
-            let r = self.apply_replay(&batch, &seqs)?;
-            report.add(&r);
+            match self.apply_replay(&batch, &seqs) {
+                Ok(r) => report.add(&r),
+                Err(e) => {
+                    tracing::warn!(shard = %batch.shard, "held changes still cannot be applied: {e}");
+                    let why = format!("refused when replayed: {e}");
+                    let mut st = self
+                        .conn
+                        .prepare_cached("UPDATE quiver_held SET reason = ?2 WHERE seq = ?1")?;
+                    for s in &seqs {
+                        st.execute(params![s, why])?;
+                    }
+                }
+            }
         }
         Ok(report)
     }
@@ -987,6 +1013,37 @@ fn merge_ext(table: &str, mine: &mut ColumnDef, theirs: &ColumnDef) -> Result<()
     Ok(())
 }
 
+/// Checks a reference a peer's definition declares, as registration
+/// checks a local one: a valid name, and where the target is here, a
+/// replicated table of the same shard keyed by that one column. A target
+/// not here yet is checked when it arrives (its cascade trigger waits).
+fn check_peer_reference(conn: &Connection, table: &str, shard: &str, c: &ColumnDef) -> Result<()> {
+    let Some(r) = c.references() else {
+        return Ok(());
+    };
+    let refuse = |reason: String| StoreError::TableRefused {
+        table: table.to_string(),
+        reason: format!("the peer's reference of column {:?}: {reason}", c.name),
+    };
+    names::check(&r.table).map_err(|e| refuse(e.to_string()))?;
+    names::check(&r.column).map_err(|e| refuse(e.to_string()))?;
+    if let Some(target) = catalog::load(conn, &r.table)? {
+        if target.shard != shard {
+            return Err(refuse(format!(
+                "{} is in shard {:?}",
+                r.table, target.shard
+            )));
+        }
+        if target.pk.len() != 1 || target.pk[0].name != r.column {
+            return Err(refuse(format!(
+                "{}.{} is not that table's single-column key",
+                r.table, r.column
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn record_conflict(conn: &Connection, c: &SchemaConflict) -> Result<()> {
     conn.execute(
         "INSERT INTO quiver_schema_conflicts(tbl, col, shard, ours, theirs, peer, detected_at)
@@ -1012,7 +1069,7 @@ fn schema_cookie(conn: &Connection) -> Result<i64> {
 
 /// Keeps a change whose table or column this replica does not know yet.
 pub(crate) fn hold(conn: &Connection, shard: &str, ch: &Change, reason: &str) -> Result<bool> {
-    let body = serde_json::to_vec(ch).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let body = serde_json::to_string(ch).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let n = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO quiver_held(shard, tbl, col, pk, site, dbv, change, reason, held_at)

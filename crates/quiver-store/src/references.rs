@@ -30,9 +30,20 @@ pub struct Dangling {
     pub keys: Vec<String>,
 }
 
-/// The keys of `t`'s rows whose `col` points at no row of its target.
-fn dangling_rows(conn: &Connection, t: &TableInfo, col: &ColumnDef) -> Result<Vec<Vec<Value>>> {
+/// The keys of `t`'s rows whose `col` points at no row of its target; with
+/// `deleted_only`, only those whose target this replica knows was deleted
+/// (its tombstone is here), not one that has not arrived yet. A reference
+/// whose target table is gone points at nothing to check.
+fn dangling_rows(
+    conn: &Connection,
+    t: &TableInfo,
+    col: &ColumnDef,
+    deleted_only: bool,
+) -> Result<Vec<Vec<Value>>> {
     let Some(r) = col.references() else {
+        return Ok(Vec::new());
+    };
+    let Some(target) = catalog::load(conn, &r.table)? else {
         return Ok(Vec::new());
     };
     let keys =
@@ -40,9 +51,19 @@ fn dangling_rows(conn: &Connection, t: &TableInfo, col: &ColumnDef) -> Result<Ve
             .map(|c| format!("x.{}", quote(&c.name)))
             .collect::<Vec<_>>()
             .join(", ");
+    // The target is keyed by this one column, so its clock key is the value.
+    let tombstone = if deleted_only {
+        format!(
+            "AND EXISTS (SELECT 1 FROM quiver_clock c WHERE c.tbl = {} AND c.pk = x.{} AND c.col = '' AND c.cl % 2 = 0)",
+            target.id,
+            quote(&col.name)
+        )
+    } else {
+        String::new()
+    };
     let sql = format!(
         "SELECT {keys} FROM {t} AS x WHERE x.{c} IS NOT NULL
-           AND NOT EXISTS (SELECT 1 FROM {target} AS y WHERE y.{tc} = x.{c})",
+           AND NOT EXISTS (SELECT 1 FROM {target} AS y WHERE y.{tc} = x.{c}) {tombstone}",
         t = quote(&t.name),
         c = quote(&col.name),
         target = quote(&r.table),
@@ -62,8 +83,11 @@ fn dangling_rows(conn: &Connection, t: &TableInfo, col: &ColumnDef) -> Result<Ve
 
 /// After a merge (capture on again, in the merge's transaction): deletes,
 /// as local writes peers will receive, the rows of `cascade` references
-/// whose target the merge removed or never had. Only references touching
-/// a table whose rows the merge changed are looked at.
+/// whose target is deleted here (a tombstone, from this merge or an earlier
+/// one). A target that has not arrived yet deletes nothing: the rows wait,
+/// listed as dangling, since the target may be on its way (a shard's
+/// tables stream in name order). Only references touching a table whose
+/// rows the merge changed are looked at.
 pub(crate) fn keep_whole(
     conn: &Connection,
     batch_tables: &HashMap<String, TableInfo>,
@@ -91,7 +115,7 @@ pub(crate) fn keep_whole(
             {
                 continue;
             }
-            let rows = dangling_rows(conn, t, col)?;
+            let rows = dangling_rows(conn, t, col, true)?;
             if rows.is_empty() {
                 continue;
             }
@@ -127,7 +151,7 @@ impl Store {
         let mut out = Vec::new();
         for t in self.tables()? {
             for (col, r) in t.references() {
-                let rows = dangling_rows(&self.conn, &t, col)?;
+                let rows = dangling_rows(&self.conn, &t, col, false)?;
                 if !rows.is_empty() {
                     out.push(Dangling {
                         table: t.name.clone(),

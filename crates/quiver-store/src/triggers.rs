@@ -269,15 +269,17 @@ pub(crate) fn trigger_ident(kind: &str, t: &TableInfo) -> String {
     format!("quiver_{kind}_{}", t.name)
 }
 
+/// (Names use `:` between table and column, which neither may contain, so
+/// no two pairs give one name.)
 /// The trigger that deletes rows of `t` pointing at a row of the
 /// referenced table deleted by a local write (a merge's deletes are
 /// followed in the apply path).
 fn reference_ident(t: &TableInfo, col: &ColumnDef) -> String {
-    format!("quiver_ref_{}_{}", t.name, col.name)
+    format!("quiver_ref_{}:{}", t.name, col.name)
 }
 
 fn counter_ident(t: &TableInfo, col: &ColumnDef) -> String {
-    format!("quiver_cnt_{}_{}", t.name, col.name)
+    format!("quiver_cnt_{}:{}", t.name, col.name)
 }
 
 /// The names of every capture trigger `t` should have.
@@ -332,8 +334,9 @@ fn trigger_name(kind: &str, t: &TableInfo) -> String {
     quote(&trigger_ident(kind, t))
 }
 
-/// Replaces a table's capture triggers with this build's.
-pub(crate) fn reinstall(conn: &Connection, t: &TableInfo) -> Result<()> {
+/// Drops every capture trigger of a table: its own, its counters', and
+/// the reference triggers on the tables it points to.
+pub(crate) fn remove(conn: &Connection, t: &TableInfo) -> Result<()> {
     for kind in KINDS {
         conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", trigger_name(kind, t)))?;
     }
@@ -353,6 +356,12 @@ pub(crate) fn reinstall(conn: &Connection, t: &TableInfo) -> Result<()> {
     for name in extra {
         conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(&name)))?;
     }
+    Ok(())
+}
+
+/// Replaces a table's capture triggers with this build's.
+pub(crate) fn reinstall(conn: &Connection, t: &TableInfo) -> Result<()> {
+    remove(conn, t)?;
     install(conn, t)
 }
 

@@ -112,6 +112,9 @@ pub struct SyncResult {
     pub skipped_shards: Vec<String>,
 }
 
+/// How long closing waits for the endpoint to send its close frames.
+const CLOSE_FLUSH: Duration = Duration::from_millis(5);
+
 /// Called with the result of every round of a live link.
 pub type RoundFn = Arc<dyn Fn(&SyncResult) + Send + Sync>;
 
@@ -728,15 +731,16 @@ impl Client {
             link.conn.close(0u32.into(), b"done");
         }
         if let Some((ep, _)) = &self.endpoint {
-            if had_links {
-                // Lets the close reach the servers, so they free the
-                // connection now instead of at their idle timeout.
-                let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
-            } else {
+            if !had_links {
                 // No open link: at most a dropped one's close to send.
                 ep.close(0u32.into(), b"done");
-                let _ = tokio::time::timeout(Duration::from_millis(200), ep.wait_idle()).await;
             }
+            // Long enough for the endpoint to send the closes, so servers
+            // free the connection now instead of at their idle timeout;
+            // not the whole draining period (three probe timeouts, about
+            // 80 ms on loopback), which only absorbs stray packets. The
+            // endpoint stays usable for a later connection.
+            let _ = tokio::time::timeout(CLOSE_FLUSH, ep.wait_idle()).await;
         }
     }
 }

@@ -58,7 +58,7 @@ pub fn ensure_tables(
     // Held changes whose schema is known by now (from this peer, or from
     // a local change) go in before the exchange's own.
     if store.held_count(Some(shard))? > 0 {
-        let r = store.replay_held()?;
+        let r = store.replay_held(Some(shard))?;
         tracing::info!(
             shard,
             applied = r.applied,

@@ -495,6 +495,13 @@ proptest! {
             } else {
                 None
             };
+            // What the client held may have been replaced by the server's
+            // concurrent version (applied before the client read its own
+            // changes): then it has nothing left to push, and no refusal.
+            let expected = match (expected, c) {
+                (Some(ErrorCode::Forbidden), Ok(o)) if o.changes_sent == 0 && o.changes_received > 0 => None,
+                (e, _) => e,
+            };
             prop_assert_eq!(code(c), expected, "client of stream {}: {:?}", i, c);
             prop_assert_eq!(code(s), expected, "server of stream {}: {:?}", i, s);
             if let (Ok(c), Ok(s)) = (c, s) {

@@ -117,7 +117,9 @@ fn validate(conn: &rusqlite::Connection, batch: &ChangeBatch) -> Result<Plan> {
             Some(name) => {
                 let Some(col) = t.column(name) else {
                     if t.dropped.contains(name) {
+                        // Not applied, but kept to pass on (see DROPPED_HERE).
                         ignored.push(i);
+                        plan_held.push((i, crate::evolve::DROPPED_HERE.to_string()));
                     } else {
                         crate::names::check(name)
                             .map_err(|e| StoreError::BatchRefused(at(e.to_string())))?;
@@ -177,6 +179,8 @@ impl Store {
             .map(|(i, _)| *i)
             .chain(plan.ignored.iter().copied())
             .collect();
+        // Ignored changes of a dropped column are also in `held`: counted once.
+        let ignored_cells = plan.ignored.len() as u64;
         let changes: std::borrow::Cow<'_, [Change]> = if set_aside.is_empty() {
             std::borrow::Cow::Borrowed(&batch.changes)
         } else {
@@ -201,11 +205,12 @@ impl Store {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         crate::triggers::fold_pending(&tx)?;
         for (i, reason) in &plan.held {
-            if crate::evolve::hold(&tx, &batch.shard, &batch.changes[*i], reason)? {
+            let kept = crate::evolve::hold(&tx, &batch.shard, &batch.changes[*i], reason)?;
+            if kept && reason != crate::evolve::DROPPED_HERE {
                 report.held += 1;
             }
         }
-        report.stale += plan.ignored.len() as u64;
+        report.stale += ignored_cells;
         if let Some(seqs) = replay {
             let mut del = tx.prepare_cached("DELETE FROM quiver_held WHERE seq = ?1")?;
             for s in seqs {
@@ -217,6 +222,11 @@ impl Store {
             [floor.as_i64()],
         )?;
         let mut sites = Sites::default();
+        let quiet = if crate::triggers::only_ours(&tx, tables.keys().map(String::as_str))? {
+            Some(crate::triggers::TriggersOff::new(&tx)?)
+        } else {
+            None
+        };
         let mut start = 0;
         while start < changes.len() {
             let first = &changes[start];
@@ -236,6 +246,7 @@ impl Store {
             )?;
             start = end;
         }
+        drop(quiet);
         tx.execute("UPDATE quiver_state SET applying = 0", [])?;
         crate::references::keep_whole(&tx, tables, &events)?;
         for c in &batch.covered {
@@ -376,7 +387,8 @@ fn apply_row(
             .collect()
     };
     let after_visible = visible(&state);
-    let shown_changed = before.alive() != state.alive() || visible(&before) != after_visible;
+    let shown_changed =
+        before.alive() != state.alive() || (before.alive() && visible(&before) != after_visible);
     if changed || state.know != before.know {
         rowstate::store(
             tx,
@@ -386,6 +398,7 @@ fn apply_row(
             pk,
             &state,
             shown_changed.then_some(&after_visible),
+            before.existence.is_none(),
         )?;
     }
     for (col, contenders, kept) in conflicted {

@@ -322,6 +322,41 @@ impl ChangeStream<'_> {
         Ok(bytes)
     }
 
+    /// Passes on the changes this store holds in the segment's range for a
+    /// column it does not know (or dropped): it claims their versions, so
+    /// a replica syncing from it must get them from it. (Those of a row
+    /// also travel with the row, see [`ChangeStream::emit_row`]; a second
+    /// copy is a duplicate to the receiver.)
+    fn emit_held(&mut self, seg_i: usize, out: &mut Vec<Change>) -> Result<usize> {
+        let seg = &self.segments[seg_i];
+        if !seg.held {
+            return Ok(0);
+        }
+        let rows: Vec<String> = self
+            .conn
+            .prepare_cached(
+                "SELECT change FROM quiver_held WHERE tbl = ?1 AND site = ?2 AND dbv > ?3 AND dbv <= ?4 ORDER BY seq",
+            )?
+            .query_map(
+                params![
+                    seg.table.name,
+                    seg.site.as_bytes().as_slice(),
+                    seg.from as i64,
+                    seg.to as i64
+                ],
+                |r| r.get(0),
+            )?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut bytes = 0;
+        for body in rows {
+            let c: Change = serde_json::from_str(&body)
+                .map_err(|e| StoreError::Corrupt(format!("a held change: {e}")))?;
+            bytes += approx_size(&c);
+            out.push(c);
+        }
+        Ok(bytes)
+    }
+
     /// One batch, read in one read transaction: the clock and the row
     /// values it pairs with come from the same snapshot, so a row deleted
     /// (or rewritten) by another connection while the batch is read is
@@ -371,6 +406,7 @@ impl ChangeStream<'_> {
                 for key in keys {
                     bytes += self.emit_row(self.seg, &key, -1, &mut batch.changes)?;
                 }
+                bytes += self.emit_held(self.seg, &mut batch.changes)?;
                 self.cursor = Cursor::Clock { after: None };
             }
             let after = match &self.cursor {

@@ -895,7 +895,7 @@ impl Store {
     /// Changes held because their table or column is not known here yet.
     pub fn held_count(&self, shard: Option<&str>) -> Result<u64> {
         Ok(self.conn.query_row(
-            "SELECT count(*) FROM quiver_held WHERE ?1 IS NULL OR shard = ?1",
+            "SELECT count(*) FROM quiver_held WHERE (?1 IS NULL OR shard = ?1) AND reason <> 'column dropped here'",
             [shard],
             |r| r.get::<_, i64>(0),
         )? as u64)
@@ -1089,13 +1089,22 @@ pub(crate) fn hold(conn: &Connection, shard: &str, ch: &Change, reason: &str) ->
     Ok(n > 0)
 }
 
-/// Per origin site, the lowest version of a table's held changes: a
-/// replica may not claim what it holds but has not applied, or a replica
-/// syncing from it would never get those changes.
+/// Why changes for a column this replica dropped are kept: not to apply
+/// them (unless the column comes back), but to pass them on, since this
+/// replica claims their versions and a peer that keeps the column may
+/// count on it as a relay.
+pub(crate) const DROPPED_HERE: &str = "column dropped here";
+
+/// Per origin site, the lowest version of a table's held changes waiting
+/// for their schema: a replica does not claim what it holds but has not
+/// applied until then (changes for a column dropped here are claimed, and
+/// passed on with their rows and ranges).
 pub(crate) fn held_floor(conn: &Connection, table: &str) -> Result<Vec<(SiteId, u64)>> {
     let rows: Vec<(Vec<u8>, i64)> = conn
-        .prepare_cached("SELECT site, min(dbv) FROM quiver_held WHERE tbl = ?1 GROUP BY site")?
-        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .prepare_cached(
+            "SELECT site, min(dbv) FROM quiver_held WHERE tbl = ?1 AND reason <> ?2 GROUP BY site",
+        )?
+        .query_map([table, DROPPED_HERE], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
     rows.into_iter()
         .map(|(s, v)| {

@@ -257,6 +257,8 @@ fn unreachable_existence() -> Version {
 
 /// Writes a row's state back: clock, siblings and, if `visible` is given,
 /// the user table (which must have capture switched off by the caller).
+/// `fresh`: the store held nothing of the row before.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn store(
     conn: &Connection,
     sites: &mut Sites,
@@ -265,6 +267,7 @@ pub(crate) fn store(
     pk: &[Value],
     state: &RowState,
     visible: Option<&BTreeMap<String, Value>>,
+    fresh: bool,
 ) -> Result<()> {
     let Some(ex) = &state.existence else {
         return Ok(());
@@ -287,10 +290,13 @@ pub(crate) fn store(
         ctx,
         know
     ])?;
-    conn.prepare_cached("DELETE FROM quiver_clock WHERE tbl = ?1 AND pk = ?2 AND col <> ''")?
-        .execute(params![t.id, P(key)])?;
-    conn.prepare_cached("DELETE FROM quiver_siblings WHERE tbl = ?1 AND pk = ?2")?
-        .execute(params![t.id, P(key)])?;
+    // A row new to this store has no cell records or siblings to clear.
+    if !fresh {
+        conn.prepare_cached("DELETE FROM quiver_clock WHERE tbl = ?1 AND pk = ?2 AND col <> ''")?
+            .execute(params![t.id, P(key)])?;
+        conn.prepare_cached("DELETE FROM quiver_siblings WHERE tbl = ?1 AND pk = ?2")?
+            .execute(params![t.id, P(key)])?;
+    }
     for (col, versions) in &state.cells {
         let Some(primary) = versions.iter().max_by(|a, b| a.order(b)) else {
             continue;

@@ -142,6 +142,49 @@ impl Drop for DirectLog<'_> {
     }
 }
 
+/// Whether every trigger on these tables is one of quiverdb's own (whose
+/// names start with `quiver_`, a prefix reserved for it).
+pub(crate) fn only_ours<'a>(
+    conn: &Connection,
+    tables: impl IntoIterator<Item = &'a str>,
+) -> Result<bool> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT count(*) FROM (
+           SELECT name, tbl_name FROM main.sqlite_master WHERE type = 'trigger'
+           UNION ALL
+           SELECT name, tbl_name FROM temp.sqlite_master WHERE type = 'trigger')
+         WHERE tbl_name = ?1 COLLATE NOCASE AND substr(name, 1, 7) <> 'quiver_'",
+    )?;
+    for t in tables {
+        if stmt.query_row([t], |r| r.get::<_, i64>(0))? > 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Switches a connection's triggers off until dropped. While remote
+/// changes are applied every capture trigger is a no-op (`applying`), yet
+/// SQLite would still run each one's sub-program, and a statement journal
+/// for every write that fires one; with only quiverdb's triggers on the
+/// tables, the apply skips them all.
+pub(crate) struct TriggersOff<'c>(&'c Connection);
+
+impl<'c> TriggersOff<'c> {
+    pub(crate) fn new(conn: &'c Connection) -> Result<TriggersOff<'c>> {
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER, false)?;
+        Ok(TriggersOff(conn))
+    }
+}
+
+impl Drop for TriggersOff<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER, true);
+    }
+}
+
 /// Moves logged inserts into the clock in the order they happened (the
 /// log's own order, so no sort; sorting by key measured 10% slower). An
 /// insert starts a new life of the row: a fresh row gets causal length 1, a re-insert after delete the next odd

@@ -486,3 +486,29 @@ fn a_reference_whose_target_has_not_arrived_yet_waits() -> R {
     assert_eq!(export(&b, "edges"), "");
     Ok(())
 }
+
+#[test]
+fn a_replica_that_dropped_a_column_still_relays_it() -> R {
+    let dir = tempfile::tempdir()?;
+    let (mut a, mut b) = tasks(&dir);
+    let mut c = store(&dir, "c");
+    shell(&a, "ALTER TABLE tasks ADD COLUMN prio INTEGER");
+    sync(&mut a, &mut b, "default");
+    sync(&mut b, &mut c, "default");
+    b.drop_column("tasks", "prio")?;
+    // A writes the column B dropped; C hears of A only through B.
+    shell(
+        &a,
+        "UPDATE tasks SET prio = 7 WHERE id = 't1'; INSERT INTO tasks VALUES('t3', 'three', 9)",
+    );
+    sync(&mut a, &mut b, "default");
+    assert!(!export(&b, "tasks").contains("prio"));
+    sync(&mut b, &mut c, "default");
+    assert_eq!(export(&a, "tasks"), export(&c, "tasks"));
+    assert_eq!(
+        b.held_count(None)?,
+        0,
+        "kept to pass on, not waiting for a schema"
+    );
+    Ok(())
+}

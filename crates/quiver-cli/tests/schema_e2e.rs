@@ -245,3 +245,32 @@ fn a_link_to_a_node_deleted_elsewhere_goes_on_every_replica() {
     );
     assert!(e.contains("already") || e.contains("nowhere"), "{e}");
 }
+
+#[test]
+fn an_older_schema_receives_newer_changes_first_holds_them_then_applies_them() {
+    let (a, b) = tasks();
+    let c = Node::new("c");
+    let sa = a.serve(&[]);
+    let sb = b.serve(&[]);
+    sync(&b, &sa);
+    sync(&c, &sb);
+    // A's schema moves on; B takes it, then drops the column here (it
+    // still passes on what it claimed); C, on the old schema, hears of
+    // A's new column only through B: changes first, no definition.
+    a.q(&["sql", "ALTER TABLE tasks ADD COLUMN prio INTEGER"]);
+    a.q(&["sql", "UPDATE tasks SET prio = 4 WHERE id = 't1'"]);
+    sync(&b, &sa);
+    b.q(&["table", "drop-column", "tasks", "prio"]);
+    assert!(!b.export("tasks").contains("prio"));
+    let r = sync(&c, &sb);
+    assert!(r["held"].as_u64().unwrap() > 0, "{r}");
+    let st: serde_json::Value = serde_json::from_str(&c.q(&["--json", "status"])).unwrap();
+    assert!(st["shards"][0]["held"].as_u64().unwrap() > 0, "{st}");
+    assert!(!c.export("tasks").contains("prio"));
+    // The definition arrives from A: the held changes apply, in order.
+    sync(&c, &sa);
+    assert_eq!(a.export("tasks"), c.export("tasks"));
+    assert!(c.export("tasks").contains(r#""prio":4"#));
+    let st: serde_json::Value = serde_json::from_str(&c.q(&["--json", "status"])).unwrap();
+    assert_eq!(st["shards"][0]["held"], 0, "{st}");
+}

@@ -307,6 +307,40 @@ fn bottoms(conn: &Connection, tid: i64, col: &str) -> Result<()> {
     Ok(())
 }
 
+/// Keeps every version of a column about to be dropped as a change to
+/// pass on: this replica has claimed them, so a peer that keeps the
+/// column and syncs through it must still get them (see [`DROPPED_HERE`]).
+fn keep_dropped(conn: &Connection, t: &TableInfo, col: &str) -> Result<()> {
+    let keys: Vec<Value> = conn
+        .prepare("SELECT pk FROM quiver_clock WHERE tbl = ?1 AND col = '' AND cl % 2 = 1")?
+        .query_map([t.id], |r| Ok(crate::sqlvalue::from_ref(r.get_ref(0)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut sites = crate::rowstate::Sites::default();
+    for key in keys {
+        let pk = crate::sqlvalue::pk_values(&key, t.pk.len())
+            .ok_or_else(|| StoreError::Corrupt(format!("bad key in clock of {}", t.name)))?;
+        let state = crate::rowstate::load(conn, &mut sites, t, &key, &pk)?;
+        for v in state.cells.get(col).into_iter().flatten() {
+            if v.dot.db_version == 0 {
+                continue;
+            }
+            let ch = Change {
+                table: t.name.clone(),
+                pk: pk.clone(),
+                column: Some(col.to_string()),
+                value: v.value.clone(),
+                hlc: v.hlc,
+                site: v.dot.site,
+                db_version: v.dot.db_version,
+                cl: v.cl,
+                replaces: v.replaces.clone(),
+            };
+            hold(conn, &t.shard, &ch, DROPPED_HERE)?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes what the store keeps of a column no longer in the table.
 fn forget_column(conn: &Connection, tid: i64, col: &str) -> Result<()> {
     conn.execute(
@@ -853,6 +887,8 @@ impl Store {
             ..Default::default()
         };
         let event = self.local_write(|tx| {
+            triggers::fold_pending(tx)?;
+            keep_dropped(tx, &t, column)?;
             triggers::remove(tx, &t)?;
             tx.execute_batch(&format!(
                 "ALTER TABLE {} DROP COLUMN {}",

@@ -48,6 +48,21 @@ pub enum Command {
         #[command(flatten)]
         trust: TrustArgs,
     },
+    /// Make a new replica (at --db, which must not exist) from a
+    /// consistent copy of a server's whole store; it gets a site id of its
+    /// own and none of the server's tokens or peers, and syncs both ways.
+    Clone {
+        /// The server, HOST:PORT.
+        addr: String,
+        /// Token the server asks for (or QUIVER_TOKEN); it must cover every shard.
+        #[arg(long, env = "QUIVER_TOKEN")]
+        token: Option<String>,
+        /// This replica's node name.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        trust: TrustArgs,
+    },
     /// Create, list and drop vector collections.
     #[command(subcommand)]
     Collection(CollectionCmd),
@@ -522,7 +537,8 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 384)]
         dim: usize,
         /// snapshot: into an empty replica; delta: into one that already
-        /// holds the source's earlier rows.
+        /// holds the source's earlier rows; clone: `quiver clone`'s
+        /// whole-store copy.
         #[arg(long, default_value = "snapshot", value_name = "snapshot|delta|clone")]
         mode: String,
     },
@@ -560,6 +576,7 @@ impl Command {
             Command::Serve(_)
                 | Command::Sync(_)
                 | Command::Ping { .. }
+                | Command::Clone { .. }
                 | Command::Demo { .. }
                 | Command::Bench(_)
                 | Command::Status { server: Some(_) }

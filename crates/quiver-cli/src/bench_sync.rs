@@ -66,11 +66,8 @@ impl Writer {
 /// process over QUIC on loopback, into an empty store (`snapshot`) or one
 /// that already holds the source's earlier rows (`delta`).
 pub fn sync(n: usize, dim: usize, mode: &str, json: bool) -> Result<()> {
-    if !matches!(mode, "snapshot" | "delta") {
-        bail!(
-            "--mode {mode}: this build measures snapshot (into an empty replica) and delta \
-             (into one that holds the earlier rows); clone is not built yet"
-        );
+    if !matches!(mode, "snapshot" | "delta" | "clone") {
+        bail!("--mode {mode}: expected snapshot, delta or clone");
     }
     crate::net::init_logging("error");
     let dir = tempfile::tempdir()?;
@@ -100,8 +97,11 @@ pub fn sync(n: usize, dim: usize, mode: &str, json: bool) -> Result<()> {
         }
         quiver_sync::tls::create_identity(&src_db, &[])?
     };
-    drop(Store::init(&dst_db)?);
     let served = ServeChild::start(&src_db, &[])?;
+    if mode == "clone" {
+        return clone(n, dim, plain, payload, &dir, &served, fp, json);
+    }
+    drop(Store::init(&dst_db)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -176,6 +176,69 @@ pub fn sync(n: usize, dim: usize, mode: &str, json: bool) -> Result<()> {
         server_peak.unwrap_or(0) as f64 / 1048576.0
     );
     println!("  an app writing every 10 ms waited at most {stall:.1} ms");
+    Ok(())
+}
+
+/// `quiver bench sync --mode clone`: the same rows as a whole-store copy.
+#[allow(clippy::too_many_arguments)]
+fn clone(
+    n: usize,
+    dim: usize,
+    plain: f64,
+    payload: u64,
+    dir: &tempfile::TempDir,
+    served: &ServeChild,
+    fp: String,
+    json: bool,
+) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let hello = Store::init(dir.path().join("hello.db"))?;
+    let mut client = Client::new(
+        StoreHandle::spawn_unwatched(hello),
+        ClientOptions {
+            trust: Trust::Pin(fp),
+            connect_timeout: Duration::from_secs(10),
+            ..Default::default()
+        },
+    );
+    let t = Instant::now();
+    rt.block_on(client.ping(&served.addr))
+        .context("connecting to the bench's server")?;
+    let connect = t.elapsed().as_secs_f64();
+    let dest = dir.path().join("clone.db");
+    reset_peak();
+    let t = Instant::now();
+    let r = rt.block_on(client.clone_store(&served.addr, &dest))?;
+    let secs = t.elapsed().as_secs_f64();
+    let client_peak = own_peak_bytes();
+    let server_peak = served.peak_kib().map(|k| k * 1024);
+    rt.block_on(client.close());
+    let got = Store::open(&dest)?.count("docs")? as usize;
+    if got != n {
+        bail!("the clone holds {got} rows, not {n}");
+    }
+    let v = serde_json::json!({
+        "bench": "sync", "n": n, "dim": dim, "mode": "clone",
+        "connect_s": connect, "sync_s": secs, "plain_sqlite_s": plain, "ratio": secs / plain,
+        "wire_bytes": r.bytes, "payload_bytes": payload,
+        "client_peak_rss_bytes": client_peak, "server_peak_rss_bytes": server_peak,
+        "max_writer_stall_ms": serde_json::Value::Null,
+    });
+    if json {
+        return crate::output::json(&v);
+    }
+    println!("clone of a store of {n} x {dim}-dim vectors from a quiver serve on loopback");
+    println!("  connect        {:>9.2} ms", connect * 1000.0);
+    println!(
+        "  clone          {secs:>9.3} s   ({} bytes of store file)",
+        r.bytes
+    );
+    println!(
+        "  plain SQLite   {plain:>9.3} s   ratio {:.2}x",
+        secs / plain
+    );
     Ok(())
 }
 

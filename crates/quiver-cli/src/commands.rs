@@ -45,6 +45,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => crate::net::serve(&db, a, json)?,
         Command::Sync(a) => crate::net::sync(&db, a, json)?,
         Command::Ping { addr, token, trust } => crate::net::ping(&db, &addr, token, &trust, json)?,
+        Command::Clone {
+            addr,
+            token,
+            name,
+            trust,
+        } => crate::net::clone(&db, &addr, token, name, &trust, json)?,
         Command::Collection(CollectionCmd::List) => list_tables(&read()?, json, true)?,
         Command::Collection(c) => collection(open()?, c, json)?,
         Command::Put {

@@ -651,6 +651,64 @@ pub fn server_status(addr: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `quiver clone ADDR --db NEW`: a new replica from the server's whole
+/// store. The hello needs a site of its own: a throwaway store gives it.
+pub fn clone(
+    db: &Path,
+    addr: &str,
+    token: Option<String>,
+    name: Option<String>,
+    t: &TrustArgs,
+    json: bool,
+) -> Result<()> {
+    init_logging("warn");
+    if db.exists() {
+        anyhow::bail!(
+            "{} already exists; clone makes a new store (pick another --db)",
+            db.display()
+        );
+    }
+    let scratch = tempfile::tempdir()?;
+    let hello_store = Store::init(scratch.path().join("hello.db"))?;
+    let opts = ClientOptions {
+        trust: trust(t)?,
+        client_identity: client_identity(db, t),
+        token,
+        node: name.clone().unwrap_or_else(|| "clone".into()),
+        retries: 0,
+        connect_timeout: ONE_SHOT_CONNECT_TIMEOUT,
+        ..Default::default()
+    };
+    let rt = runtime()?;
+    let r = rt.block_on(async move {
+        let mut client = Client::new(StoreHandle::spawn_unwatched(hello_store), opts);
+        let r = client.clone_store(addr, db).await;
+        client.close().await;
+        r
+    })?;
+    let mut s = Store::open(db)?;
+    if let Some(n) = &name {
+        s.set_node_name(n)?;
+    }
+    let fp = quiver_sync::tls::create_identity(db, &[])?;
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["fingerprint"] = fp.into();
+        return output::json(&v);
+    }
+    println!(
+        "cloned {} from {} in {} ms: {} bytes, {} tables; new site {}",
+        db.display(),
+        r.peer_node,
+        r.duration_ms,
+        r.bytes,
+        r.tables,
+        r.site_id
+    );
+    println!("certificate SHA-256 {fp}; sync with the source as with any peer");
+    Ok(())
+}
+
 pub fn ping(db: &Path, addr: &str, token: Option<String>, t: &TrustArgs, json: bool) -> Result<()> {
     init_logging("warn");
     let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;

@@ -9,6 +9,11 @@ use thiserror::Error;
 pub const HEADER_LEN: usize = 10;
 /// The frame limit before the handshake has negotiated one.
 pub const HANDSHAKE_MAX_FRAME: usize = 64 * 1024;
+
+/// Extends a CRC32C (the frames' checksum) over more bytes; start from 0.
+pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, data)
+}
 /// The largest frame limit either side may ask for.
 pub const MAX_FRAME_LIMIT: usize = 64 * 1024 * 1024;
 /// Bodies at least this large are worth trying to compress.

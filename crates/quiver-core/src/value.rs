@@ -7,7 +7,7 @@ pub enum Value {
     Integer(i64),
     Real(f64),
     Text(String),
-    Blob(#[serde(with = "serde_bytes_compat")] Vec<u8>),
+    Blob(#[serde(with = "bytes")] Vec<u8>),
 }
 
 impl Value {
@@ -45,7 +45,7 @@ impl Value {
 }
 
 /// Blobs travel as MessagePack `bin`, not as arrays of integers.
-mod serde_bytes_compat {
+pub(crate) mod bytes {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {

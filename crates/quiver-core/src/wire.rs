@@ -239,6 +239,21 @@ messages! {
     12 "subscribe" Subscribe(Vec<String>),
     /// Sent on a live stream: the sender has changes in these shards.
     13 "notify" Notify(Vec<String>),
+    /// Opens a clone stream: send me a consistent copy of the whole store.
+    14 "clone-request" CloneRequest(u32),
+    /// A piece of that copy, in order.
+    15 "clone-chunk" CloneChunk(CloneChunk),
+}
+
+/// A piece of a store copy (`quiver clone`): its place in the file and its
+/// bytes; the last piece also carries the whole file's length and CRC32C.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloneChunk {
+    pub offset: u64,
+    #[serde(with = "crate::value::bytes")]
+    pub data: Vec<u8>,
+    /// On the last piece: (file length, CRC32C of the whole file).
+    pub end: Option<(u64, u32)>,
 }
 
 /// Compares two secrets in constant time (for the length of the longer).

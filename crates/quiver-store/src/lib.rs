@@ -8,6 +8,7 @@
 mod apply;
 mod catalog;
 mod changes;
+mod clone;
 mod collections;
 mod conflicts;
 mod error;

@@ -118,6 +118,19 @@ const CLOSE_FLUSH: Duration = Duration::from_millis(5);
 /// Called with the result of every round of a live link.
 pub type RoundFn = Arc<dyn Fn(&SyncResult) + Send + Sync>;
 
+/// The outcome of a clone.
+#[derive(Debug, Clone, Serialize)]
+pub struct CloneResult {
+    pub peer_node: String,
+    /// The new replica's own site id.
+    pub site_id: String,
+    /// Bytes of the store copy received.
+    pub bytes: u64,
+    pub duration_ms: u64,
+    /// Replicated tables and collections in the new replica.
+    pub tables: usize,
+}
+
 /// The outcome of a ping.
 #[derive(Debug, Clone, Serialize)]
 pub struct PingResult {
@@ -698,6 +711,101 @@ impl Client {
     }
 
     /// Measures the round trip of a ping over the handshaken connection.
+    /// Makes a new replica at `dest` from a consistent copy of the
+    /// server's whole store, streamed over the connection and checked
+    /// (order, length, CRC32C), then given a site id of its own (see
+    /// [`quiver_store::Store::adopt_clone`]). `dest` must not exist; a
+    /// failed clone leaves nothing there. The server refuses a token
+    /// scoped to some shards.
+    pub async fn clone_store(&mut self, addr: &str, dest: &std::path::Path) -> Result<CloneResult> {
+        if dest.exists() {
+            return Err(SyncError::Store(
+                quiver_store::StoreError::AlreadyInitialised {
+                    path: dest.to_path_buf(),
+                },
+            ));
+        }
+        let started = Instant::now();
+        let (sock, _) = self.connect(addr, &None).await?;
+        let link = self
+            .links
+            .get(&sock)
+            .ok_or_else(|| SyncError::Connection("link vanished".into()))?;
+        let max_frame =
+            (link.welcome.max_frame as usize).clamp(HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT);
+        let compression = link.welcome.compression;
+        let peer_node = link.welcome.node.clone();
+        let (send, recv) = link.conn.open_bi().await?;
+        let mut reader = FrameReader::new(recv, max_frame, compression);
+        let mut writer = FrameWriter::new(send, compression);
+        writer.send(&Message::CloneRequest(0)).await?;
+        let partial = std::path::PathBuf::from(format!("{}.clone-partial", dest.display()));
+        let received = async {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&partial)?;
+            let (mut offset, mut crc) = (0u64, 0u32);
+            loop {
+                match reader.expect("a piece of the store copy").await? {
+                    Message::CloneChunk(c) if c.offset != offset => {
+                        return Err(SyncError::Protocol(format!(
+                            "store copy piece at {} where {offset} was expected",
+                            c.offset
+                        )))
+                    }
+                    Message::CloneChunk(c) => {
+                        if let Some((len, sum)) = c.end {
+                            if len != offset || sum != crc {
+                                return Err(SyncError::Protocol(format!(
+                                    "the store copy does not check out: {offset} bytes with CRC32C \
+                                     {crc:08x} received, {len} bytes with {sum:08x} sent"
+                                )));
+                            }
+                            break;
+                        }
+                        crc = quiver_core::frame::crc32c_append(crc, &c.data);
+                        file.write_all(&c.data)?;
+                        offset += c.data.len() as u64;
+                    }
+                    other => {
+                        return Err(SyncError::Protocol(format!(
+                            "expected a piece of the store copy, got {}",
+                            other.kind().1
+                        )))
+                    }
+                }
+            }
+            file.sync_all()?;
+            Ok(offset)
+        }
+        .await;
+        let _ = writer.finish();
+        let bytes = match received {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
+        let (p, d) = (partial.clone(), dest.to_path_buf());
+        let adopted = tokio::task::spawn_blocking(move || quiver_store::Store::adopt_clone(&p, &d))
+            .await
+            .map_err(|e| SyncError::Protocol(format!("adopting the copy: {e}")))?;
+        let store = match adopted {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e.into());
+            }
+        };
+        Ok(CloneResult {
+            peer_node,
+            site_id: store.site_id().to_hex(),
+            bytes,
+            duration_ms: started.elapsed().as_millis() as u64,
+            tables: store.tables()?.len(),
+        })
+    }
+
     pub async fn ping(&mut self, addr: &str) -> Result<PingResult> {
         let (sock, _) = self.connect(addr, &None).await?;
         let link = self

@@ -18,7 +18,7 @@ pub mod tls;
 pub mod transport;
 
 pub use actor::StoreHandle;
-pub use client::{Client, ClientOptions, PingResult, RoundFn, SyncResult, SyncSpec};
+pub use client::{Client, ClientOptions, CloneResult, PingResult, RoundFn, SyncResult, SyncSpec};
 pub use coordinator::{CoordinatorOptions, CoordinatorStats, Event, ShardCoordinator};
 pub use error::{Result, SyncError};
 pub use protocol::{Progress, ProgressFn, ShardResult};

@@ -517,7 +517,7 @@ async fn serve_connection(
                         let _ = writer.finish();
                         return;
                     }
-                    match serve_stream(ctx, id, peer, reader, writer).await {
+                    match serve_stream(ctx, id, peer, reader, writer, max_frame).await {
                         Ok(Some(r)) => info!(
                             shard = %r.shard,
                             sent = r.changes_sent,
@@ -541,6 +541,7 @@ async fn serve_stream(
     peer: Peer,
     mut reader: FrameReader,
     mut writer: FrameWriter,
+    max_frame: usize,
 ) -> Result<Option<crate::ShardResult>> {
     match reader.expect("a sync request").await? {
         Message::Subscribe(_) => {
@@ -549,10 +550,91 @@ async fn serve_stream(
             ctx.with_live(conn_id, |c| c.live = false);
             Ok(None)
         }
+        Message::CloneRequest(_) => {
+            serve_clone(&ctx, &peer, writer, max_frame).await?;
+            Ok(None)
+        }
         first => serve_shard(ctx, conn_id, peer, first, reader, writer)
             .await
             .map(Some),
     }
+}
+
+/// Bytes of the store copy per frame, at most (and below the connection's
+/// frame limit, with room for the frame's own fields).
+pub(crate) const CLONE_CHUNK: usize = 1 << 20;
+
+/// Sends a consistent copy of the whole store (`quiver clone`), made from
+/// one read snapshot on a read-only connection, in order, with the whole
+/// file's length and CRC32C on the last piece. Only a peer that may see
+/// every shard gets it.
+async fn serve_clone(
+    ctx: &Ctx,
+    peer: &Peer,
+    mut writer: FrameWriter,
+    max_frame: usize,
+) -> Result<()> {
+    if peer.scope.is_some() {
+        writer
+            .send(&Message::Error(ErrorMsg {
+                code: ErrorCode::Forbidden,
+                message:
+                    "this token is scoped to some shards, and a clone copies the whole store; \
+                          use `quiver sync` for the shards it may see, or a token for every shard"
+                        .into(),
+                retry_after_ms: None,
+            }))
+            .await?;
+        let _ = writer.finish();
+        return Ok(());
+    }
+    let dir = std::env::temp_dir().join(format!("quiver-clone-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir(&dir)?;
+    let path = dir.join("copy.db");
+    let sent = async {
+        let p = path.clone();
+        ctx.read(move |s| s.backup_into(&p)).await?;
+        // Reads of at most 1 MiB from a file just written come from the
+        // page cache: short enough for an async task.
+        let mut file = std::fs::File::open(&path)?;
+        let (mut offset, mut crc) = (0u64, 0u32);
+        let mut buf = vec![0u8; CLONE_CHUNK.min(max_frame.saturating_sub(1024)).max(4096)];
+        // Pages of vectors do not compress; trying costs more than it saves.
+        writer.compression = false;
+        loop {
+            use std::io::Read;
+            let n = file.read(&mut buf)?;
+            let data = buf[..n].to_vec();
+            crc = quiver_core::frame::crc32c_append(crc, &data);
+            let end = (n == 0).then_some((offset, crc));
+            writer
+                .send(&Message::CloneChunk(quiver_core::wire::CloneChunk {
+                    offset,
+                    data,
+                    end,
+                }))
+                .await?;
+            offset += n as u64;
+            if n == 0 {
+                break;
+            }
+        }
+        info!(bytes = offset, node = %peer.name, "store copy sent for a clone");
+        Ok::<_, SyncError>(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = &sent {
+        let _ = writer
+            .send(&Message::Error(ErrorMsg {
+                code: ErrorCode::Internal,
+                message: format!("copying the store failed: {e}"),
+                retry_after_ms: None,
+            }))
+            .await;
+    }
+    let _ = writer.finish();
+    sent
 }
 
 /// Tells a live peer each time this store gains changes, until the peer

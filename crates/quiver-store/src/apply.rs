@@ -278,6 +278,16 @@ impl Store {
         tx.commit()?;
         if report.applied > 0 {
             self.changes += 1;
+            // Each batch's pages go to the database file now, while no one
+            // waits: otherwise the WAL grows until some commit crosses the
+            // autocheckpoint threshold and copies it all, and that commit
+            // may be an application's own single-row write (SQLite's
+            // default threshold is 1,000 pages), which would stall on a
+            // sync's worth of pages. PASSIVE never waits for readers or
+            // writers; what it cannot copy now, the next one does.
+            let _ = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
         }
         self.revision = self.read_revision()?;
         for e in events {

@@ -24,6 +24,8 @@ fn a_clone_is_a_replica_of_its_own_that_syncs_both_ways() {
     a.q(&["put", "private", "p1", "--vector", "[1,2]"]);
     let scoped = a.q(&["token", "create", "--shard", "default"]);
     let scoped = scoped.split_whitespace().last().unwrap().to_string();
+    let reader = a.q(&["token", "create", "--read-only"]);
+    let reader = reader.split_whitespace().last().unwrap().to_string();
     let full = a.q(&["token", "create"]);
     let full = full.split_whitespace().last().unwrap().to_string();
     let s = a.serve(&[]);
@@ -32,6 +34,9 @@ fn a_clone_is_a_replica_of_its_own_that_syncs_both_ways() {
     let e = err(&c, &["clone", &s.addr, "--pin", &s.fp, "--token", &scoped]);
     assert!(e.contains("scoped") && e.contains("quiver sync"), "{e}");
     assert!(!c.exists(), "a refused clone leaves nothing");
+    let e = err(&c, &["clone", &s.addr, "--pin", &s.fp, "--token", &reader]);
+    assert!(e.contains("read-write"), "{e}");
+    assert!(!c.exists());
     let out = ok(
         &c,
         &[

@@ -27,6 +27,9 @@ fn version_of(c: &Change) -> Version {
     }
 }
 
+/// The WAL size past which an apply copies its pages into the database.
+const WAL_CHECKPOINT_BYTES: u64 = 4 << 20;
+
 /// A batch that would break a constraint of a user table (a row without
 /// a value its NOT NULL column needs, a CHECK) is bad input from the peer,
 /// refused whole like any other: its transaction rolled back.
@@ -284,10 +287,16 @@ impl Store {
             // may be an application's own single-row write (SQLite's
             // default threshold is 1,000 pages), which would stall on a
             // sync's worth of pages. PASSIVE never waits for readers or
-            // writers; what it cannot copy now, the next one does.
-            let _ = self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            // writers; what it cannot copy now, the next one does. Only once
+            // the WAL holds more than a few MiB, so that a live link's small
+            // batches do not each pay a checkpoint's disk flushes.
+            let mut wal = self.path.as_os_str().to_owned();
+            wal.push("-wal");
+            if std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_CHECKPOINT_BYTES) {
+                let _ = self
+                    .conn
+                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            }
         }
         self.revision = self.read_revision()?;
         for e in events {

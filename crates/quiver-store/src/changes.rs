@@ -44,8 +44,15 @@ struct Segment {
 
 /// Where the scan of the current segment stands.
 enum Cursor {
+    /// Changes held here for a column this store does not know, passed on
+    /// by range (past `after`, a `quiver_held.seq`), a page at a time.
+    Held {
+        after: i64,
+    },
     Siblings,
-    Clock { after: Option<(i64, Value)> },
+    Clock {
+        after: Option<(i64, Value)>,
+    },
 }
 
 /// A stream of change batches; an iterator of `Result<ChangeBatch>`.
@@ -86,11 +93,6 @@ pub(crate) fn table_vv(
     for (ix, dbv) in rows {
         if ix != 0 {
             vv.advance(sites.id(conn, ix)?, dbv as u64);
-        }
-    }
-    for (site, lowest) in crate::evolve::held_floor(conn, &t.name)? {
-        if vv.get(&site) >= lowest {
-            vv.set(site, lowest - 1);
         }
     }
     Ok(vv)
@@ -208,7 +210,7 @@ impl Store {
             shard: shard.to_string(),
             segments,
             seg: 0,
-            cursor: Cursor::Siblings,
+            cursor: Cursor::Held { after: 0 },
             limits: StreamLimits {
                 max_changes: limits.max_changes.max(1),
                 max_bytes: limits.max_bytes.max(1),
@@ -327,34 +329,48 @@ impl ChangeStream<'_> {
     /// a replica syncing from it must get them from it. (Those of a row
     /// also travel with the row, see [`ChangeStream::emit_row`]; a second
     /// copy is a duplicate to the receiver.)
-    fn emit_held(&mut self, seg_i: usize, out: &mut Vec<Change>) -> Result<usize> {
+    fn emit_held(
+        &mut self,
+        seg_i: usize,
+        after: i64,
+        out: &mut Vec<Change>,
+    ) -> Result<(bool, i64, usize)> {
         let seg = &self.segments[seg_i];
         if !seg.held {
-            return Ok(0);
+            return Ok((false, after, 0));
         }
-        let rows: Vec<String> = self
+        let page = self.limits.max_changes.max(1) as i64;
+        let rows: Vec<(i64, String)> = self
             .conn
             .prepare_cached(
-                "SELECT change FROM quiver_held WHERE tbl = ?1 AND site = ?2 AND dbv > ?3 AND dbv <= ?4 ORDER BY seq",
+                "SELECT seq, change FROM quiver_held WHERE tbl = ?1 AND site = ?2 AND dbv > ?3 AND dbv <= ?4
+                   AND seq > ?5 ORDER BY seq LIMIT ?6",
             )?
             .query_map(
                 params![
                     seg.table.name,
                     seg.site.as_bytes().as_slice(),
                     seg.from as i64,
-                    seg.to as i64
+                    seg.to as i64,
+                    after,
+                    page
                 ],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?
             .collect::<rusqlite::Result<_>>()?;
-        let mut bytes = 0;
-        for body in rows {
+        let (mut bytes, mut last) = (0, after);
+        let more = rows.len() as i64 == page;
+        for (seq, body) in rows {
             let c: Change = serde_json::from_str(&body)
                 .map_err(|e| StoreError::Corrupt(format!("a held change: {e}")))?;
             bytes += approx_size(&c);
             out.push(c);
+            last = seq;
+            if bytes >= self.limits.max_bytes {
+                return Ok((true, last, bytes));
+            }
         }
-        Ok(bytes)
+        Ok((more, last, bytes))
     }
 
     /// One batch, read in one read transaction: the clock and the row
@@ -395,6 +411,16 @@ impl ChangeStream<'_> {
                 let s = &self.segments[self.seg];
                 (s.table.id, s.site_ix, s.from as i64, s.to as i64)
             };
+            if let Cursor::Held { after } = self.cursor {
+                let (more, last, n) = self.emit_held(self.seg, after, &mut batch.changes)?;
+                bytes += n;
+                if more {
+                    // Mid-segment: nothing of it is covered yet.
+                    self.cursor = Cursor::Held { after: last };
+                    return Ok(Some(batch));
+                }
+                self.cursor = Cursor::Siblings;
+            }
             if matches!(self.cursor, Cursor::Siblings) {
                 let keys: Vec<Value> = self
                     .conn
@@ -406,12 +432,11 @@ impl ChangeStream<'_> {
                 for key in keys {
                     bytes += self.emit_row(self.seg, &key, -1, &mut batch.changes)?;
                 }
-                bytes += self.emit_held(self.seg, &mut batch.changes)?;
                 self.cursor = Cursor::Clock { after: None };
             }
             let after = match &self.cursor {
                 Cursor::Clock { after } => after.clone(),
-                Cursor::Siblings => None,
+                Cursor::Siblings | Cursor::Held { .. } => None,
             };
             let page = self.limits.max_changes.clamp(64, 4096) as i64;
             let (a_dbv, a_key) = after.unwrap_or((from, Value::Null));
@@ -464,7 +489,7 @@ impl ChangeStream<'_> {
                     version: seg.to,
                 });
                 self.seg += 1;
-                self.cursor = Cursor::Siblings;
+                self.cursor = Cursor::Held { after: 0 };
             }
         }
         self.done = true;

@@ -22,6 +22,33 @@ impl Store {
         Ok(())
     }
 
+    /// Readies a copy made by [`Store::backup_into`] to leave this store:
+    /// returns `false` (and leaves it be) when writes by other connections
+    /// were still in the open version when it was taken, since a clone
+    /// would count them as seen yet miss what that version still gains;
+    /// the caller seals and copies again. Otherwise removes the secrets
+    /// that never leave a store (token hashes, peers with their tokens,
+    /// cursors, statistics), overwriting their pages.
+    pub fn prepare_copy(copy: &Path) -> Result<bool> {
+        let conn = Connection::open(copy)?;
+        let unsealed: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM quiver_pending p, quiver_state s WHERE p.dbv = s.dbv)
+                 OR EXISTS (SELECT 1 FROM quiver_clock c, quiver_state s WHERE c.site = 0 AND c.dbv = s.dbv)
+                 OR EXISTS (SELECT 1 FROM quiver_siblings c, quiver_state s WHERE c.site = 0 AND c.dbv = s.dbv)",
+            [],
+            |r| r.get(0),
+        )?;
+        if unsealed {
+            return Ok(false);
+        }
+        conn.pragma_update(None, "secure_delete", "ON")?;
+        conn.execute_batch(
+            "DELETE FROM quiver_tokens; DELETE FROM quiver_peers; DELETE FROM quiver_peer_cursors;
+             DELETE FROM quiver_meta WHERE key = 'coordinator_stats';",
+        )?;
+        Ok(true)
+    }
+
     /// Makes the store copy at `copy` a new replica at `dest`: a fresh site
     /// id, the source's own versions re-attributed to the source's site
     /// (so the new replica claims them as received from it, keeping the
@@ -35,6 +62,20 @@ impl Store {
             });
         }
         let mut conn = Connection::open(copy)?;
+        // The file came over the network: none of its own SQL runs while it
+        // is made a replica, and it must be a sound database.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER,
+            false,
+        )?;
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
+        conn.pragma_update(None, "trusted_schema", "OFF")?;
+        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if check != "ok" {
+            return Err(StoreError::Corrupt(format!(
+                "the received copy fails SQLite's check: {check}"
+            )));
+        }
         let format = schema::format_of(&conn)?.ok_or_else(|| StoreError::NotAStore {
             path: copy.to_path_buf(),
         })?;
@@ -100,11 +141,32 @@ impl Store {
             "UPDATE quiver_meta SET value = ?1 WHERE key = 'created_at'",
             params![wall_ms() as i64],
         )?;
+        // No trigger of the copy's may sit on quiverdb's own tables; the
+        // replicated tables get this build's capture triggers.
+        let foreign: Vec<String> = tx
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger' AND
+                   (substr(tbl_name, 1, 7) = 'quiver_' OR substr(name, 1, 7) = 'quiver_')",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for name in foreign {
+            tx.execute_batch(&format!(
+                "DROP TRIGGER IF EXISTS {}",
+                crate::names::quote(&name)
+            ))?;
+        }
+        for t in crate::catalog::load_all(&tx)? {
+            triggers::install(&tx, &t)?;
+        }
         tx.commit()?;
         drop(conn);
         std::fs::rename(copy, dest).map_err(|e| {
             StoreError::Corrupt(format!("moving the copy to {}: {e}", dest.display()))
         })?;
-        Store::open(dest)
+        Store::open(dest).inspect_err(|_| {
+            // A failed clone leaves nothing at `dest`.
+            let _ = std::fs::remove_file(dest);
+        })
     }
 }

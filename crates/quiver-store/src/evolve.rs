@@ -24,9 +24,7 @@ use std::collections::BTreeMap;
 
 use quiver_core::merge::Version;
 use quiver_core::wire::TableDef;
-use quiver_core::{
-    is_literal, Change, ChangeBatch, ColumnDef, Dot, Hlc, SiteId, Value, VersionVector,
-};
+use quiver_core::{is_literal, Change, ChangeBatch, ColumnDef, Dot, Hlc, Value, VersionVector};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
@@ -1128,25 +1126,6 @@ pub(crate) fn hold(conn: &Connection, shard: &str, ch: &Change, reason: &str) ->
 /// Why changes for a column this replica dropped are kept: not to apply
 /// them (unless the column comes back), but to pass them on, since this
 /// replica claims their versions and a peer that keeps the column may
-/// count on it as a relay.
+/// count on it as a relay. Held changes of every kind are claimed: this
+/// store holds them, and passes them on with their rows and by range.
 pub(crate) const DROPPED_HERE: &str = "column dropped here";
-
-/// Per origin site, the lowest version of a table's held changes waiting
-/// for their schema: a replica does not claim what it holds but has not
-/// applied until then (changes for a column dropped here are claimed, and
-/// passed on with their rows and ranges).
-pub(crate) fn held_floor(conn: &Connection, table: &str) -> Result<Vec<(SiteId, u64)>> {
-    let rows: Vec<(Vec<u8>, i64)> = conn
-        .prepare_cached(
-            "SELECT site, min(dbv) FROM quiver_held WHERE tbl = ?1 AND reason <> ?2 GROUP BY site",
-        )?
-        .query_map([table, DROPPED_HERE], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    rows.into_iter()
-        .map(|(s, v)| {
-            SiteId::from_slice(&s)
-                .map(|s| (s, v as u64))
-                .ok_or_else(|| StoreError::Corrupt("held change with a bad site id".into()))
-        })
-        .collect()
-}

@@ -742,7 +742,10 @@ impl Client {
         let partial = std::path::PathBuf::from(format!("{}.clone-partial", dest.display()));
         let received = async {
             use std::io::Write;
-            let mut file = std::fs::File::create(&partial)?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&partial)?;
             let (mut offset, mut crc) = (0u64, 0u32);
             loop {
                 match reader.expect("a piece of the store copy").await? {
@@ -789,7 +792,10 @@ impl Client {
         let (p, d) = (partial.clone(), dest.to_path_buf());
         let adopted = tokio::task::spawn_blocking(move || quiver_store::Store::adopt_clone(&p, &d))
             .await
-            .map_err(|e| SyncError::Protocol(format!("adopting the copy: {e}")))?;
+            .map_err(|e| SyncError::Protocol(format!("adopting the copy: {e}")))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&partial);
+            })?;
         let store = match adopted {
             Ok(s) => s,
             Err(e) => {

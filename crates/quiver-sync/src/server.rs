@@ -564,36 +564,89 @@ async fn serve_stream(
 /// frame limit, with room for the frame's own fields).
 pub(crate) const CLONE_CHUNK: usize = 1 << 20;
 
+/// One clone at a time per process: each one makes a whole copy.
+static CLONING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Clears [`CLONING`] and removes the copy's folder however the clone ends
+/// (an error, the client going away, shutdown).
+struct CloneGuard(std::path::PathBuf);
+
+impl Drop for CloneGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        CLONING.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Sends a consistent copy of the whole store (`quiver clone`), made from
-/// one read snapshot on a read-only connection, in order, with the whole
-/// file's length and CRC32C on the last piece. Only a peer that may see
-/// every shard gets it.
+/// one read snapshot on a read-only connection once other connections'
+/// writes are sealed, without the store's secrets (tokens, peers), in
+/// order, with the whole file's length and CRC32C on the last piece. Only
+/// a read-write peer that may see every shard gets it.
 async fn serve_clone(
     ctx: &Ctx,
     peer: &Peer,
     mut writer: FrameWriter,
     max_frame: usize,
 ) -> Result<()> {
-    if peer.scope.is_some() {
-        writer
-            .send(&Message::Error(ErrorMsg {
-                code: ErrorCode::Forbidden,
-                message:
-                    "this token is scoped to some shards, and a clone copies the whole store; \
-                          use `quiver sync` for the shards it may see, or a token for every shard"
-                        .into(),
-                retry_after_ms: None,
-            }))
-            .await?;
+    let refuse = |code, message: &str, retry_after_ms| {
+        Message::Error(ErrorMsg {
+            code,
+            message: message.into(),
+            retry_after_ms,
+        })
+    };
+    if peer.scope.is_some() || !peer.may_push {
+        let m = refuse(
+            ErrorCode::Forbidden,
+            "a clone copies the whole store, so it takes a read-write token for every shard; this \
+             token is scoped to some shards or read-only: use `quiver sync` for the shards it may see",
+            None,
+        );
+        writer.send(&m).await?;
+        let _ = writer.finish();
+        return Ok(());
+    }
+    if CLONING.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        let m = refuse(
+            ErrorCode::RateLimited,
+            "another clone is being sent; retry shortly",
+            Some(2000),
+        );
+        writer.send(&m).await?;
         let _ = writer.finish();
         return Ok(());
     }
     let dir = std::env::temp_dir().join(format!("quiver-clone-{:016x}", rand::random::<u64>()));
-    std::fs::create_dir(&dir)?;
+    let _guard = CloneGuard(dir.clone());
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    }
     let path = dir.join("copy.db");
     let sent = async {
-        let p = path.clone();
-        ctx.read(move |s| s.backup_into(&p)).await?;
+        // Writes by other connections in the open version are sealed
+        // first; one that lands between the seal and the snapshot makes
+        // the copy unusable, and it is taken again.
+        let mut ready = false;
+        for _ in 0..5 {
+            ctx.handle.call(|s| s.close_open_version()).await??;
+            let p = path.clone();
+            ctx.read(move |s| s.backup_into(&p)).await?;
+            let p = path.clone();
+            ready = tokio::task::spawn_blocking(move || quiver_store::Store::prepare_copy(&p))
+                .await
+                .map_err(|e| SyncError::Protocol(format!("preparing the copy: {e}")))??;
+            if ready {
+                break;
+            }
+            std::fs::remove_file(&path)?;
+        }
+        if !ready {
+            return Err(SyncError::Protocol(
+                "the store is written too fast to take a sealed copy; retry the clone".into(),
+            ));
+        }
         // Reads of at most 1 MiB from a file just written come from the
         // page cache: short enough for an async task.
         let mut file = std::fs::File::open(&path)?;
@@ -623,7 +676,6 @@ async fn serve_clone(
         Ok::<_, SyncError>(())
     }
     .await;
-    let _ = std::fs::remove_dir_all(&dir);
     if let Err(e) = &sent {
         let _ = writer
             .send(&Message::Error(ErrorMsg {

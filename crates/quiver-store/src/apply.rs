@@ -28,7 +28,7 @@ fn version_of(c: &Change) -> Version {
 }
 
 /// The WAL size past which an apply copies its pages into the database.
-const WAL_CHECKPOINT_BYTES: u64 = 4 << 20;
+const WAL_CHECKPOINT_BYTES: u64 = 1 << 20;
 
 /// A batch that would break a constraint of a user table (a row without
 /// a value its NOT NULL column needs, a CHECK) is bad input from the peer,
@@ -288,7 +288,8 @@ impl Store {
             // default threshold is 1,000 pages), which would stall on a
             // sync's worth of pages. PASSIVE never waits for readers or
             // writers; what it cannot copy now, the next one does. Only once
-            // the WAL holds more than a few MiB, so that a live link's small
+            // the WAL holds more than 1 MiB (well below the 4 MiB at which an
+            // application's connection checkpoints by default), so that a live link's small
             // batches do not each pay a checkpoint's disk flushes.
             let mut wal = self.path.as_os_str().to_owned();
             wal.push("-wal");

@@ -455,23 +455,7 @@ fn list_tables(s: &Store, json: bool, collections_only: bool) -> Result<()> {
     let rows: Vec<Vec<String>> = tables
         .iter()
         .map(|t| {
-            let policies: Vec<String> = t
-                .columns
-                .iter()
-                .filter_map(|c| c.policy().map(|p| format!("{}={p}", c.name)))
-                .collect();
-            let references: Vec<String> = t
-                .references()
-                .map(|(c, r)| {
-                    format!(
-                        "{}->{}.{} ({})",
-                        c.name,
-                        r.table,
-                        r.column,
-                        r.on_delete.as_str()
-                    )
-                })
-                .collect();
+            let (policies, references) = (t.policy_notes(), t.reference_notes());
             let columns = column_notes(&policies, &references);
             vec![
                 t.name.clone(),

@@ -116,6 +116,26 @@ pub struct Version {
 }
 
 impl Version {
+    /// This version as the change that carries it: of `column` of row `pk`
+    /// of `table`, or the row's existence record (no value) for `None`.
+    pub fn to_change(&self, table: &str, pk: &[Value], column: Option<&str>) -> crate::Change {
+        crate::Change {
+            table: table.to_string(),
+            pk: pk.to_vec(),
+            column: column.map(str::to_string),
+            value: if column.is_some() {
+                self.value.clone()
+            } else {
+                Value::Null
+            },
+            hlc: self.hlc,
+            site: self.dot.site,
+            db_version: self.dot.db_version,
+            cl: self.cl,
+            replaces: self.replaces.clone(),
+        }
+    }
+
     /// The order `lww`/`fww` use: `(hlc, site)`, with the origin's version
     /// as a last tiebreak so the order is total.
     pub fn order(&self, other: &Version) -> Ordering {

@@ -62,6 +62,29 @@ impl TableInfo {
         col.policy().unwrap_or(self.strategy)
     }
 
+    /// Columns with a rule of their own, as `column=rule`.
+    pub fn policy_notes(&self) -> Vec<String> {
+        self.columns
+            .iter()
+            .filter_map(|c| c.policy().map(|p| format!("{}={p}", c.name)))
+            .collect()
+    }
+
+    /// Declared references, as `column->table.column (on-delete)`.
+    pub fn reference_notes(&self) -> Vec<String> {
+        self.references()
+            .map(|(c, r)| {
+                format!(
+                    "{}->{}.{} ({})",
+                    c.name,
+                    r.table,
+                    r.column,
+                    r.on_delete.as_str()
+                )
+            })
+            .collect()
+    }
+
     /// Whether any column is a counter (its capture keeps per-site totals).
     pub fn has_counters(&self) -> bool {
         self.columns
@@ -516,6 +539,26 @@ pub(crate) fn register(
     Ok(info)
 }
 
+/// Registers a plain table (not a collection).
+fn register_table(
+    conn: &Connection,
+    name: &str,
+    shard: &str,
+    strategy: Strategy,
+    opts: &TableOptions,
+) -> Result<TableInfo> {
+    register(
+        conn,
+        name,
+        shard,
+        strategy,
+        TableKind::Table,
+        None,
+        None,
+        opts,
+    )
+}
+
 /// Whether the table's key is backed by an index (so it is not a rowid alias).
 fn has_pk_index(conn: &Connection, name: &str) -> Result<bool> {
     let mut stmt = conn.prepare(&format!("PRAGMA index_list({})", quote(name)))?;
@@ -540,18 +583,7 @@ impl Store {
         opts: &TableOptions,
     ) -> Result<TableInfo> {
         self.refresh_schema()?;
-        self.local_write(|tx| {
-            register(
-                tx,
-                name,
-                shard,
-                strategy,
-                TableKind::Table,
-                None,
-                None,
-                opts,
-            )
-        })
+        self.local_write(|tx| register_table(tx, name, shard, strategy, opts))
     }
 
     /// Creates and registers a plain replicated table from column
@@ -590,16 +622,7 @@ impl Store {
         );
         self.local_write(|tx| {
             tx.execute_batch(&ddl)?;
-            register(
-                tx,
-                name,
-                shard,
-                strategy,
-                TableKind::Table,
-                None,
-                None,
-                &TableOptions::default(),
-            )
+            register_table(tx, name, shard, strategy, &TableOptions::default())
         })
     }
 

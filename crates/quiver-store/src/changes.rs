@@ -264,20 +264,7 @@ impl ChangeStream<'_> {
             bytes += approx_size(&c);
             out.push(c);
         };
-        push(
-            Change {
-                table: t.name.clone(),
-                pk: pk.clone(),
-                column: None,
-                value: Value::Null,
-                hlc: ex.hlc,
-                site: ex.dot.site,
-                db_version: ex.dot.db_version,
-                cl: ex.cl,
-                replaces: ex.replaces.clone(),
-            },
-            out,
-        );
+        push(ex.to_change(&t.name, &pk, None), out);
         // Changes this store holds for the row, for a column it does not
         // know, travel with the rest of the row: a receiver taking the
         // row's other cells of the same transaction counts that
@@ -291,8 +278,7 @@ impl ChangeStream<'_> {
                 .query_map(params![t.name, P(key)], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             for body in rows {
-                let c: Change = serde_json::from_str(&body)
-                    .map_err(|e| StoreError::Corrupt(format!("a held change: {e}")))?;
+                let c = crate::evolve::decode_held(&body)?;
                 if !seg.theirs.covers(&c.dot()) {
                     push(c, out);
                 }
@@ -305,20 +291,7 @@ impl ChangeStream<'_> {
                 .iter()
                 .filter(|v| v.dot.db_version > 0 && !seg.theirs.covers(&v.dot))
             {
-                push(
-                    Change {
-                        table: t.name.clone(),
-                        pk: pk.clone(),
-                        column: Some(col.clone()),
-                        value: v.value.clone(),
-                        hlc: v.hlc,
-                        site: v.dot.site,
-                        db_version: v.dot.db_version,
-                        cl: v.cl,
-                        replaces: v.replaces.clone(),
-                    },
-                    out,
-                );
+                push(v.to_change(&t.name, &pk, Some(col)), out);
             }
         }
         Ok(bytes)
@@ -361,8 +334,7 @@ impl ChangeStream<'_> {
         let (mut bytes, mut last) = (0, after);
         let more = rows.len() as i64 == page;
         for (seq, body) in rows {
-            let c: Change = serde_json::from_str(&body)
-                .map_err(|e| StoreError::Corrupt(format!("a held change: {e}")))?;
+            let c = crate::evolve::decode_held(&body)?;
             bytes += approx_size(&c);
             out.push(c);
             last = seq;

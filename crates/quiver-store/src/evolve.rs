@@ -322,17 +322,7 @@ fn keep_dropped(conn: &Connection, t: &TableInfo, col: &str) -> Result<()> {
             if v.dot.db_version == 0 {
                 continue;
             }
-            let ch = Change {
-                table: t.name.clone(),
-                pk: pk.clone(),
-                column: Some(col.to_string()),
-                value: v.value.clone(),
-                hlc: v.hlc,
-                site: v.dot.site,
-                db_version: v.dot.db_version,
-                cl: v.cl,
-                replaces: v.replaces.clone(),
-            };
+            let ch = v.to_change(&t.name, &pk, Some(col));
             hold(conn, &t.shard, &ch, DROPPED_HERE)?;
         }
     }
@@ -952,8 +942,7 @@ impl Store {
             .collect::<rusqlite::Result<_>>()?;
         let mut by_shard: BTreeMap<String, (Vec<i64>, Vec<Change>)> = BTreeMap::new();
         for (seq, shard, body) in rows {
-            let ch: Change = serde_json::from_str(&body)
-                .map_err(|e| StoreError::Corrupt(format!("held change {seq}: {e}")))?;
+            let ch = decode_held(&body)?;
             let known = tables.iter().any(|t| {
                 t.name == ch.table
                     && t.shard == shard
@@ -1099,6 +1088,11 @@ fn record_conflict(conn: &Connection, c: &SchemaConflict) -> Result<()> {
 
 fn schema_cookie(conn: &Connection) -> Result<i64> {
     Ok(conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?)
+}
+
+/// A held change as stored.
+pub(crate) fn decode_held(body: &str) -> Result<Change> {
+    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("a held change: {e}")))
 }
 
 /// Keeps a change whose table or column this replica does not know yet.

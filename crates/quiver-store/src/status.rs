@@ -70,23 +70,8 @@ impl Store {
             for t in shard_tables {
                 tables.push(TableStatus {
                     rows: self.count(&t.name)?,
-                    policies: t
-                        .columns
-                        .iter()
-                        .filter_map(|c| c.policy().map(|p| format!("{}={p}", c.name)))
-                        .collect(),
-                    references: t
-                        .references()
-                        .map(|(c, r)| {
-                            format!(
-                                "{}->{}.{} ({})",
-                                c.name,
-                                r.table,
-                                r.column,
-                                r.on_delete.as_str()
-                            )
-                        })
-                        .collect(),
+                    policies: t.policy_notes(),
+                    references: t.reference_notes(),
                     name: t.name,
                     kind: t.kind,
                     strategy: t.strategy.to_string(),

@@ -673,17 +673,7 @@ impl Client {
         local.borrow_and_update();
         self.live_round(addr, spec, on_round).await?;
         *failures = 0;
-        let (sock, _) = self.connect(addr, &None).await?;
-        let link = self
-            .links
-            .get(&sock)
-            .ok_or_else(|| SyncError::Connection("link vanished".into()))?;
-        let max_frame =
-            (link.welcome.max_frame as usize).clamp(HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT);
-        let compression = link.welcome.compression;
-        let (send, recv) = link.conn.open_bi().await?;
-        let mut reader = FrameReader::new(recv, max_frame, compression);
-        let mut writer = FrameWriter::new(send, compression);
+        let (mut reader, mut writer, _) = self.open_stream(addr).await?;
         writer
             .send(&Message::Subscribe(spec.shards.clone()))
             .await?;
@@ -711,6 +701,25 @@ impl Client {
     }
 
     /// Measures the round trip of a ping over the handshaken connection.
+    /// Opens a stream of its own on the (pooled) connection to `addr`,
+    /// framed as the server agreed; returns it with the server's node name.
+    async fn open_stream(&mut self, addr: &str) -> Result<(FrameReader, FrameWriter, String)> {
+        let (sock, _) = self.connect(addr, &None).await?;
+        let link = self
+            .links
+            .get(&sock)
+            .ok_or_else(|| SyncError::Connection("link vanished".into()))?;
+        let max_frame =
+            (link.welcome.max_frame as usize).clamp(HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT);
+        let compression = link.welcome.compression;
+        let (send, recv) = link.conn.open_bi().await?;
+        Ok((
+            FrameReader::new(recv, max_frame, compression),
+            FrameWriter::new(send, compression),
+            link.welcome.node.clone(),
+        ))
+    }
+
     /// Makes a new replica at `dest` from a consistent copy of the
     /// server's whole store, streamed over the connection and checked
     /// (order, length, CRC32C), then given a site id of its own (see
@@ -726,18 +735,7 @@ impl Client {
             ));
         }
         let started = Instant::now();
-        let (sock, _) = self.connect(addr, &None).await?;
-        let link = self
-            .links
-            .get(&sock)
-            .ok_or_else(|| SyncError::Connection("link vanished".into()))?;
-        let max_frame =
-            (link.welcome.max_frame as usize).clamp(HANDSHAKE_MAX_FRAME, MAX_FRAME_LIMIT);
-        let compression = link.welcome.compression;
-        let peer_node = link.welcome.node.clone();
-        let (send, recv) = link.conn.open_bi().await?;
-        let mut reader = FrameReader::new(recv, max_frame, compression);
-        let mut writer = FrameWriter::new(send, compression);
+        let (mut reader, mut writer, peer_node) = self.open_stream(addr).await?;
         writer.send(&Message::CloneRequest(0)).await?;
         let partial = std::path::PathBuf::from(format!("{}.clone-partial", dest.display()));
         let received = async {

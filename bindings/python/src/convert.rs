@@ -178,40 +178,59 @@ pub(crate) fn metadata(obj: Option<&Bound<'_, PyAny>>) -> PyResult<serde_json::V
     }
 }
 
-/// A list of `n` metadata dicts (None for `{}`), converted in one pass by
-/// Python's C `json` encoder rather than value by value (as
-/// `json.dumps`: keys are strings, and int, float, bool and None keys
-/// become strings; NaN and infinity are refused).
-pub(crate) fn metadatas(list: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<serde_json::Value>> {
+/// A list of `n` metadata dicts (None for `{}`) as JSON object texts,
+/// written in one pass by Python's C `json` encoder (keys sorted, as the
+/// store writes a parsed object) and split without building a tree.
+/// Dicts whose keys are not all strings go through a parsed tree: int,
+/// float, bool and None keys become strings as `json.dumps` writes them,
+/// and two keys that become the same string are refused. What the C
+/// encoder refuses (numpy scalars, NaN, odd keys) goes value by value, as
+/// `put` does, for the same answer and message.
+pub(crate) fn metadatas(list: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<String>> {
     let py = list.py();
     let items: Vec<Bound<'_, PyAny>> = list.try_iter()?.collect::<PyResult<_>>()?;
     if items.len() != n {
         return Err(bad(format!("{n} ids but {} metadatas", items.len())));
     }
-    if let Some((i, x)) = items
-        .iter()
-        .enumerate()
-        .find(|(_, x)| !x.is_none() && !x.is_instance_of::<PyDict>())
-    {
-        return Err(bad(format!(
-            "metadatas[{i}]: metadata must be a dict, got a {}",
-            x.get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        )));
+    let mut string_keys = true;
+    for (i, x) in items.iter().enumerate() {
+        if x.is_none() {
+            continue;
+        }
+        let Ok(d) = x.cast::<PyDict>() else {
+            return Err(bad(format!(
+                "metadatas[{i}]: metadata must be a dict, got a {}",
+                x.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            )));
+        };
+        string_keys &= d.keys().iter().all(|k| k.is_instance_of::<PyString>());
     }
-    let kwargs = PyDict::new(py);
-    kwargs.set_item("allow_nan", false)?;
-    kwargs.set_item("separators", (",", ":"))?;
-    let fast = py
-        .import("json")?
-        .call_method("dumps", (PyList::new(py, &items)?,), Some(&kwargs))
-        .and_then(|t| t.extract::<String>());
-    let values: Vec<serde_json::Value> = match fast {
+    let dumps = |sort_keys: bool| -> PyResult<String> {
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("allow_nan", false)?;
+        kwargs.set_item("separators", (",", ":"))?;
+        kwargs.set_item("sort_keys", sort_keys)?;
+        kwargs.set_item("ensure_ascii", false)?;
+        py.import("json")?
+            .call_method("dumps", (PyList::new(py, &items)?,), Some(&kwargs))?
+            .extract::<String>()
+    };
+    let object_text = |t: &str| match t {
+        "null" => "{}".to_string(),
+        t => t.to_string(),
+    };
+    if string_keys {
+        if let Ok(text) = dumps(true) {
+            let raw: Vec<&serde_json::value::RawValue> =
+                serde_json::from_str(&text).map_err(|e| bad(format!("metadatas: {e}")))?;
+            return Ok(raw.into_iter().map(|v| object_text(v.get())).collect());
+        }
+    }
+    let values: Vec<serde_json::Value> = match dumps(false) {
         Ok(text) => serde_json::from_str(&text).map_err(|e| bad(format!("metadatas: {e}")))?,
-        // What the C encoder refuses (numpy scalars, NaN, odd keys) goes
-        // value by value, as `put` does, for the same answer and message.
         Err(_) => items
             .iter()
             .enumerate()
@@ -235,16 +254,7 @@ pub(crate) fn metadatas(list: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<serde
             }
         }
     }
-    Ok(values
-        .into_iter()
-        .map(|v| {
-            if v.is_null() {
-                serde_json::json!({})
-            } else {
-                v
-            }
-        })
-        .collect())
+    Ok(values.iter().map(|v| object_text(&v.to_string())).collect())
 }
 
 fn dtype_of(obj: &Bound<'_, PyAny>) -> Option<String> {

@@ -9,7 +9,9 @@ use std::time::Duration;
 use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use quiver_store::{CollectionSpec, Filter, Record as StoreRecord, Resolution, Store, StoreEvent};
+use quiver_store::{
+    CollectionSpec, Filter, Record as StoreRecord, RecordColumns, Resolution, Store, StoreEvent,
+};
 use quiver_sync::{
     CancellationToken, Client, Identity, Server, ServerOptions, StoreHandle, SyncSpec,
 };
@@ -537,34 +539,25 @@ impl Collection {
                 self.name, self.dim
             )));
         }
-        let metas: Vec<serde_json::Value> = match &metadatas {
-            None => vec![serde_json::json!({}); ids.len()],
-            Some(m) if m.is_none() => vec![serde_json::json!({}); ids.len()],
-            Some(m) => crate::convert::metadatas(m, ids.len())?,
+        let metadata = match &metadatas {
+            Some(m) if !m.is_none() => crate::convert::metadatas(m, ids.len())?,
+            _ => vec!["{}".to_string(); ids.len()],
         };
-        if let Some(c) = &contents {
-            if c.len() != ids.len() {
+        let contents = match contents {
+            Some(c) if c.len() != ids.len() => {
                 return Err(bad(format!("{} ids but {} contents", ids.len(), c.len())));
             }
-        }
+            c => c.unwrap_or_default(),
+        };
         let name = self.name.clone();
-        let h = self.db.borrow(py).handle()?;
-        let written = wait(py, async move {
-            let mut contents = contents.map(Vec::into_iter);
-            let records: Vec<StoreRecord> = ids
-                .iter()
-                .zip(values.chunks_exact(width.max(1)))
-                .zip(metas)
-                .map(|((id, v), meta)| {
-                    let mut r = StoreRecord::new(id, v.to_vec());
-                    r.metadata = meta;
-                    r.content = contents.as_mut().and_then(|c| c.next().flatten());
-                    r
-                })
-                .collect();
-            h.call(move |s| s.put_many(&name, &records)).await
-        })?;
-        written.map_err(gone)?.map_err(store_err)
+        let rows = RecordColumns {
+            ids,
+            vectors: values,
+            metadata,
+            contents,
+        };
+        let written = self.call(py, move |s| s.put_columns(&name, &rows))?;
+        Ok(written)
     }
 
     /// The record with this id, or None.

@@ -137,6 +137,19 @@ def test_bad_input_is_refused_and_writes_nothing(db, rng):
     assert notes.get("np").metadata == {"s": 0.5, "n": 3}
 
 
+def test_put_many_writes_metadata_as_put_does(db):
+    notes = db.create_collection("notes", dim=2)
+    meta = {"z": 1, "a": {"é": "ü\n", "b": [1, 2.5, None, True]}, "m": "x"}
+    notes.put("one", np.ones(2, dtype=np.float32), metadata=meta)
+    notes.put_many(["many", "none", "ints"], np.ones((3, 2), dtype=np.float32),
+                   metadatas=[meta, None, {1: "a", None: "b"}])
+    text = {r["id"]: r["metadata"] for r in db.sql("SELECT id, metadata FROM notes")}
+    assert text["many"] == text["one"], "the same dict is the same stored text"
+    assert text["none"] == "{}"
+    assert notes.get("many").metadata == meta
+    assert notes.get("ints").metadata == {"1": "a", "null": "b"}
+
+
 def test_sql_with_parameters(db):
     db.sql("CREATE TABLE tasks(id TEXT PRIMARY KEY, title TEXT, done INTEGER, blob BLOB)")
     assert db.sql("INSERT INTO tasks VALUES (?, ?, ?, ?)", ["t1", "ship", 0, b"\x00\x01"]) == []

@@ -180,7 +180,7 @@ pub struct ServeArgs {
     /// Address to listen on (default 127.0.0.1:4433); port 0 picks a free
     /// port (the bound address is printed).
     #[arg(long)]
-    pub listen: Option<String>,
+    pub listen: Option<std::net::SocketAddr>,
     /// Token clients must present for full access (scoped tokens: `quiver token create`).
     #[arg(long)]
     pub token: Option<String>,
@@ -212,13 +212,13 @@ pub struct ServeArgs {
     /// Seconds a silent connection lives (default 30).
     #[arg(long)]
     pub idle_timeout_secs: Option<u64>,
-    /// Log format on standard error: text (default) or json.
-    #[arg(long)]
-    pub log_format: Option<String>,
+    /// Log format on standard error (default text).
+    #[arg(long, value_enum)]
+    pub log_format: Option<crate::config::LogFormat>,
     /// Where to serve /health and /metrics over HTTP (default 127.0.0.1:0;
     /// `off` disables it). The bound address is printed.
-    #[arg(long)]
-    pub http: Option<String>,
+    #[arg(long, value_name = "ADDR|off")]
+    pub http: Option<crate::config::HttpListen>,
     /// Serve a non-loopback address although neither a token nor a client
     /// CA guards it: anyone who reaches it may read and write every shard.
     #[arg(long)]

@@ -82,43 +82,33 @@ fn client_identity(db: &Path, t: &TrustArgs) -> Option<(std::path::PathBuf, std:
 
 /// The flags of `quiver serve` as the top configuration layer.
 fn flag_layer(a: &ServeArgs) -> config::Layer {
-    let mut l = config::Layer::new();
-    let mut put = |k: &str, v: Option<String>| {
-        if let Some(v) = v {
-            l.insert(k.to_string(), v);
-        }
-    };
-    put("listen", a.listen.clone());
-    put("token", a.token.clone());
-    put("cert", a.cert.as_ref().map(|p| p.display().to_string()));
-    put("key", a.key.as_ref().map(|p| p.display().to_string()));
-    put(
-        "client_ca",
-        a.client_ca.as_ref().map(|p| p.display().to_string()),
-    );
-    put("peers", (!a.peers.is_empty()).then(|| a.peers.join(",")));
-    put("peer_token", a.peer_token.clone());
-    put("max_connections", a.max_connections.map(|v| v.to_string()));
-    put("max_streams", a.max_streams.map(|v| v.to_string()));
-    put(
-        "idle_timeout_secs",
-        a.idle_timeout_secs.map(|v| v.to_string()),
-    );
-    put("log_format", a.log_format.clone());
-    put("http_listen", a.http.clone());
-    put("allow_anonymous", a.allow_anonymous.then(|| "true".into()));
-    l
+    config::Layer {
+        listen: a.listen,
+        token: a.token.clone(),
+        cert: a.cert.clone(),
+        key: a.key.clone(),
+        client_ca: a.client_ca.clone(),
+        peers: (!a.peers.is_empty()).then(|| a.peers.clone()),
+        peer_token: a.peer_token.clone(),
+        max_connections: a.max_connections,
+        max_streams: a.max_streams,
+        idle_timeout_secs: a.idle_timeout_secs,
+        log_format: a.log_format,
+        http_listen: a.http,
+        allow_anonymous: a.allow_anonymous.then_some(true),
+        ..config::Layer::default()
+    }
 }
 
 fn layered(file: Option<&Path>, flags: &config::Layer) -> Result<config::DaemonConfig> {
     let file = file.map(config::file_layer).transpose()?;
-    let env = config::env_layer(|n| std::env::var(n).ok());
+    let env = config::Layer::from_env(|n| std::env::var(n).ok())?;
     config::resolve(file.as_ref(), &env, flags)
 }
 
 /// `quiver config show`: the effective settings and where each came from.
 pub fn config_show(file: Option<&Path>, json: bool) -> Result<()> {
-    let c = layered(file, &config::Layer::new())?;
+    let c = layered(file, &config::Layer::default())?;
     if json {
         return output::json(&c.values);
     }

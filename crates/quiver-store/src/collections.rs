@@ -68,6 +68,26 @@ impl Record {
     }
 }
 
+/// Rows of a collection in columns (see [`Store::put_columns`]).
+#[derive(Debug, Clone, Default)]
+pub struct RecordColumns {
+    pub ids: Vec<String>,
+    /// `ids.len()` vectors of the collection's dimension, one after the other.
+    pub vectors: Vec<f32>,
+    /// One JSON object text per id.
+    pub metadata: Vec<String>,
+    /// One per id, or empty for none.
+    pub contents: Vec<Option<String>>,
+}
+
+/// One row as [`Store::write_rows`] takes it.
+struct RowRef<'a> {
+    id: &'a str,
+    vector: &'a [f32],
+    metadata: std::borrow::Cow<'a, str>,
+    content: Option<&'a str>,
+}
+
 /// The largest dimension a collection may have.
 pub const MAX_DIM: usize = 65_536;
 
@@ -106,22 +126,45 @@ pub(crate) fn check_metadata(text: &str) -> Result<()> {
 
 /// Checks a record against a collection: dimension, finite numbers, object metadata.
 pub fn check_record(t: &TableInfo, r: &Record) -> Result<()> {
-    let dim = t.dim.unwrap_or(0);
-    if r.id.is_empty() {
-        return Err(StoreError::InvalidValue("id must not be empty".into()));
-    }
-    if r.vector.len() != dim {
-        return Err(StoreError::Dimension {
-            collection: t.name.clone(),
-            expected: dim,
-            got: r.vector.len(),
-        });
-    }
-    check_finite(&r.vector)?;
+    check_row(t, &r.id, &r.vector)?;
     if !r.metadata.is_object() {
         return Err(StoreError::Metadata(format!("got {}", r.metadata)));
     }
     Ok(())
+}
+
+/// A record's id and vector against its collection.
+fn check_row(t: &TableInfo, id: &str, vector: &[f32]) -> Result<()> {
+    let dim = t.dim.unwrap_or(0);
+    if id.is_empty() {
+        return Err(StoreError::InvalidValue("id must not be empty".into()));
+    }
+    if vector.len() != dim {
+        return Err(StoreError::Dimension {
+            collection: t.name.clone(),
+            expected: dim,
+            got: vector.len(),
+        });
+    }
+    check_finite(vector)
+}
+
+/// Metadata text that must be one JSON object, checked without building it.
+fn check_metadata_text(text: &str) -> Result<()> {
+    if !text.trim_start().starts_with('{') {
+        return check_metadata(text);
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map(drop)
+        .map_err(|e| StoreError::Metadata(e.to_string()))
+}
+
+/// Names the record an error is about.
+fn in_record(id: &str, e: StoreError) -> StoreError {
+    match e {
+        StoreError::InvalidValue(m) => StoreError::InvalidValue(format!("record {id:?}: {m}")),
+        other => other,
+    }
 }
 
 impl Store {
@@ -217,13 +260,63 @@ impl Store {
     pub fn put_many(&mut self, collection: &str, records: &[Record]) -> Result<usize> {
         let t = self.collection(collection)?;
         for r in records {
-            check_record(&t, r).map_err(|e| match e {
-                StoreError::InvalidValue(m) => {
-                    StoreError::InvalidValue(format!("record {:?}: {m}", r.id))
-                }
-                other => other,
-            })?;
+            check_record(&t, r).map_err(|e| in_record(&r.id, e))?;
         }
+        self.write_rows(&t, records.len(), |i| {
+            let r = &records[i];
+            RowRef {
+                id: &r.id,
+                vector: &r.vector,
+                metadata: std::borrow::Cow::Owned(r.metadata.to_string()),
+                content: r.content.as_deref(),
+            }
+        })
+    }
+
+    /// Like [`Store::put_many`] for rows held in columns: one matrix of
+    /// vectors and metadata already written as JSON text, so a caller
+    /// holding a matrix (numpy) builds no record per row and the metadata
+    /// is not parsed into a tree and written out again. The same checks
+    /// apply, and the batch is one transaction.
+    pub fn put_columns(&mut self, collection: &str, rows: &RecordColumns) -> Result<usize> {
+        let t = self.collection(collection)?;
+        let dim = t.dim.unwrap_or(0);
+        let n = rows.ids.len();
+        if rows.vectors.len() != n * dim {
+            return Err(StoreError::InvalidValue(format!(
+                "{n} ids need {} vector values (dimension {dim}), got {}",
+                n * dim,
+                rows.vectors.len()
+            )));
+        }
+        if rows.metadata.len() != n || !(rows.contents.is_empty() || rows.contents.len() == n) {
+            return Err(StoreError::InvalidValue(format!(
+                "{n} ids but {} metadata and {} contents",
+                rows.metadata.len(),
+                rows.contents.len()
+            )));
+        }
+        let vector = |i: usize| &rows.vectors[i * dim..(i + 1) * dim];
+        for (i, id) in rows.ids.iter().enumerate() {
+            check_row(&t, id, vector(i))
+                .and_then(|()| check_metadata_text(&rows.metadata[i]))
+                .map_err(|e| in_record(id, e))?;
+        }
+        self.write_rows(&t, n, |i| RowRef {
+            id: &rows.ids[i],
+            vector: vector(i),
+            metadata: std::borrow::Cow::Borrowed(&rows.metadata[i]),
+            content: rows.contents.get(i).and_then(|c| c.as_deref()),
+        })
+    }
+
+    /// Writes `n` checked rows in one local write.
+    fn write_rows<'a>(
+        &mut self,
+        t: &TableInfo,
+        n: usize,
+        row: impl Fn(usize) -> RowRef<'a>,
+    ) -> Result<usize> {
         let insert = format!(
             "INSERT INTO {}(id, vector, metadata, content) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(id) DO NOTHING",
@@ -237,11 +330,11 @@ impl Store {
                OR content IS NOT excluded.content",
             quote(&t.name)
         );
-        let write = |stmt: &mut rusqlite::CachedStatement<'_>, r: &Record| -> Result<usize> {
+        let write = |stmt: &mut rusqlite::CachedStatement<'_>, r: &RowRef<'_>| -> Result<usize> {
             Ok(stmt.execute(params![
                 r.id,
-                vector_blob(&r.vector),
-                r.metadata.to_string(),
+                vector_blob(r.vector),
+                r.metadata.as_ref(),
                 r.content
             ])?)
         };
@@ -251,25 +344,26 @@ impl Store {
             // through the upsert and its update trigger, which records the
             // columns that changed; keeping the order keeps batches valid
             // under the user's own unique indexes.
-            let mut rest = records;
+            let mut next = 0;
             let mut written = 0;
-            if let Some(mut log) = triggers::DirectLog::begin(tx, &t)? {
+            if let Some(mut log) = triggers::DirectLog::begin(tx, t)? {
                 {
                     let mut stmt = tx.prepare_cached(&insert)?;
-                    while let Some((r, more)) = rest.split_first() {
-                        if write(&mut stmt, r)? == 0 {
+                    while next < n {
+                        let r = row(next);
+                        if write(&mut stmt, &r)? == 0 {
                             break;
                         }
-                        log.log(t.id, &r.id)?;
+                        log.log(t.id, r.id)?;
                         written += 1;
-                        rest = more;
+                        next += 1;
                     }
                 }
                 log.finish()?;
             }
             let mut stmt = tx.prepare_cached(&upsert)?;
-            for r in rest {
-                written += write(&mut stmt, r)?;
+            for i in next..n {
+                written += write(&mut stmt, &row(i))?;
             }
             Ok(written)
         })

@@ -1,7 +1,7 @@
 //! Store operations and every bad input they must refuse.
 
 use quiver_core::{Strategy, Value};
-use quiver_store::{CollectionSpec, Metric, Record, Store, StoreError};
+use quiver_store::{CollectionSpec, Metric, Record, RecordColumns, Store, StoreError};
 use rusqlite::Connection;
 use serde_json::json;
 
@@ -647,5 +647,73 @@ fn a_read_only_handle_reads_and_writes_nothing() -> quiver_store::Result<()> {
     let w = Store::open(&path)?;
     assert!(!w.is_read_only());
     assert!(w.fold_pending()?, "the reader did not fold the log");
+    Ok(())
+}
+
+#[test]
+fn put_columns_writes_what_put_many_writes_and_refuses_what_it_refuses() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut s = new_store(&dir, "a.db");
+    docs(&mut s, 2);
+    let mut t = new_store(&dir, "b.db");
+    docs(&mut t, 2);
+    let mut a = Record::new("a", vec![1.0, 2.0]);
+    a.metadata = json!({"k": [1, 2.5], "b": "é"});
+    a.content = Some("hi".into());
+    let b = Record::new("b", vec![3.0, 4.0]);
+    s.put_many("docs", &[a.clone(), b.clone()])?;
+    let rows = RecordColumns {
+        ids: vec!["a".into(), "b".into()],
+        vectors: vec![1.0, 2.0, 3.0, 4.0],
+        metadata: vec![a.metadata.to_string(), "{}".into()],
+        contents: vec![Some("hi".into()), None],
+    };
+    assert_eq!(t.put_columns("docs", &rows)?, 2);
+    for id in ["a", "b"] {
+        assert_eq!(s.get("docs", id)?, t.get("docs", id)?);
+    }
+    assert_eq!(t.get("docs", "a")?, Some(a));
+    // Without contents, and an update through the upsert.
+    let again = RecordColumns {
+        ids: vec!["b".into()],
+        vectors: vec![5.0, 6.0],
+        metadata: vec![r#"{"n":1}"#.into()],
+        contents: vec![],
+    };
+    assert_eq!(t.put_columns("docs", &again)?, 1);
+    assert_eq!(t.get("docs", "b")?.ok_or("b")?.metadata, json!({"n": 1}));
+
+    // Every bad batch is refused whole, with what is wrong.
+    let bad = |ids: &[&str], vectors: Vec<f32>, metadata: &[&str]| RecordColumns {
+        ids: ids.iter().map(|s| s.to_string()).collect(),
+        vectors,
+        metadata: metadata.iter().map(|s| s.to_string()).collect(),
+        contents: vec![],
+    };
+    let cases = [
+        bad(&["x", "y"], vec![0.0; 3], &["{}", "{}"]),
+        bad(&["x", "y"], vec![0.0; 4], &["{}"]),
+        bad(&["x", "y"], vec![0.0, 0.0, f32::NAN, 0.0], &["{}", "{}"]),
+        bad(&["x", ""], vec![0.0; 4], &["{}", "{}"]),
+        bad(&["x", "y"], vec![0.0; 4], &["{}", "[1]"]),
+        bad(&["x", "y"], vec![0.0; 4], &["{}", "{\"a\":"]),
+        bad(&["x", "y"], vec![0.0; 4], &["{}", "{} {}"]),
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        let err = t
+            .put_columns("docs", c)
+            .expect_err(&format!("case {i} was accepted"));
+        assert!(!err.to_string().is_empty());
+    }
+    assert!(matches!(
+        t.put_columns("docs", &cases[2]),
+        Err(StoreError::NotFinite { index: 0, .. })
+    ));
+    assert!(matches!(
+        t.put_columns("docs", &cases[4]),
+        Err(StoreError::Metadata(_))
+    ));
+    assert_eq!(t.get("docs", "x")?, None);
+    assert_eq!(t.count("docs")?, 2);
     Ok(())
 }

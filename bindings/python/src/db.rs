@@ -10,10 +10,10 @@ use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use quiver_store::{
-    CollectionSpec, Filter, Record as StoreRecord, RecordColumns, Resolution, Store, StoreEvent,
+    CollectionSpec, Filter, Record as StoreRecord, RecordColumns, Store, StoreEvent,
 };
 use quiver_sync::{
-    CancellationToken, Client, Identity, Server, ServerOptions, StoreHandle, SyncSpec,
+    CancellationToken, Client, Identity, Request, Server, ServerOptions, StoreHandle, SyncSpec,
 };
 use tokio::sync::broadcast;
 
@@ -105,6 +105,20 @@ impl Database {
             .map_err(gone)?
             .map_err(store_err)
     }
+
+    /// Sends the store thread a request by name (see
+    /// `quiver_sync::Request`) and waits for it with the GIL released.
+    pub(crate) fn ask<T: Send, F>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(StoreHandle) -> F,
+    ) -> PyResult<T>
+    where
+        F: std::future::Future<Output = quiver_sync::Result<T>> + Send,
+    {
+        let h = self.handle()?;
+        wait(py, f(h))?.map_err(crate::convert::sync_err)
+    }
 }
 
 #[pymethods]
@@ -151,7 +165,8 @@ impl Database {
             shard: shard.to_string(),
         };
         let py = slf.py();
-        slf.borrow().call(py, move |s| s.create_collection(&spec))?;
+        slf.borrow()
+            .ask(py, |h| async move { h.create_collection(spec).await })?;
         Ok(Collection {
             db: slf.unbind(),
             name,
@@ -198,7 +213,7 @@ impl Database {
                 .map(|v| sql_value(&v?))
                 .collect::<PyResult<Vec<_>>>()?,
         };
-        let results = self.call(py, move |s| s.run_sql_with(&sql, &params))?;
+        let results = self.ask(py, |h| async move { h.sql(&sql, params).await })?;
         let out = PyList::empty(py);
         if let Some((names, rows)) = results.into_iter().flatten().last() {
             for r in rows {
@@ -217,11 +232,8 @@ impl Database {
     #[getter]
     fn memory(slf: Bound<'_, Self>) -> PyResult<Memory> {
         let py = slf.py();
-        slf.borrow().call(py, |s| {
-            if s.table("episodes").is_err() {
-                s.init_memory()?;
-            }
-            Ok(())
+        slf.borrow().ask(py, |h| async move {
+            h.request(|reply| Request::InitMemory { reply }).await
         })?;
         Ok(Memory { db: slf.unbind() })
     }
@@ -252,16 +264,13 @@ impl Database {
         value: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let choice = match (keep, value) {
-            (Some(k), None) => Err(k),
-            (None, Some(v)) => Ok(py_to_json(&v, "value")?),
+            (Some(k), None) => Ok(k),
+            (None, Some(v)) => Err(py_to_json(&v, "value")?),
             _ => return Err(bad("give exactly one of keep= and value=")),
         };
-        self.call(py, move |s| {
-            let r = match choice {
-                Err(k) => Resolution::Keep(k),
-                Ok(j) => Resolution::Value(s.conflict_value(id, &j)?),
-            };
-            s.resolve(id, r)
+        self.ask(py, |h| async move {
+            h.request(|reply| Request::Resolve { id, choice, reply })
+                .await
         })
     }
 
@@ -515,7 +524,9 @@ impl Collection {
         r.metadata = crate::convert::metadata(metadata.as_ref())?;
         r.content = content;
         let name = self.name.clone();
-        self.call(py, move |s| s.put(&name, &r))
+        self.db
+            .borrow(py)
+            .ask(py, |h| async move { h.put(&name, r).await })
     }
 
     /// Inserts or replaces many records in one transaction, all or nothing:
@@ -556,8 +567,9 @@ impl Collection {
             metadata,
             contents,
         };
-        let written = self.call(py, move |s| s.put_columns(&name, &rows))?;
-        Ok(written)
+        self.db
+            .borrow(py)
+            .ask(py, |h| async move { h.put_columns(&name, rows).await })
     }
 
     /// The record with this id, or None.
@@ -570,7 +582,9 @@ impl Collection {
     /// Deletes a record; gives whether it existed.
     fn delete(&self, py: Python<'_>, id: String) -> PyResult<bool> {
         let name = self.name.clone();
-        self.call(py, move |s| s.delete(&name, &id))
+        self.db
+            .borrow(py)
+            .ask(py, |h| async move { h.delete(&name, &id).await })
     }
 
     fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
@@ -725,7 +739,7 @@ impl Memory {
     ) -> PyResult<()> {
         self.db
             .borrow(py)
-            .call(py, move |s| s.run_sql_with(sql, &params).map(|_| ()))
+            .ask(py, |h| async move { h.sql(sql, params).await.map(drop) })
     }
 
     fn list(&self, py: Python<'_>, table: &str) -> PyResult<Py<PyList>> {

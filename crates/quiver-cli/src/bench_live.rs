@@ -106,8 +106,7 @@ async fn bench(writes: usize, bursts: usize, json: bool) -> Result<()> {
         r
     });
     // Warm up: the link is up once a first write arrives.
-    a.call(|s| s.put("docs", &Record::new("warmup", vector(0))))
-        .await??;
+    a.put("docs", Record::new("warmup", vector(0))).await?;
     visible(&b, "docs", "warmup".into(), Duration::from_secs(10)).await?;
 
     let deadline = Duration::from_secs(5);
@@ -116,7 +115,7 @@ async fn bench(writes: usize, bursts: usize, json: bool) -> Result<()> {
         let id = format!("single-{i}");
         let rec = Record::new(&id, vector(i));
         let t = Instant::now();
-        a.call(move |s| s.put("docs", &rec)).await??;
+        a.put("docs", rec).await?;
         visible(&b, "docs", id, deadline).await?;
         singles.push(t.elapsed().as_secs_f64() * 1000.0);
     }
@@ -126,7 +125,7 @@ async fn bench(writes: usize, bursts: usize, json: bool) -> Result<()> {
             .map(|i| Record::new(&format!("burst-{k}-{i}"), vector(i)))
             .collect();
         let t = Instant::now();
-        a.call(move |s| s.put_many("docs", &recs)).await??;
+        a.put_many("docs", recs).await?;
         visible(&b, "docs", format!("burst-{k}-99"), deadline).await?;
         burst_times.push(t.elapsed().as_secs_f64() * 1000.0);
     }

@@ -103,27 +103,23 @@ async fn demo(rows: usize, json: bool) -> Result<()> {
         let h = r.handle.clone();
         let name = r.name;
         writes.spawn(async move {
-            h.call(move |s| {
-                let mut batch: Vec<Record> = (0..rows)
-                    .map(|n| {
-                        let mut rec =
-                            Record::new(&format!("{name}-{n:04}"), vector(i * 10_000 + n));
-                        rec.metadata = serde_json::json!({"author": name, "n": n});
-                        rec
-                    })
-                    .collect();
-                for n in 0..shared {
-                    let mut rec = Record::new(&format!("shared-{n:03}"), vector(i * 100 + n));
-                    rec.metadata = serde_json::json!({"author": name, "shared": true});
-                    batch.push(rec);
-                }
-                s.put_many("memories", &batch)
-            })
-            .await
+            let mut batch: Vec<Record> = (0..rows)
+                .map(|n| {
+                    let mut rec = Record::new(&format!("{name}-{n:04}"), vector(i * 10_000 + n));
+                    rec.metadata = serde_json::json!({"author": name, "n": n});
+                    rec
+                })
+                .collect();
+            for n in 0..shared {
+                let mut rec = Record::new(&format!("shared-{n:03}"), vector(i * 100 + n));
+                rec.metadata = serde_json::json!({"author": name, "shared": true});
+                batch.push(rec);
+            }
+            h.put_many("memories", batch).await
         });
     }
     while let Some(w) = writes.join_next().await {
-        w???;
+        w??;
     }
     say(format!(
         "  wrote {rows} rows on each replica and {shared} conflicting ids on all three at once ({} ms)",
@@ -227,10 +223,7 @@ async fn demo(rows: usize, json: bool) -> Result<()> {
         let id = format!("probe-{probe:02}");
         let rec = Record::new(&id, vector(424_242 + probe));
         let t = Instant::now();
-        replicas[0]
-            .handle
-            .call(move |s| s.put("memories", &rec))
-            .await??;
+        replicas[0].handle.put("memories", rec).await?;
         for r in &replicas[1..] {
             crate::bench_live::visible(&r.handle, "memories", id.clone(), Duration::from_secs(5))
                 .await?;

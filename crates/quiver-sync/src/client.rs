@@ -418,19 +418,12 @@ impl Client {
     /// does on its side and as `quiver_syncs_total` counts them.
     async fn record_exchanges(&self, r: &SyncResult) -> Result<()> {
         let (count, sent, received) = (r.shards.len() as u64, r.changes_sent, r.changes_received);
-        self.handle
-            .call(move |s| s.record_syncs(count, sent, received, None))
-            .await??;
-        Ok(())
+        self.handle.record_syncs(count, sent, received, None).await
     }
 
     /// Keeps the error in the store's sync state (last error, count).
     async fn record_failure(&self, e: &SyncError) {
-        let msg = e.to_string();
-        let _ = self
-            .handle
-            .call(move |s| s.record_sync(0, 0, Some(&msg)))
-            .await;
+        let _ = self.handle.record_syncs(1, 0, 0, Some(e.to_string())).await;
     }
 
     /// Syncs with the server at `addr`, retrying transient failures.

@@ -15,7 +15,8 @@ use tokio::sync::{broadcast, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Client, ClientOptions, PingResult, Result, StoreHandle, SyncError, SyncResult, SyncSpec, Trust,
+    Client, ClientOptions, PingResult, Request, Result, StoreHandle, SyncError, SyncResult,
+    SyncSpec, Trust,
 };
 
 /// Something that happened, for subscribers (`quiver watch`, applications).
@@ -171,19 +172,17 @@ impl ShardCoordinator {
     pub async fn register_peer(&self, peer: PeerRecord) -> Result<()> {
         self.inner
             .handle
-            .call(move |s| s.register_peer(&peer))
-            .await??;
-        Ok(())
+            .request(|reply| Request::RegisterPeer { peer, reply })
+            .await
     }
 
     pub async fn unregister_peer(&self, node: &str) -> Result<bool> {
-        let n = node.to_string();
-        lock(&self.inner.clients).remove(node);
-        Ok(self
-            .inner
+        let node = node.to_string();
+        lock(&self.inner.clients).remove(&node);
+        self.inner
             .handle
-            .call(move |s| s.unregister_peer(&n))
-            .await??)
+            .request(|reply| Request::UnregisterPeer { node, reply })
+            .await
     }
 
     pub async fn peers(&self) -> Result<Vec<PeerRecord>> {
@@ -242,12 +241,16 @@ impl ShardCoordinator {
                     Some(Instant::now() + exp.min(self.inner.opts.backoff_max).mul_f64(jitter));
             }
         }
-        let node = p.node.clone();
-        let err = error.clone();
+        let (node, err) = (p.node.clone(), error.clone());
         let _ = self
             .inner
             .handle
-            .call(move |s| s.set_peer_status(&node, status, err.as_deref()))
+            .request(|reply| Request::SetPeerStatus {
+                node,
+                status: status.to_string(),
+                error: err,
+                reply,
+            })
             .await;
         let ev = match (previous.as_str(), status) {
             (old, "online") if old != "online" => Some(Event::PeerConnected {
@@ -360,11 +363,15 @@ impl ShardCoordinator {
             }
             *last = Some(Instant::now());
         }
-        let stats = serde_json::to_string(&self.stats()).unwrap_or_default();
-        if let Ok(Err(e)) = self
+        let value = serde_json::to_string(&self.stats()).unwrap_or_default();
+        if let Err(e) = self
             .inner
             .handle
-            .call(move |s| s.set_meta("coordinator_stats", &stats))
+            .request(|reply| Request::SetMeta {
+                key: "coordinator_stats".into(),
+                value,
+                reply,
+            })
             .await
         {
             tracing::warn!("keeping the coordinator's statistics: {e}");

@@ -17,7 +17,7 @@ mod server;
 pub mod tls;
 pub mod transport;
 
-pub use actor::StoreHandle;
+pub use actor::{Request, ShardState, StoreHandle, REQUEST_QUEUE};
 pub use client::{Client, ClientOptions, CloneResult, PingResult, RoundFn, SyncResult, SyncSpec};
 pub use coordinator::{CoordinatorOptions, CoordinatorStats, Event, ShardCoordinator};
 pub use error::{Result, SyncError};

@@ -17,9 +17,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::actor::StoreHandle;
+use crate::actor::{Request, StoreHandle};
 use crate::framed::{peer_error, FrameReader, FrameWriter};
-use crate::schema::{ensure_tables, shard_defs};
 use crate::{Result, SyncError};
 
 /// What one shard's exchange did, from this side's point of view.
@@ -242,14 +241,8 @@ async fn read_changes(
     credits: std::sync::mpsc::Receiver<()>,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let prepared = handle
-        .call(|s| -> quiver_store::Result<()> {
-            // Sealing other connections' writes here reports them too.
-            s.notice_external_changes()?;
-            s.fold_pending().map(drop)
-        })
-        .await
-        .and_then(|r| r.map_err(SyncError::from));
+    // Sealing other connections' writes here reports them too.
+    let prepared = handle.request(|reply| Request::PrepareRead { reply }).await;
     if let Err(e) = prepared {
         let _ = events.send(Event::failed(e, "preparing changes: "));
         return;
@@ -352,8 +345,7 @@ async fn run<S: StreamSession>(
                 Action::Apply(b) => {
                     let (h, ev, name) = (handle.clone(), events_tx.clone(), peer.name.clone());
                     tasks.spawn(async move {
-                        let r = h.call(move |s| s.apply_from(&b, Some(&name))).await;
-                        let _ = ev.send(match r.and_then(|r| r.map_err(SyncError::Store)) {
+                        let _ = ev.send(match h.apply(b, &name).await {
                             Ok(r) => Event::Input(Input::Applied(r)),
                             Err(e) => Event::failed(e, ""),
                         });
@@ -363,14 +355,12 @@ async fn run<S: StreamSession>(
                     let (h, ev) = (handle.clone(), events_tx.clone());
                     tasks.spawn(async move {
                         let r = h
-                            .call(move |s| -> Result<_> {
-                                Ok((s.table_versions(&shard)?, shard_defs(s, &shard)?))
-                            })
+                            .request(|reply| Request::ShardState { shard, reply })
                             .await;
-                        let _ = ev.send(match r.and_then(|r| r) {
-                            Ok((versions, schema)) => Event::Input(Input::ShardState {
-                                versions: versions.into_iter().collect(),
-                                schema,
+                        let _ = ev.send(match r {
+                            Ok(st) => Event::Input(Input::ShardState {
+                                versions: st.versions.into_iter().collect(),
+                                schema: st.defs,
                             }),
                             Err(e) => Event::failed(e, ""),
                         });
@@ -380,9 +370,14 @@ async fn run<S: StreamSession>(
                     let (h, ev, name) = (handle.clone(), events_tx.clone(), peer.name.clone());
                     tasks.spawn(async move {
                         let r = h
-                            .call(move |s| ensure_tables(s, &shard, &defs, Some(&name)))
+                            .request(|reply| Request::EnsureTables {
+                                shard,
+                                defs,
+                                peer: name,
+                                reply,
+                            })
                             .await;
-                        let _ = ev.send(match r.and_then(|r| r) {
+                        let _ = ev.send(match r {
                             Ok(created) => Event::Input(Input::TablesCreated(created)),
                             Err(e) => Event::failed(e, ""),
                         });
@@ -392,17 +387,17 @@ async fn run<S: StreamSession>(
                     let (h, ev, name) = (handle.clone(), events_tx.clone(), peer.name.clone());
                     tasks.spawn(async move {
                         let r = h
-                            .call(move |s| -> Result<_> {
-                                if !schema.is_empty() {
-                                    ensure_tables(s, &shard, &schema, Some(&name))?;
-                                }
-                                Ok((shard_defs(s, &shard)?, s.table_versions(&shard)?))
+                            .request(|reply| Request::Admit {
+                                shard,
+                                schema,
+                                peer: name,
+                                reply,
                             })
                             .await;
-                        let _ = ev.send(match r.and_then(|r| r) {
-                            Ok((schema, versions)) => Event::Input(Input::Admitted {
-                                schema,
-                                versions: versions.into_iter().collect(),
+                        let _ = ev.send(match r {
+                            Ok(st) => Event::Input(Input::Admitted {
+                                schema: st.defs,
+                                versions: st.versions.into_iter().collect(),
                             }),
                             Err(e) => Event::Failed {
                                 msg: ErrorMsg {

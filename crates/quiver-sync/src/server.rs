@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::actor::StoreHandle;
+use crate::actor::{Request, StoreHandle};
 use crate::auth::authorize;
 use crate::framed::{FrameReader, FrameWriter};
 use crate::protocol::{exchange, Peer, Pump};
@@ -630,7 +630,7 @@ async fn serve_clone(
         // the copy unusable, and it is taken again.
         let mut ready = false;
         for _ in 0..5 {
-            ctx.handle.call(|s| s.close_open_version()).await??;
+            ctx.handle.request(|reply| Request::Seal { reply }).await?;
             let p = path.clone();
             ctx.read(move |s| s.backup_into(&p)).await?;
             let p = path.clone();
@@ -742,11 +742,7 @@ async fn serve_shard(
         Ok(s) => (s.changes_sent, s.changes_received, None),
         Err(e) => (0, 0, Some(e.to_string())),
     };
-    if let Ok(Err(e)) = ctx
-        .handle
-        .call(move |s| s.record_sync(sent, received, error.as_deref()))
-        .await
-    {
+    if let Err(e) = ctx.handle.record_syncs(1, sent, received, error).await {
         tracing::warn!("recording a served sync: {e}");
     }
     r

@@ -178,35 +178,33 @@ pub(crate) fn metadata(obj: Option<&Bound<'_, PyAny>>) -> PyResult<serde_json::V
     }
 }
 
-/// A list of `n` metadata dicts (None for `{}`) as JSON object texts,
-/// written in one pass by Python's C `json` encoder (keys sorted, as the
-/// store writes a parsed object) and split without building a tree.
-/// Dicts whose keys are not all strings go through a parsed tree: int,
-/// float, bool and None keys become strings as `json.dumps` writes them,
-/// and two keys that become the same string are refused. What the C
-/// encoder refuses (numpy scalars, NaN, odd keys) goes value by value, as
-/// `put` does, for the same answer and message.
+/// A list of `n` metadata dicts (None for `{}`) as JSON object texts.
+/// They go through Python's C `json` encoder in one pass (keys sorted) and
+/// are split without building a tree; the store then checks each text as
+/// strictly as a parse would. Where keys of mixed types cannot be sorted,
+/// the dicts go through a parsed tree. Either way int, float, bool and
+/// None keys become strings as `json.dumps` writes them, and two keys that
+/// become the same string are refused. What the C encoder refuses (numpy scalars,
+/// NaN) goes value by value, as `put` does, for the same answer and
+/// message.
 pub(crate) fn metadatas(list: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<String>> {
     let py = list.py();
     let items: Vec<Bound<'_, PyAny>> = list.try_iter()?.collect::<PyResult<_>>()?;
     if items.len() != n {
         return Err(bad(format!("{n} ids but {} metadatas", items.len())));
     }
-    let mut string_keys = true;
-    for (i, x) in items.iter().enumerate() {
-        if x.is_none() {
-            continue;
-        }
-        let Ok(d) = x.cast::<PyDict>() else {
-            return Err(bad(format!(
-                "metadatas[{i}]: metadata must be a dict, got a {}",
-                x.get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
-            )));
-        };
-        string_keys &= d.keys().iter().all(|k| k.is_instance_of::<PyString>());
+    if let Some((i, x)) = items
+        .iter()
+        .enumerate()
+        .find(|(_, x)| !x.is_none() && !x.is_instance_of::<PyDict>())
+    {
+        return Err(bad(format!(
+            "metadatas[{i}]: metadata must be a dict, got a {}",
+            x.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        )));
     }
     let dumps = |sort_keys: bool| -> PyResult<String> {
         let kwargs = PyDict::new(py);
@@ -222,7 +220,8 @@ pub(crate) fn metadatas(list: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<Strin
         "null" => "{}".to_string(),
         t => t.to_string(),
     };
-    if string_keys {
+    {
+        // Keys of mixed types cannot be sorted: those dicts go below.
         if let Ok(text) = dumps(true) {
             let raw: Vec<&serde_json::value::RawValue> =
                 serde_json::from_str(&text).map_err(|e| bad(format!("metadatas: {e}")))?;
@@ -230,7 +229,15 @@ pub(crate) fn metadatas(list: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<Strin
         }
     }
     let values: Vec<serde_json::Value> = match dumps(false) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| bad(format!("metadatas: {e}")))?,
+        Ok(text) => {
+            // Keys that became the same string, at any depth.
+            quiver_store::check_json_text(&text).map_err(|e| {
+                bad(format!(
+                    "metadatas: two keys are the same once written as strings ({e})"
+                ))
+            })?;
+            serde_json::from_str(&text).map_err(|e| bad(format!("metadatas: {e}")))?
+        }
         Err(_) => items
             .iter()
             .enumerate()
@@ -243,17 +250,6 @@ pub(crate) fn metadatas(list: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<Strin
             })
             .collect::<PyResult<_>>()?,
     };
-    // The encoder writes int, float, bool and None keys as strings; two
-    // keys that become the same string would lose one value: refused.
-    for (i, (x, v)) in items.iter().zip(&values).enumerate() {
-        if let (Ok(d), Some(o)) = (x.cast::<PyDict>(), v.as_object()) {
-            if d.len() != o.len() {
-                return Err(bad(format!(
-                    "metadatas[{i}]: two keys are the same once written as strings"
-                )));
-            }
-        }
-    }
     Ok(values.iter().map(|v| object_text(&v.to_string())).collect())
 }
 

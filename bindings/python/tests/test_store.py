@@ -139,15 +139,29 @@ def test_bad_input_is_refused_and_writes_nothing(db, rng):
 
 def test_put_many_writes_metadata_as_put_does(db):
     notes = db.create_collection("notes", dim=2)
-    meta = {"z": 1, "a": {"é": "ü\n", "b": [1, 2.5, None, True]}, "m": "x"}
+    meta = {"z": 1, "a": {"é": "ü\n", "b": [1, 2.5, None, True]}, "m": "x", "f": 1.5e-7, "g": 0.00001}
+    nested = {"a": [{1: "x"}, {"k": {2: "y", 10: "z"}}]}
     notes.put("one", np.ones(2, dtype=np.float32), metadata=meta)
     notes.put_many(["many", "none", "ints"], np.ones((3, 2), dtype=np.float32),
                    metadatas=[meta, None, {1: "a", None: "b"}])
     text = {r["id"]: r["metadata"] for r in db.sql("SELECT id, metadata FROM notes")}
-    assert text["many"] == text["one"], "the same dict is the same stored text"
+    assert json.loads(text["many"]) == json.loads(text["one"])
+    assert list(json.loads(text["many"])) == sorted(meta), "keys sorted"
     assert text["none"] == "{}"
     assert notes.get("many").metadata == meta
     assert notes.get("ints").metadata == {"1": "a", "null": "b"}
+    notes.put_many(["nested"], np.ones((1, 2), dtype=np.float32), metadatas=[nested])
+    with pytest.raises(quiverdb.ValidationError, match="same once written as strings"):
+        notes.put_many(["dup"], np.ones((1, 2), dtype=np.float32), metadatas=[{"a": [{1: "x", "1": "y"}]}])
+    assert notes.get("nested").metadata == {"a": [{"1": "x"}, {"k": {"10": "z", "2": "y"}}]}
+    # What the store could not read back is refused, and nothing is written.
+    deep = {}
+    for _ in range(200):
+        deep = {"d": deep}
+    for bad in ({"n": 10**400}, deep):
+        with pytest.raises(quiverdb.ValidationError, match="out of range|recursion"):
+            notes.put_many(["bad1", "bad2"], np.ones((2, 2), dtype=np.float32), metadatas=[{}, bad])
+    assert notes.get("bad1") is None
 
 
 def test_sql_with_parameters(db):

@@ -100,8 +100,6 @@ macro_rules! text_setting {
 
 text_setting! {
     SocketAddr => "an address like 127.0.0.1:4433", |v| v.to_string();
-    String => "a string", Clone::clone;
-    PathBuf => "a path", |v| v.display().to_string();
     LogFormat => "text or json", |v| match v { LogFormat::Text => "text".into(), LogFormat::Json => "json".into() };
     HttpListen => "an address like 127.0.0.1:9464, or off", |v| match v {
         HttpListen::Off => "off".into(),
@@ -131,6 +129,27 @@ macro_rules! number_setting {
 
 number_setting!(u16, u32, u64, usize);
 
+/// Strings (tokens, names) are taken as they are, spaces included.
+impl Setting for String {
+    const WHAT: &'static str = "a string";
+    fn from_text(s: &str) -> Option<Self> {
+        Some(s.to_string())
+    }
+    fn show(&self) -> String {
+        self.clone()
+    }
+}
+
+impl Setting for PathBuf {
+    const WHAT: &'static str = "a path";
+    fn from_text(s: &str) -> Option<Self> {
+        Some(PathBuf::from(s))
+    }
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+}
+
 impl Setting for bool {
     const WHAT: &'static str = "true or false";
     fn from_text(s: &str) -> Option<Self> {
@@ -147,30 +166,36 @@ impl Setting for bool {
     }
 }
 
-/// Peers: a TOML array of `ADDR[@PIN]` strings, or a comma-separated list.
+/// Peers: a TOML array of `ADDR[@PIN]` strings, or a comma-separated list
+/// (flags and array entries may hold several, comma-separated too).
 impl Setting for Vec<String> {
     const WHAT: &'static str = "a list of ADDR[@PIN]";
     fn from_text(s: &str) -> Option<Self> {
-        Some(
-            s.split(',')
-                .map(|p| p.trim().to_string())
-                .filter(|p| !p.is_empty())
-                .collect(),
-        )
+        Some(peer_list(&[s]))
     }
     fn from_toml(v: toml::Value) -> std::result::Result<Self, toml::Value> {
         match v {
-            toml::Value::String(s) => Ok(Self::from_text(&s).unwrap_or_default()),
-            toml::Value::Array(a) if a.iter().all(toml::Value::is_str) => Ok(a
-                .into_iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()),
+            toml::Value::String(s) => Ok(peer_list(&[s])),
+            toml::Value::Array(a) if a.iter().all(toml::Value::is_str) => Ok(peer_list(
+                &a.iter().filter_map(toml::Value::as_str).collect::<Vec<_>>(),
+            )),
             other => Err(other),
         }
     }
     fn show(&self) -> String {
         self.join(",")
     }
+}
+
+/// `ADDR[@PIN]` entries, each of which may hold several separated by
+/// commas; spaces around them and empty ones dropped.
+pub fn peer_list(items: &[impl AsRef<str>]) -> Vec<String> {
+    items
+        .iter()
+        .flat_map(|i| i.as_ref().split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 /// The settings `quiver serve` takes, each with its type and environment

@@ -88,7 +88,7 @@ fn flag_layer(a: &ServeArgs) -> config::Layer {
         cert: a.cert.clone(),
         key: a.key.clone(),
         client_ca: a.client_ca.clone(),
-        peers: (!a.peers.is_empty()).then(|| a.peers.clone()),
+        peers: (!a.peers.is_empty()).then(|| config::peer_list(&a.peers)),
         peer_token: a.peer_token.clone(),
         max_connections: a.max_connections,
         max_streams: a.max_streams,

@@ -149,14 +149,102 @@ fn check_row(t: &TableInfo, id: &str, vector: &[f32]) -> Result<()> {
     check_finite(vector)
 }
 
-/// Metadata text that must be one JSON object, checked without building it.
+/// Metadata text that must be one JSON object, checked as strictly as
+/// parsing it into a value would (numbers in range, nesting depth, string
+/// escapes) and without duplicate keys, without building it.
 fn check_metadata_text(text: &str) -> Result<()> {
     if !text.trim_start().starts_with('{') {
         return check_metadata(text);
     }
-    serde_json::from_str::<serde::de::IgnoredAny>(text)
-        .map(drop)
-        .map_err(|e| StoreError::Metadata(e.to_string()))
+    check_json_text(text).map_err(|e| StoreError::Metadata(e.to_string()))
+}
+
+/// Checks that `text` is one JSON value that parses into a
+/// `serde_json::Value` without losing anything: numbers in range, nesting
+/// within serde_json's depth limit, valid string escapes, and no object
+/// with the same key twice (a parsed value would keep only the last).
+pub fn check_json_text(text: &str) -> serde_json::Result<()> {
+    serde_json::from_str::<CheckedJson>(text).map(drop)
+}
+
+/// Any JSON value, visited through `deserialize_any` (so with every check
+/// a parsed value gets) and kept nowhere.
+struct CheckedJson;
+
+/// An object key, borrowed from the text unless it has escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
+}
+
+impl<'de> Deserialize<'de> for CheckedJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = CheckedJson;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<CheckedJson, E> {
+                Ok(CheckedJson)
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<CheckedJson, E> {
+                Ok(CheckedJson)
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<CheckedJson, E> {
+                Ok(CheckedJson)
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<CheckedJson, E> {
+                Ok(CheckedJson)
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<CheckedJson, E> {
+                Ok(CheckedJson)
+            }
+            fn visit_unit<E>(self) -> std::result::Result<CheckedJson, E> {
+                Ok(CheckedJson)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<CheckedJson, A::Error> {
+                while seq.next_element::<CheckedJson>()?.is_some() {}
+                Ok(CheckedJson)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<CheckedJson, A::Error> {
+                let mut keys: Vec<Key<'de>> = Vec::new();
+                while let Some((k, CheckedJson)) = map.next_entry::<Key<'de>, CheckedJson>()? {
+                    if keys.iter().any(|seen| seen.0 == k.0) {
+                        return Err(serde::de::Error::custom(format!(
+                            "the key {:?} appears twice in one object",
+                            k.0
+                        )));
+                    }
+                    keys.push(k);
+                }
+                Ok(CheckedJson)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// Names the record an error is about.
@@ -274,10 +362,10 @@ impl Store {
     }
 
     /// Like [`Store::put_many`] for rows held in columns: one matrix of
-    /// vectors and metadata already written as JSON text, so a caller
-    /// holding a matrix (numpy) builds no record per row and the metadata
-    /// is not parsed into a tree and written out again. The same checks
-    /// apply, and the batch is one transaction.
+    /// vectors and metadata already written as JSON text (stored as given;
+    /// checked as strictly as a parse would, without building a tree), so
+    /// a caller holding a matrix (numpy) builds no record per row. The same
+    /// checks apply, and the batch is one transaction.
     pub fn put_columns(&mut self, collection: &str, rows: &RecordColumns) -> Result<usize> {
         let t = self.collection(collection)?;
         let dim = t.dim.unwrap_or(0);

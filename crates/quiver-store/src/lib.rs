@@ -34,7 +34,9 @@ use rusqlite::{Connection, OpenFlags};
 pub use apply::ApplyReport;
 pub use catalog::{ColumnDef, TableInfo, TableKind, TableOptions};
 pub use changes::{ChangeStream, StreamLimits};
-pub use collections::{check_record, CollectionSpec, Metric, Record, RecordColumns};
+pub use collections::{
+    check_json_text, check_record, CollectionSpec, Metric, Record, RecordColumns,
+};
 pub use conflicts::{Conflict, ConflictVersion, Resolution};
 pub use error::{Result, StoreError};
 pub use events::{StoreEvent, TableChanges, KEYS_LISTED};

@@ -698,6 +698,17 @@ fn put_columns_writes_what_put_many_writes_and_refuses_what_it_refuses() -> R {
         bad(&["x", "y"], vec![0.0; 4], &["{}", "[1]"]),
         bad(&["x", "y"], vec![0.0; 4], &["{}", "{\"a\":"]),
         bad(&["x", "y"], vec![0.0; 4], &["{}", "{} {}"]),
+        bad(&["x", "y"], vec![0.0; 4], &["{}", r#"{"n":1e400}"#]),
+        bad(&["x", "y"], vec![0.0; 4], &["{}", r#"{"a":{"k":1,"k":2}}"#]),
+        bad(&["x", "y"], vec![0.0; 4], &["{}", r#"{"s":"\ud800"}"#]),
+        bad(
+            &["x", "y"],
+            vec![0.0; 4],
+            &[
+                "{}",
+                &format!("{{\"d\":{}1{}}}", "[".repeat(200), "]".repeat(200)),
+            ],
+        ),
     ];
     for (i, c) in cases.iter().enumerate() {
         let err = t

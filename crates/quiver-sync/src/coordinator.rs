@@ -364,7 +364,7 @@ impl ShardCoordinator {
             *last = Some(Instant::now());
         }
         let value = serde_json::to_string(&self.stats()).unwrap_or_default();
-        if let Err(e) = self
+        if let Err(e @ SyncError::Store(_)) = self
             .inner
             .handle
             .request(|reply| Request::SetMeta {

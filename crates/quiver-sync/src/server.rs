@@ -742,7 +742,7 @@ async fn serve_shard(
         Ok(s) => (s.changes_sent, s.changes_received, None),
         Err(e) => (0, 0, Some(e.to_string())),
     };
-    if let Err(e) = ctx.handle.record_syncs(1, sent, received, error).await {
+    if let Err(e @ SyncError::Store(_)) = ctx.handle.record_syncs(1, sent, received, error).await {
         tracing::warn!("recording a served sync: {e}");
     }
     r

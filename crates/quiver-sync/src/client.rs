@@ -98,6 +98,7 @@ pub struct SyncResult {
     pub peer_conflicts_detected: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// The whole sync, every attempt and the waits between them included.
     pub duration_ms: u64,
     pub attempts: u32,
     /// Whether the connection was resumed with 0-RTT.
@@ -434,11 +435,14 @@ impl Client {
         progress: Option<ProgressFn>,
     ) -> Result<SyncResult> {
         let mut attempt = 0;
+        let started = std::time::Instant::now();
         loop {
             attempt += 1;
             match self.sync_once(addr, spec, &progress).await {
                 Ok(mut r) => {
                     r.attempts = attempt;
+                    // The whole sync, retries and their waits included.
+                    r.duration_ms = started.elapsed().as_millis() as u64;
                     self.record_exchanges(&r).await?;
                     if let Some(p) = &progress {
                         p(Progress::Done);

@@ -31,6 +31,13 @@ impl Default for TransportLimits {
     }
 }
 
+/// Packets acknowledged after one before it is declared lost (RFC 9002's
+/// default is 3, which jitter's reordering trips all the time).
+pub const LOSS_PACKET_THRESHOLD: u32 = 1000;
+/// How long after a later packet's acknowledgement, in RTTs, a packet is
+/// declared lost (quinn's default 9/8).
+pub const LOSS_TIME_THRESHOLD: f32 = 2.0;
+
 fn transport(limits: &TransportLimits) -> Result<Arc<quinn::TransportConfig>> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
@@ -46,6 +53,15 @@ fn transport(limits: &TransportLimits) -> Result<Arc<quinn::TransportConfig>> {
     t.stream_receive_window((8u32 << 20).into());
     t.receive_window((32u32 << 20).into());
     t.send_window(32 << 20);
+    // Links that lose, delay and reorder datagrams (Wi-Fi, mobile, long
+    // paths): BBR paces by the bandwidth it measures rather than halving
+    // its window at every loss, and loss is declared by time only (2 RTTs,
+    // against 9/8 by default, and no packet-count threshold in practice),
+    // so that jitter's reordering is not taken for loss. Measured with
+    // `scripts/netbench.py` (README, "Networks that misbehave").
+    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    t.packet_threshold(LOSS_PACKET_THRESHOLD);
+    t.time_threshold(LOSS_TIME_THRESHOLD);
     Ok(Arc::new(t))
 }
 

@@ -129,11 +129,19 @@ async fn retries_transient_failures_with_backoff_until_the_server_is_back() {
         let server = Server::bind(a_handle, &a_id, opts).unwrap();
         server.run().await.unwrap();
     });
+    let started = std::time::Instant::now();
     let r = client
         .sync(&addr, &SyncSpec::default(), None)
         .await
         .unwrap();
     assert!(r.attempts > 1, "it retried ({} attempts)", r.attempts);
+    // The server came back after 700 ms: the reported duration covers the
+    // failed attempts and the waits, not the last attempt only.
+    assert!(
+        r.duration_ms >= 600 && r.duration_ms as u128 <= started.elapsed().as_millis(),
+        "duration {} ms",
+        r.duration_ms
+    );
     assert_eq!(count(&b.handle).await, 3);
 }
 

@@ -1,0 +1,140 @@
+//! The fault proxy as a separate process between the library's client and
+//! server (real QUIC on loopback): faults really happen, commands answer,
+//! and a sync through a hostile link still ends with equal replicas.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use quiver_store::{CollectionSpec, Record, Store};
+use quiver_sync::tls::{create_identity, identity_paths};
+use quiver_sync::{
+    Client, ClientOptions, Identity, Server, ServerOptions, StoreHandle, SyncSpec, Trust,
+};
+
+struct Proxy {
+    child: Child,
+    stdin: ChildStdin,
+    out: BufReader<ChildStdout>,
+    addr: String,
+}
+
+impl Proxy {
+    fn start(upstream: &str, faults: &str) -> Proxy {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_quiver-chaos"))
+            .args(["--upstream", upstream, "--seed", "42", "--faults", faults])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        assert!(first.contains("seed 42"), "{first}");
+        let addr = first.split_whitespace().nth(3).unwrap().to_string();
+        Proxy {
+            child,
+            stdin,
+            out,
+            addr,
+        }
+    }
+
+    fn command(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").unwrap();
+        let mut answer = String::new();
+        self.out.read_line(&mut answer).unwrap();
+        answer.trim().to_string()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn store(dir: &tempfile::TempDir, name: &str, rows: usize) -> (StoreHandle, std::path::PathBuf) {
+    let db = dir.path().join(format!("{name}.db"));
+    let mut s = Store::init(&db).unwrap();
+    s.create_collection(&CollectionSpec::new("docs", 16))
+        .unwrap();
+    let recs: Vec<Record> = (0..rows)
+        .map(|i| Record::new(&format!("{name}{i}"), vec![i as f32; 16]))
+        .collect();
+    s.put_many("docs", &recs).unwrap();
+    (StoreHandle::spawn(s), db)
+}
+
+async fn export(h: &StoreHandle) -> Vec<u8> {
+    h.call(|s| {
+        let mut buf = Vec::new();
+        s.export("docs", &mut buf).map(|_| buf)
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+#[test]
+fn commands_answer_and_bad_ones_are_refused() {
+    let mut p = Proxy::start("127.0.0.1:9", "");
+    assert_eq!(p.command("set up loss=0.5 delay_ms=10"), "ok");
+    assert_eq!(p.command("partition down"), "ok");
+    assert_eq!(p.command("heal"), "ok");
+    for bad in [
+        "set loss=2",
+        "set loss=x",
+        "set colour=blue",
+        "set loss",
+        "dance",
+    ] {
+        assert!(p.command(bad).starts_with("error: "), "{bad} was taken");
+    }
+    let stats: serde_json::Value = serde_json::from_str(&p.command("stats")).unwrap();
+    assert_eq!(stats["up"]["seen"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_through_loss_jitter_reordering_and_duplicates_ends_equal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_db) = store(&dir, "a", 3000);
+    let (b, _) = store(&dir, "b", 200);
+    let fp = create_identity(&a_db, &[]).unwrap();
+    let (c, k) = identity_paths(&a_db);
+    let id = Identity::load(&c, &k).unwrap();
+    let opts = ServerOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    let server = Server::bind(a.clone(), &id, opts).unwrap();
+    let addr = server.local_addr().unwrap().to_string();
+    tokio::spawn(server.run());
+    let mut p = Proxy::start(
+        &addr,
+        "loss=0.1 delay_ms=20 jitter_ms=20 reorder=true dup=0.05",
+    );
+    let mut client = Client::new(
+        b.clone(),
+        ClientOptions {
+            trust: Trust::Pin(fp),
+            ..Default::default()
+        },
+    );
+    let r = tokio::time::timeout(
+        Duration::from_secs(120),
+        client.sync(&p.addr, &SyncSpec::default(), None),
+    )
+    .await
+    .expect("the sync ends")
+    .unwrap();
+    assert_eq!(r.changes_received, 3000 * 4);
+    assert_eq!(export(&a).await, export(&b).await);
+    let stats: serde_json::Value = serde_json::from_str(&p.command("stats")).unwrap();
+    for dir in ["up", "down"] {
+        assert!(stats[dir]["dropped"].as_u64().unwrap() > 0, "{stats}");
+        assert!(stats[dir]["duplicated"].as_u64().unwrap() > 0, "{stats}");
+    }
+}

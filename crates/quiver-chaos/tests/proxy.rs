@@ -138,3 +138,111 @@ async fn a_sync_through_loss_jitter_reordering_and_duplicates_ends_equal() {
         assert!(stats[dir]["duplicated"].as_u64().unwrap() > 0, "{stats}");
     }
 }
+
+/// Log lines, kept for the test to read.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_link_says_when_it_is_lost_and_when_it_is_back() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let _ = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_env_filter("quiver_sync=warn")
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_db) = store(&dir, "a", 10);
+    let (b, _) = store(&dir, "b", 0);
+    let fp = create_identity(&a_db, &[]).unwrap();
+    let (c, k) = identity_paths(&a_db);
+    let id = Identity::load(&c, &k).unwrap();
+    let limits = quiver_sync::transport::TransportLimits {
+        idle_timeout: Duration::from_secs(2),
+        keep_alive: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let opts = ServerOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        limits: limits.clone(),
+        ..Default::default()
+    };
+    let server = Server::bind(a.clone(), &id, opts).unwrap();
+    let addr = server.local_addr().unwrap().to_string();
+    tokio::spawn(server.run());
+    let mut p = Proxy::start(&addr, "");
+    let mut client = Client::new(
+        b.clone(),
+        ClientOptions {
+            trust: Trust::Pin(fp),
+            limits,
+            ..Default::default()
+        },
+    );
+    let stop = quiver_sync::CancellationToken::new();
+    let (to, s2) = (p.addr.clone(), stop.clone());
+    let link = tokio::spawn(async move { client.live(&to, &SyncSpec::default(), s2, None).await });
+    let has = |h: StoreHandle, id: &'static str| async move {
+        h.call(move |s| s.get("docs", id))
+            .await
+            .unwrap()
+            .unwrap()
+            .is_some()
+    };
+    let wait_for = |h: StoreHandle, id: &'static str, secs: u64| async move {
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(secs) {
+            if has(h.clone(), id).await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert!(wait_for(b.clone(), "a9", 20).await, "the first round");
+    assert_eq!(p.command("partition"), "ok");
+    a.put("docs", Record::new("during", vec![1.0; 16]))
+        .await
+        .unwrap();
+    // Past the idle timeout: the link notices it is gone.
+    let t = std::time::Instant::now();
+    while !logs.text().contains("lost") && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        logs.text()
+            .contains(&format!("live link to {} lost", p.addr)),
+        "{}",
+        logs.text()
+    );
+    assert!(!has(b.clone(), "during").await);
+    assert_eq!(p.command("heal"), "ok");
+    assert!(
+        wait_for(b.clone(), "during", 30).await,
+        "the row after the heal"
+    );
+    assert!(
+        logs.text()
+            .contains(&format!("live link to {} back after", p.addr)),
+        "{}",
+        logs.text()
+    );
+    stop.cancel();
+    link.await.unwrap().unwrap();
+}

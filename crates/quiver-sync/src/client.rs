@@ -119,6 +119,13 @@ const CLOSE_FLUSH: Duration = Duration::from_millis(5);
 /// Called with the result of every round of a live link.
 pub type RoundFn = Arc<dyn Fn(&SyncResult) + Send + Sync>;
 
+/// A live link's failures in a row, and since when it has been down.
+#[derive(Default)]
+struct LinkHealth {
+    failures: u32,
+    lost: Option<std::time::Instant>,
+}
+
 /// The outcome of a clone.
 #[derive(Debug, Clone, Serialize)]
 pub struct CloneResult {
@@ -613,14 +620,14 @@ impl Client {
         stop: CancellationToken,
         on_round: Option<RoundFn>,
     ) -> Result<()> {
-        let mut failures = 0u32;
+        let mut health = LinkHealth::default();
         let mut local = self.handle.subscribe_changes();
         loop {
             if stop.is_cancelled() {
                 return Ok(());
             }
             match self
-                .live_session(addr, spec, &stop, &mut local, &on_round, &mut failures)
+                .live_session(addr, spec, &stop, &mut local, &on_round, &mut health)
                 .await
             {
                 Ok(()) => return Ok(()),
@@ -629,8 +636,9 @@ impl Client {
                     return Err(e);
                 }
                 Err(e) => {
-                    failures += 1;
-                    let wait = backoff(failures.min(6));
+                    health.failures += 1;
+                    health.lost.get_or_insert_with(std::time::Instant::now);
+                    let wait = backoff(health.failures.min(6));
                     tracing::warn!("live link to {addr} lost ({e}); reconnecting in {wait:?}");
                     if let Ok((sock, _)) = resolve(addr).await {
                         self.links.remove(&sock);
@@ -665,11 +673,18 @@ impl Client {
         stop: &CancellationToken,
         local: &mut tokio::sync::watch::Receiver<u64>,
         on_round: &Option<RoundFn>,
-        failures: &mut u32,
+        health: &mut LinkHealth,
     ) -> Result<()> {
         local.borrow_and_update();
         self.live_round(addr, spec, on_round).await?;
-        *failures = 0;
+        health.failures = 0;
+        if let Some(since) = health.lost.take() {
+            // Said at the level of "lost", so that whoever saw one sees the other.
+            tracing::warn!(
+                "live link to {addr} back after {:.1} s",
+                since.elapsed().as_secs_f64()
+            );
+        }
         let (mut reader, mut writer, _) = self.open_stream(addr).await?;
         writer
             .send(&Message::Subscribe(spec.shards.clone()))

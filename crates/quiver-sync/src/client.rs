@@ -59,7 +59,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             retries: 4,
             retry_no_answer: true,
-            limits: TransportLimits::default(),
+            limits: TransportLimits::client(),
             max_frame: DEFAULT_MAX_FRAME,
             compression: true,
             stream: StreamLimits::default(),

@@ -21,6 +21,20 @@ pub struct TransportLimits {
     pub max_streams: u32,
 }
 
+impl TransportLimits {
+    /// A client's: a peer that stops answering (killed, unplugged) is
+    /// noticed within 6 s, mid-transfer too, rather than the server's 30 s;
+    /// keep-alives every second keep a healthy quiet link open. (QUIC uses
+    /// the smaller idle timeout of the two ends.)
+    pub fn client() -> Self {
+        TransportLimits {
+            idle_timeout: Duration::from_secs(6),
+            keep_alive: Duration::from_secs(1),
+            ..TransportLimits::default()
+        }
+    }
+}
+
 impl Default for TransportLimits {
     fn default() -> Self {
         TransportLimits {

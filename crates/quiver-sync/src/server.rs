@@ -694,6 +694,14 @@ async fn serve_clone(
 async fn notify_changes(ctx: &Ctx, reader: &mut FrameReader, writer: &mut FrameWriter) {
     let mut changes = ctx.handle.subscribe_changes();
     changes.borrow_and_update();
+    // One notification at once: a change made after the subscriber's
+    // first round but before this subscription was taken moved the counter
+    // unseen, and would otherwise wait for the next change (or the link's
+    // 30 s safety net). The round this asks for catches it.
+    if writer.send(&Message::Notify(Vec::new())).await.is_err() {
+        let _ = writer.finish();
+        return;
+    }
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,

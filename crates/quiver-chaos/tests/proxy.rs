@@ -9,7 +9,8 @@ use std::time::Duration;
 use quiver_store::{CollectionSpec, Record, Store};
 use quiver_sync::tls::{create_identity, identity_paths};
 use quiver_sync::{
-    Client, ClientOptions, Identity, Server, ServerOptions, StoreHandle, SyncSpec, Trust,
+    Client, ClientOptions, Identity, Server, ServerOptions, StoreHandle, SyncSpec, TcpListen,
+    Transport, TransportChoice, Trust,
 };
 
 struct Proxy {
@@ -21,8 +22,13 @@ struct Proxy {
 
 impl Proxy {
     fn start(upstream: &str, faults: &str) -> Proxy {
+        Proxy::start_at("127.0.0.1:0", upstream, faults)
+    }
+
+    fn start_at(listen: &str, upstream: &str, faults: &str) -> Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_quiver-chaos"))
-            .args(["--upstream", upstream, "--seed", "42", "--faults", faults])
+            .args(["--listen", listen, "--upstream", upstream])
+            .args(["--seed", "42", "--faults", faults])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -245,4 +251,77 @@ async fn a_live_link_says_when_it_is_lost_and_when_it_is_back() {
     );
     stop.cancel();
     link.await.unwrap().unwrap();
+}
+
+/// UDP really dropped on the way (the proxy's port takes UDP and drops
+/// every datagram; the server's TCP listens on the same port number):
+/// `auto` falls back to TLS over TCP and says so; with UDP through again,
+/// a new client goes back to QUIC; `quic` alone does not get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_to_tcp_where_udp_is_dropped_and_back_to_quic_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_db) = store(&dir, "a", 500);
+    let (b, _) = store(&dir, "b", 20);
+    let fp = create_identity(&a_db, &[]).unwrap();
+    let (c, k) = identity_paths(&a_db);
+    let id = Identity::load(&c, &k).unwrap();
+    // A port number free on both UDP and TCP: the proxy's and the server's TCP.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let shared: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let opts = ServerOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tcp_listen: TcpListen::At(shared),
+        ..Default::default()
+    };
+    let server = Server::bind(a.clone(), &id, opts).unwrap();
+    let quic_addr = server.local_addr().unwrap().to_string();
+    tokio::spawn(server.run());
+    let mut p = Proxy::start_at(&shared.to_string(), &quic_addr, "loss=1");
+    let client = |transport| {
+        Client::new(
+            b.clone(),
+            ClientOptions {
+                trust: Trust::Pin(fp.clone()),
+                connect_timeout: Duration::from_secs(2),
+                retries: 0,
+                transport,
+                ..Default::default()
+            },
+        )
+    };
+    let to = shared.to_string();
+    let e = client(TransportChoice::Quic)
+        .sync(&to, &SyncSpec::default(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("can UDP reach it"), "{e}");
+
+    let started = std::time::Instant::now();
+    let mut auto = client(TransportChoice::Auto);
+    let r = auto.sync(&to, &SyncSpec::default(), None).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.transport, Transport::Tcp);
+    assert_eq!(r.changes_received, 500 * 4);
+    assert_eq!(export(&a).await, export(&b).await);
+    assert!(took < Duration::from_secs(2), "fell back in {took:?}");
+    let stats: serde_json::Value = serde_json::from_str(&p.command("stats")).unwrap();
+    assert!(stats["up"]["dropped"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(stats["down"]["seen"], 0, "{stats}");
+    auto.close().await;
+
+    // UDP gets through again. The client that fell back keeps to TCP for a
+    // while (it tries QUIC again later); a new client takes QUIC.
+    assert_eq!(p.command("set loss=0"), "ok");
+    let r = auto.sync(&to, &SyncSpec::default(), None).await.unwrap();
+    assert_eq!(r.transport, Transport::Tcp);
+    assert!(!r.connection_reused);
+    auto.close().await;
+    let mut again = client(TransportChoice::Auto);
+    let r = again.sync(&to, &SyncSpec::default(), None).await.unwrap();
+    assert_eq!(r.transport, Transport::Quic);
+    again.close().await;
 }

@@ -34,7 +34,8 @@ pub enum Command {
         #[arg(long = "san", value_name = "NAME")]
         sans: Vec<String>,
     },
-    /// Serve this store to peers over QUIC.
+    /// Serve this store to peers over QUIC (and TLS over TCP for those
+    /// whose UDP is blocked).
     Serve(ServeArgs),
     /// Sync with a server: both directions, shard by shard.
     Sync(SyncArgs),
@@ -200,6 +201,15 @@ pub struct ServeArgs {
     /// Token to present to peers.
     #[arg(long)]
     pub peer_token: Option<String>,
+    /// How live links to peers connect: auto (QUIC, falling back to TLS
+    /// over TCP when UDP does not get through), quic or tcp.
+    #[arg(long, value_name = "auto|quic|tcp")]
+    pub peer_transport: Option<quiver_sync::TransportChoice>,
+    /// Where to take TLS over TCP (HTTP/2) for clients whose UDP is
+    /// blocked: HOST:PORT, `same` (default: the --listen address on TCP)
+    /// or `off`.
+    #[arg(long, value_name = "ADDR|same|off")]
+    pub tcp_listen: Option<quiver_sync::TcpListen>,
     /// Do not verify peers' certificates (when no @PIN is given).
     #[arg(long)]
     pub peer_insecure: bool,
@@ -225,9 +235,14 @@ pub struct ServeArgs {
     pub allow_anonymous: bool,
 }
 
-/// How to trust the server's certificate (verification is on by default).
+/// How to reach the server and trust its certificate (verification is on
+/// by default).
 #[derive(Debug, Args, Clone)]
 pub struct TrustArgs {
+    /// auto: QUIC, and TLS over TCP beside it when QUIC has not answered
+    /// within 300 ms (the first to complete wins); quic or tcp: only that.
+    #[arg(long, value_name = "auto|quic|tcp", default_value = "auto")]
+    pub transport: quiver_sync::TransportChoice,
     /// Trust certificates signed by (or equal to) the certificates in this PEM file.
     #[arg(long, conflicts_with_all = ["pin", "insecure"])]
     pub ca: Option<std::path::PathBuf>,
@@ -526,6 +541,9 @@ pub enum BenchCmd {
         /// Rows each client writes.
         #[arg(long, default_value_t = 20)]
         rows: usize,
+        /// quic, tcp (TLS over TCP) or auto.
+        #[arg(long, default_value = "quic", value_name = "quic|tcp|auto")]
+        transport: quiver_sync::TransportChoice,
     },
     /// A replica receiving rows from a `quiver serve` process over QUIC,
     /// against plain SQLite inserting them.
@@ -541,6 +559,9 @@ pub enum BenchCmd {
         /// whole-store copy.
         #[arg(long, default_value = "snapshot", value_name = "snapshot|delta|clone")]
         mode: String,
+        /// quic, tcp (TLS over TCP, as where UDP is blocked) or auto.
+        #[arg(long, default_value = "quic", value_name = "quic|tcp|auto")]
+        transport: quiver_sync::TransportChoice,
     },
     /// Remote updates applied to rows a replica holds, half of them
     /// concurrent with its own edits, against plain SQLite inserting them.

@@ -18,7 +18,12 @@ fn export(s: &Store) -> Result<String> {
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
-pub fn run(clients: usize, rows: usize, json: bool) -> Result<()> {
+pub fn run(
+    clients: usize,
+    rows: usize,
+    transport: quiver_sync::TransportChoice,
+    json: bool,
+) -> Result<()> {
     crate::net::init_logging("error");
     let dir = tempfile::tempdir()?;
     let server_db = dir.path().join("server.db");
@@ -72,6 +77,7 @@ pub fn run(clients: usize, rows: usize, json: bool) -> Result<()> {
                     let opts = ClientOptions {
                         trust: Trust::Pin(fp),
                         connect_timeout: std::time::Duration::from_secs(20),
+                        transport,
                         ..Default::default()
                     };
                     let mut c = Client::new(h, opts);
@@ -123,7 +129,7 @@ pub fn run(clients: usize, rows: usize, json: bool) -> Result<()> {
     }
     let secs: f64 = timings.iter().sum();
     let v = serde_json::json!({
-        "bench": "load", "clients": clients, "rows_per_client": rows, "total_rows": total_rows,
+        "bench": "load", "transport": transport.to_string(), "clients": clients, "rows_per_client": rows, "total_rows": total_rows,
         "push_round_s": timings[0], "pull_round_s": timings[1],
         "changes": changes, "changes_per_s": changes as f64 / secs,
         "syncs_per_s": (2 * clients) as f64 / secs,

@@ -63,9 +63,16 @@ impl Writer {
 }
 
 /// `quiver bench sync`: a replica receives `n` rows from a `quiver serve`
-/// process over QUIC on loopback, into an empty store (`snapshot`) or one
-/// that already holds the source's earlier rows (`delta`).
-pub fn sync(n: usize, dim: usize, mode: &str, json: bool) -> Result<()> {
+/// process over QUIC (or TLS on TCP) on loopback, into an empty store
+/// (`snapshot`) or one that already holds the source's earlier rows
+/// (`delta`).
+pub fn sync(
+    n: usize,
+    dim: usize,
+    mode: &str,
+    transport: quiver_sync::TransportChoice,
+    json: bool,
+) -> Result<()> {
     if !matches!(mode, "snapshot" | "delta" | "clone") {
         bail!("--mode {mode}: expected snapshot, delta or clone");
     }
@@ -98,22 +105,21 @@ pub fn sync(n: usize, dim: usize, mode: &str, json: bool) -> Result<()> {
         quiver_sync::tls::create_identity(&src_db, &[])?
     };
     let served = ServeChild::start(&src_db, &[])?;
+    let opts = ClientOptions {
+        trust: Trust::Pin(fp),
+        connect_timeout: Duration::from_secs(10),
+        transport,
+        ..Default::default()
+    };
     if mode == "clone" {
-        return clone(n, dim, plain, payload, &dir, &served, fp, json);
+        return clone(n, dim, plain, payload, &dir, &served, opts, json);
     }
     drop(Store::init(&dst_db)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let handle = StoreHandle::spawn(Store::open(&dst_db)?);
-    let mut client = Client::new(
-        handle,
-        ClientOptions {
-            trust: Trust::Pin(fp),
-            connect_timeout: Duration::from_secs(10),
-            ..Default::default()
-        },
-    );
+    let mut client = Client::new(handle, opts);
     let spec = SyncSpec::default();
     let t = Instant::now();
     rt.block_on(client.ping(&served.addr))
@@ -145,7 +151,7 @@ pub fn sync(n: usize, dim: usize, mode: &str, json: bool) -> Result<()> {
     }
     let wire = r.bytes_sent + r.bytes_received;
     let v = serde_json::json!({
-        "bench": "sync", "n": n, "dim": dim, "mode": mode,
+        "bench": "sync", "n": n, "dim": dim, "mode": mode, "transport": r.transport,
         "connect_s": connect, "sync_s": secs, "plain_sqlite_s": plain, "ratio": secs / plain,
         "wire_bytes": wire, "payload_bytes": payload,
         "changes": r.changes_received,
@@ -155,7 +161,10 @@ pub fn sync(n: usize, dim: usize, mode: &str, json: bool) -> Result<()> {
     if json {
         return crate::output::json(&v);
     }
-    println!("{mode} sync of {n} x {dim}-dim vectors from a quiver serve on loopback");
+    println!(
+        "{mode} sync of {n} x {dim}-dim vectors from a quiver serve on loopback over {}",
+        r.transport
+    );
     println!("  connect        {:>9.2} ms", connect * 1000.0);
     println!(
         "  sync           {secs:>9.3} s   ({} changes, {:.0} rows/s)",
@@ -188,24 +197,19 @@ fn clone(
     payload: u64,
     dir: &tempfile::TempDir,
     served: &ServeChild,
-    fp: String,
+    opts: ClientOptions,
     json: bool,
 ) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let hello = Store::init(dir.path().join("hello.db"))?;
-    let mut client = Client::new(
-        StoreHandle::spawn_unwatched(hello),
-        ClientOptions {
-            trust: Trust::Pin(fp),
-            connect_timeout: Duration::from_secs(10),
-            ..Default::default()
-        },
-    );
+    let mut client = Client::new(StoreHandle::spawn_unwatched(hello), opts);
     let t = Instant::now();
-    rt.block_on(client.ping(&served.addr))
-        .context("connecting to the bench's server")?;
+    let transport = rt
+        .block_on(client.ping(&served.addr))
+        .context("connecting to the bench's server")?
+        .transport;
     let connect = t.elapsed().as_secs_f64();
     let dest = dir.path().join("clone.db");
     reset_peak();
@@ -220,7 +224,7 @@ fn clone(
         bail!("the clone holds {got} rows, not {n}");
     }
     let v = serde_json::json!({
-        "bench": "sync", "n": n, "dim": dim, "mode": "clone",
+        "bench": "sync", "n": n, "dim": dim, "mode": "clone", "transport": transport,
         "connect_s": connect, "sync_s": secs, "plain_sqlite_s": plain, "ratio": secs / plain,
         "wire_bytes": r.bytes, "payload_bytes": payload,
         "client_peak_rss_bytes": client_peak, "server_peak_rss_bytes": server_peak,

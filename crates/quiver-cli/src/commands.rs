@@ -335,14 +335,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Live { writes, bursts }) => {
             crate::bench_live::run(writes, bursts, json)?
         }
-        Command::Bench(BenchCmd::Sync { n, dim, mode }) => {
-            crate::bench_sync::sync(n, dim, &mode, json)?
-        }
+        Command::Bench(BenchCmd::Sync {
+            n,
+            dim,
+            mode,
+            transport,
+        }) => crate::bench_sync::sync(n, dim, &mode, transport, json)?,
         Command::Bench(BenchCmd::Apply { n }) => crate::bench_sync::apply(n, json)?,
         Command::Bench(BenchCmd::Conflicts { n }) => crate::bench_sync::conflicts(n, json)?,
-        Command::Bench(BenchCmd::Load { clients, rows }) => {
-            crate::bench_load::run(clients, rows, json)?
-        }
+        Command::Bench(BenchCmd::Load {
+            clients,
+            rows,
+            transport,
+        }) => crate::bench_load::run(clients, rows, transport, json)?,
     }
     Ok(())
 }

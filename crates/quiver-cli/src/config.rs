@@ -105,6 +105,8 @@ text_setting! {
         HttpListen::Off => "off".into(),
         HttpListen::At(a) => a.to_string(),
     };
+    quiver_sync::TcpListen => "an address like 0.0.0.0:4433, same (the QUIC address on TCP), or off", |v| v.to_string();
+    quiver_sync::TransportChoice => "auto, quic or tcp", |v| v.to_string();
 }
 
 macro_rules! number_setting {
@@ -283,6 +285,8 @@ settings! {
     compression: bool = ["QUIVER_COMPRESSION"];
     log_format: LogFormat = ["QUIVER_LOG_FORMAT"];
     http_listen: HttpListen = ["QUIVER_HTTP_LISTEN"];
+    tcp_listen: quiver_sync::TcpListen = ["QUIVER_TCP_LISTEN"];
+    peer_transport: quiver_sync::TransportChoice = ["QUIVER_PEER_TRANSPORT"];
     rate_requests_per_min: u32 = ["QUIVER_RATE_REQUESTS_PER_MIN"];
     rate_bytes_per_min: u32 = ["QUIVER_RATE_BYTES_PER_MIN"];
     peers: Vec<String> = ["QUIVER_PEERS"];
@@ -309,6 +313,8 @@ impl Layer {
             compression: Some(server.compression),
             log_format: Some(LogFormat::Text),
             http_listen: Some(HTTP_LISTEN_DEFAULT),
+            tcp_listen: Some(server.tcp_listen),
+            peer_transport: Some(quiver_sync::ClientOptions::default().transport),
             rate_requests_per_min: Some(server.rate.requests_per_min.map_or(0, |n| n.get())),
             rate_bytes_per_min: Some(server.rate.bytes_per_min.map_or(0, |n| n.get())),
             allow_anonymous: Some(false),
@@ -360,6 +366,12 @@ pub struct DaemonConfig {
     pub peers: Vec<String>,
     #[serde(skip)]
     pub peer_token: Option<String>,
+    /// TLS over TCP beside QUIC (`same`: the QUIC address on TCP).
+    #[serde(skip)]
+    pub tcp_listen: quiver_sync::TcpListen,
+    /// How live links to peers connect (auto: QUIC, falling back to TCP).
+    #[serde(skip)]
+    pub peer_transport: quiver_sync::TransportChoice,
     /// Where `/health` and `/metrics` are served; `off` disables them.
     #[serde(skip)]
     pub http_listen: Option<SocketAddr>,
@@ -461,6 +473,8 @@ pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<Daemo
         allow_anonymous: c.allow_anonymous.unwrap_or_default(),
         peers: c.peers.clone().unwrap_or_default(),
         peer_token: nonempty(&c.peer_token),
+        tcp_listen: c.tcp_listen.unwrap_or_default(),
+        peer_transport: c.peer_transport.unwrap_or_default(),
         rate: quiver_sync::limits::RateLimits {
             requests_per_min: std::num::NonZeroU32::new(c.rate_requests_per_min.unwrap_or(0)),
             bytes_per_min: std::num::NonZeroU32::new(c.rate_bytes_per_min.unwrap_or(0)),

@@ -90,6 +90,8 @@ fn flag_layer(a: &ServeArgs) -> config::Layer {
         client_ca: a.client_ca.clone(),
         peers: (!a.peers.is_empty()).then(|| config::peer_list(&a.peers)),
         peer_token: a.peer_token.clone(),
+        peer_transport: a.peer_transport,
+        tcp_listen: a.tcp_listen,
         max_connections: a.max_connections,
         max_streams: a.max_streams,
         idle_timeout_secs: a.idle_timeout_secs,
@@ -148,6 +150,7 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
     let id = Identity::load(&cert, &key)?;
     let opts = ServerOptions {
         listen: cfg.listen,
+        tcp_listen: cfg.tcp_listen,
         token: cfg.token.clone(),
         node: node.clone(),
         max_connections: cfg.max_connections,
@@ -193,12 +196,14 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
     }
     let peer_token = cfg.peer_token.clone();
     let peer_insecure = a.peer_insecure;
+    let peer_transport = cfg.peer_transport;
     let http_listen = cfg.http_listen;
     let rt = runtime()?;
     rt.block_on(async move {
         let handle = StoreHandle::spawn(store);
         let server = Server::bind(handle.clone(), &id, opts)?;
         let addr = server.local_addr()?;
+        let tcp_addr = server.tcp_addr();
         lock.record(addr)?;
         let token = server.shutdown_token();
         // The shard coordinator keeps a live link to every peer until
@@ -217,6 +222,7 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
                     client_identity: Some((cert.clone(), key.clone())),
                     token: peer_token.clone(),
                     node: node.clone(),
+                    transport: peer_transport,
                     ..CoordinatorOptions::default().client
                 },
                 ..Default::default()
@@ -240,6 +246,7 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         if json {
             output::json(&serde_json::json!({
                 "listening": addr.to_string(), "node": node, "fingerprint": id.fingerprint(),
+                "tcp": tcp_addr.map(|t| t.to_string()),
                 "http": http.map(|h| h.to_string()),
             }))?;
         } else {
@@ -249,6 +256,9 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
                 println!(
                     "health and metrics on http://{h}/health and /metrics, live connections on /connections, events on /events"
                 );
+            }
+            if let Some(t) = tcp_addr {
+                println!("TLS over TCP (for clients whose UDP is blocked) on {t}");
             }
         }
         std::io::stdout().flush()?;
@@ -367,6 +377,7 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
     let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
     let opts = ClientOptions {
         trust: trust(&a.trust)?,
+        transport: a.trust.transport,
         client_identity: client_identity(db, &a.trust),
         token: a.token,
         node: node_name(&store)?,
@@ -453,8 +464,16 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
         return output::json(&r);
     }
     println!(
-        "synced with {} in {} ms: sent {} changes, received {} ({} applied)",
-        r.peer_node, r.duration_ms, r.changes_sent, r.changes_received, r.applied
+        "synced with {} in {} ms over {}: sent {} changes, received {} ({} applied)",
+        r.peer_node,
+        r.duration_ms,
+        match r.transport {
+            quiver_sync::Transport::Quic => "QUIC",
+            quiver_sync::Transport::Tcp => "TLS/TCP",
+        },
+        r.changes_sent,
+        r.changes_received,
+        r.applied
     );
     if r.conflicts_detected + r.peer_conflicts_detected > 0 {
         println!(
@@ -609,6 +628,7 @@ pub fn server_status(addr: &str, json: bool) -> Result<()> {
             if c.client_cert.is_some() {
                 mode.push("client-cert");
             }
+            mode.push(c.transport.as_str());
             vec![
                 c.remote.clone(),
                 c.node.clone(),
@@ -662,6 +682,7 @@ pub fn clone(
     let hello_store = Store::init(scratch.path().join("hello.db"))?;
     let opts = ClientOptions {
         trust: trust(t)?,
+        transport: t.transport,
         client_identity: client_identity(db, t),
         token,
         node: name.clone().unwrap_or_else(|| "clone".into()),
@@ -704,6 +725,7 @@ pub fn ping(db: &Path, addr: &str, token: Option<String>, t: &TrustArgs, json: b
     let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
     let opts = ClientOptions {
         trust: trust(t)?,
+        transport: t.transport,
         client_identity: client_identity(db, t),
         token,
         node: node_name(&store)?,
@@ -722,8 +744,15 @@ pub fn ping(db: &Path, addr: &str, token: Option<String>, t: &TrustArgs, json: b
         return output::json(&r);
     }
     println!(
-        "pong from {}: {:.2} ms (connect {:.2} ms, QUIC rtt {:.2} ms)",
-        r.peer_node, r.rtt_ms, r.connect_ms, r.quic_rtt_ms
+        "pong from {}: {:.2} ms (connect {:.2} ms, {} rtt {:.2} ms)",
+        r.peer_node,
+        r.rtt_ms,
+        r.connect_ms,
+        match r.transport {
+            quiver_sync::Transport::Quic => "QUIC",
+            quiver_sync::Transport::Tcp => "TCP",
+        },
+        r.quic_rtt_ms
     );
     Ok(())
 }

@@ -35,7 +35,6 @@ pub fn install_recorder() -> Result<PrometheusHandle> {
 fn zero_series() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     let counters = [
-        ("quiver_connections_total", "QUIC connections accepted"),
         ("quiver_changes_sent_total", "changes sent to peers"),
         (
             "quiver_changes_received_total",
@@ -58,6 +57,13 @@ fn zero_series() {
     for (name, help) in counters {
         describe_counter!(name, help);
         metrics::counter!(name).absolute(0);
+    }
+    describe_counter!(
+        "quiver_connections_total",
+        "connections accepted, by transport (quic, or tcp: TLS over TCP)"
+    );
+    for transport in ["quic", "tcp"] {
+        metrics::counter!("quiver_connections_total", "transport" => transport).absolute(0);
     }
     describe_counter!("quiver_syncs_total", "shard exchanges, by result");
     for result in ["ok", "error"] {

@@ -27,6 +27,16 @@ fn committed_rows(db: &std::path::Path) -> u64 {
 
 #[test]
 fn sigkill_mid_sync_then_resume() {
+    kill_and_resume("quic");
+}
+
+/// The same over TLS on TCP (HTTP/2): the cursor is the same, so is the resume.
+#[test]
+fn sigkill_mid_sync_over_tcp_then_resume() {
+    kill_and_resume("tcp");
+}
+
+fn kill_and_resume(transport: &str) {
     let a = Node::new("a");
     a.q(&["collection", "create", "docs", "--dim", "4"]);
     let jsonl = a.dir.path().join("data.jsonl");
@@ -48,7 +58,7 @@ fn sigkill_mid_sync_then_resume() {
     let mut child = Command::new(bin())
         .arg("--db")
         .arg(&b.db)
-        .args(["sync", &s.addr, "--pin", &s.fp])
+        .args(["sync", &s.addr, "--pin", &s.fp, "--transport", transport])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -74,8 +84,17 @@ fn sigkill_mid_sync_then_resume() {
         "killed mid-way ({k} rows committed)"
     );
 
-    let out = b.q(&["--json", "sync", &s.addr, "--pin", &s.fp]);
+    let out = b.q(&[
+        "--json",
+        "sync",
+        &s.addr,
+        "--pin",
+        &s.fp,
+        "--transport",
+        transport,
+    ]);
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["transport"], transport, "{out}");
     assert_eq!(a.export("docs"), b.export("docs"));
     // Each row travels as four changes (existence, vector, metadata, content):
     // exactly the rows missing after the kill were applied, none twice.

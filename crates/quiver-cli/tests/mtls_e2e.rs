@@ -229,3 +229,101 @@ fn a_client_ca_file_can_list_self_signed_client_certificates() {
     );
     assert!(e.contains("client_ca") && e.contains("not a file"), "{e}");
 }
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Over TLS on TCP the same client CA decides, with the same errors, and
+/// the server lists the connection as `tcp` with its certificate.
+#[test]
+fn client_certificates_are_checked_over_tcp_too() {
+    let a = Node::new("a");
+    a.q(&["collection", "create", "docs", "--dim", "2"]);
+    a.q(&["put", "docs", "x", "--vector", "[1,2]"]);
+    let ca = Ca::new("quiver test CA");
+    let ca_pem = ca.write(a.dir.path());
+    let s = a.serve(&["--client-ca", ca_pem.to_str().unwrap()]);
+    let http = s.http.clone().expect("the HTTP endpoint is on by default");
+    let tcp = |extra: &[&str]| {
+        let mut args = vec![
+            "sync",
+            s.addr.as_str(),
+            "--pin",
+            s.fp.as_str(),
+            "--retries",
+            "0",
+            "--transport",
+            "tcp",
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+
+    let bare = Node::new("bare");
+    let (cert, key) = quiver_sync::tls::identity_paths(&bare.db);
+    std::fs::remove_file(cert).unwrap();
+    std::fs::remove_file(key).unwrap();
+    let e = err(&bare.db, &args(&tcp(&[])));
+    assert!(e.contains("requires a client certificate"), "{e}");
+
+    let b = Node::new("b");
+    let e = err(&b.db, &args(&tcp(&[])));
+    assert!(e.contains("refused this client's certificate"), "{e}");
+    let other = Ca::new("someone else");
+    let (mc, mk, _) = other.issue(b.dir.path(), "mallory");
+    let e = err(
+        &b.db,
+        &args(&tcp(&["--client-cert", &mc, "--client-key", &mk])),
+    );
+    assert!(e.contains("not issued by"), "{e}");
+    assert!(err(&b.db, &["export", "docs"]).contains("not a replicated table"));
+
+    let (ac, ak, afp) = ca.issue(b.dir.path(), "alice");
+    let out = ok(
+        &b.db,
+        &[
+            &["--json"][..],
+            &args(&tcp(&["--client-cert", &ac, "--client-key", &ak])),
+        ]
+        .concat(),
+    );
+    assert!(out.contains(r#""transport":"tcp""#), "{out}");
+    assert_eq!(b.export("docs"), a.export("docs"));
+    let mut live = b.live_link(
+        &s,
+        &[
+            "--client-cert",
+            &ac,
+            "--client-key",
+            &ak,
+            "--transport",
+            "tcp",
+        ],
+        std::process::Stdio::null(),
+    );
+    let listed = wait_connections(&http, "no live connection listed", |c| c[0]["live"] == true);
+    let c = &listed["connections"][0];
+    assert_eq!(c["transport"], "tcp", "{listed}");
+    assert_eq!(c["client_cert"], afp.as_str());
+    assert!(c["bytes_sent"].as_u64().unwrap() > 0 && c["bytes_received"].as_u64().unwrap() > 0);
+    // A write on the server reaches the live link over TCP.
+    a.q(&["put", "docs", "y", "--vector", "[3,4]"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while b.export("docs") != a.export("docs") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the live link over TCP did not bring the write"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    live.kill().unwrap();
+    live.wait().unwrap();
+    let m = common::http_get(&http, "/metrics").1;
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("quiver_connections_total{transport=\"tcp\"}") && !l.ends_with(" 0")
+        ),
+        "{m}"
+    );
+}

@@ -12,6 +12,16 @@ fn sync_json(n: &Node, addr: &str, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn two_way_sync_with_concurrent_conflicting_writes() {
+    conflicting_writes("quic");
+}
+
+/// The same over TLS on TCP (HTTP/2), as a client whose UDP is blocked syncs.
+#[test]
+fn two_way_sync_with_concurrent_conflicting_writes_over_tcp() {
+    conflicting_writes("tcp");
+}
+
+fn conflicting_writes(t: &str) {
     let a = Node::new("a");
     let b = Node::new("b");
     for n in [&a, &b] {
@@ -38,10 +48,15 @@ fn two_way_sync_with_concurrent_conflicting_writes() {
         r#"{"by":"b"}"#,
     ]);
     let s = a.serve(&["--token", "t0k"]);
-    let r = sync_json(&b, &s.addr, &["--token", "t0k", "--pin", &s.fp]);
+    let r = sync_json(
+        &b,
+        &s.addr,
+        &["--token", "t0k", "--pin", &s.fp, "--transport", t],
+    );
     let both_ends =
         r["conflicts_detected"].as_u64().unwrap() + r["peer_conflicts_detected"].as_u64().unwrap();
     assert!(both_ends >= 2, "{r}");
+    assert_eq!(r["transport"], t, "{r}");
     // The summary counts what this replica recorded, as `conflicts list`
     // shows it here; the server's own count is beside it.
     let here: Vec<serde_json::Value> =
@@ -61,7 +76,11 @@ fn two_way_sync_with_concurrent_conflicting_writes() {
     assert_eq!(a.export("docs"), b.export("docs"));
     assert_eq!(a.export("docs").lines().count(), 3);
     // Nothing moves on a second sync.
-    let again = sync_json(&b, &s.addr, &["--token", "t0k", "--pin", &s.fp]);
+    let again = sync_json(
+        &b,
+        &s.addr,
+        &["--token", "t0k", "--pin", &s.fp, "--transport", t],
+    );
     assert_eq!(again["changes_received"], 0, "{again}");
     assert_eq!(again["changes_sent"], 0, "{again}");
     let st: serde_json::Value = serde_json::from_str(&b.q(&["--json", "status"])).unwrap();
@@ -119,6 +138,15 @@ fn fresh_replica_bootstraps_from_nothing_and_relays() {
 
 #[test]
 fn wrong_token_and_untrusted_certificates_are_refused_before_data_moves() {
+    refusals("quic");
+}
+
+#[test]
+fn wrong_token_and_untrusted_certificates_are_refused_over_tcp_too() {
+    refusals("tcp");
+}
+
+fn refusals(t: &str) {
     let a = Node::new("a");
     a.q(&["collection", "create", "docs", "--dim", "2"]);
     a.q(&["put", "docs", "x", "--vector", "[1,2]"]);
@@ -126,12 +154,24 @@ fn wrong_token_and_untrusted_certificates_are_refused_before_data_moves() {
     let b = Node::new("b");
     let e = err(
         &b.db,
-        &["sync", &s.addr, "--pin", &s.fp, "--token", "wrong"],
+        &[
+            "sync",
+            &s.addr,
+            "--transport",
+            t,
+            "--pin",
+            &s.fp,
+            "--token",
+            "wrong",
+        ],
     );
     assert!(e.contains("invalid token"), "{e}");
-    let e = err(&b.db, &["sync", &s.addr, "--pin", &s.fp]);
+    let e = err(&b.db, &["sync", &s.addr, "--transport", t, "--pin", &s.fp]);
     assert!(e.contains("token is required"), "{e}");
-    let e = err(&b.db, &["sync", &s.addr, "--token", "right"]);
+    let e = err(
+        &b.db,
+        &["sync", &s.addr, "--transport", t, "--token", "right"],
+    );
     assert!(
         e.contains("not trusted") && e.contains(&s.fp) && e.contains("--pin"),
         "{e}"
@@ -141,6 +181,8 @@ fn wrong_token_and_untrusted_certificates_are_refused_before_data_moves() {
         &[
             "sync",
             &s.addr,
+            "--transport",
+            t,
             "--token",
             "right",
             "--pin",
@@ -152,13 +194,39 @@ fn wrong_token_and_untrusted_certificates_are_refused_before_data_moves() {
     assert!(err(&b.db, &["export", "docs"]).contains("not a replicated table"));
     // Trust by CA file (the server's own self-signed certificate) works.
     let cert = format!("{}.cert.pem", a.db.display());
-    b.q(&["sync", &s.addr, "--token", "right", "--ca", &cert]);
+    b.q(&[
+        "sync",
+        &s.addr,
+        "--transport",
+        t,
+        "--token",
+        "right",
+        "--ca",
+        &cert,
+    ]);
     assert_eq!(b.export("docs"), a.export("docs"));
     // Insecure, when asked for, works too.
     let c = Node::new("c");
-    c.q(&["sync", &s.addr, "--token", "right", "--insecure"]);
-    let ping: serde_json::Value =
-        serde_json::from_str(&c.q(&["--json", "ping", &s.addr, "--token", "right", "--insecure"]))
-            .unwrap();
+    c.q(&[
+        "sync",
+        &s.addr,
+        "--transport",
+        t,
+        "--token",
+        "right",
+        "--insecure",
+    ]);
+    let ping: serde_json::Value = serde_json::from_str(&c.q(&[
+        "--json",
+        "ping",
+        &s.addr,
+        "--token",
+        "right",
+        "--insecure",
+        "--transport",
+        t,
+    ]))
+    .unwrap();
     assert!(ping["rtt_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(ping["transport"], t, "{ping}");
 }

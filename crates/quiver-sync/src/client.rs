@@ -1,5 +1,6 @@
 //! The client: connects (reusing a live connection, with 0-RTT on
-//! reconnect), handshakes, syncs shards concurrently, retries transient
+//! reconnect; over QUIC, or TLS on TCP where UDP does not get through),
+//! handshakes, syncs shards concurrently, retries transient
 //! failures with exponential backoff and jitter, and pings.
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use crate::actor::StoreHandle;
 use crate::framed::{FrameReader, FrameWriter};
 use crate::protocol::{exchange, Peer, Progress, ProgressFn, Pump, ShardResult};
 use crate::schema::shard_infos;
+use crate::streams::{Conn, Transport, TransportChoice};
 use crate::tls::{Identity, SeenFingerprint, Trust};
 use crate::transport::{client_endpoint, TransportLimits};
 use crate::{Result, SyncError};
@@ -47,7 +49,16 @@ pub struct ClientOptions {
     pub max_frame: u32,
     pub compression: bool,
     pub stream: StreamLimits,
+    /// QUIC, TCP, or QUIC with a fallback to TCP (`auto`, the default).
+    pub transport: TransportChoice,
 }
+
+/// How long `auto` gives QUIC before starting TCP beside it; the first
+/// connection to complete its handshake is taken.
+pub const FALLBACK_DELAY: Duration = Duration::from_millis(300);
+/// How long a server reached only over TCP is reached over TCP first;
+/// after that `auto` tries QUIC again.
+const REMEMBER_TCP: Duration = Duration::from_secs(600);
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -63,6 +74,7 @@ impl Default for ClientOptions {
             max_frame: DEFAULT_MAX_FRAME,
             compression: true,
             stream: StreamLimits::default(),
+            transport: TransportChoice::Auto,
         }
     }
 }
@@ -105,6 +117,8 @@ pub struct SyncResult {
     pub zero_rtt: bool,
     /// Whether an open connection from an earlier sync was reused.
     pub connection_reused: bool,
+    /// The transport that carried the sync: `quic` or `tcp`.
+    pub transport: Transport,
     /// Shards both sides hold at different schema versions.
     pub schema_outdated: Vec<String>,
     /// The token was read-only: nothing was pushed.
@@ -145,11 +159,14 @@ pub struct PingResult {
     pub peer_node: String,
     pub rtt_ms: f64,
     pub connect_ms: f64,
+    /// The transport's own round-trip estimate (QUIC's, or over TCP the
+    /// last HTTP/2 keep-alive ping's).
     pub quic_rtt_ms: f64,
+    pub transport: Transport,
 }
 
 struct Link {
-    conn: quinn::Connection,
+    conn: Conn,
     welcome: Welcome,
     /// Our shards as stated in the hello.
     ours: Vec<ShardInfo>,
@@ -163,7 +180,22 @@ pub struct Client {
     handle: StoreHandle,
     opts: ClientOptions,
     endpoint: Option<(quinn::Endpoint, SeenFingerprint)>,
+    tcp: Option<(tokio_rustls::TlsConnector, SeenFingerprint)>,
     links: HashMap<SocketAddr, Link>,
+    /// Servers `auto` last reached over TCP only, and when.
+    tcp_since: HashMap<SocketAddr, Instant>,
+}
+
+/// What a handshake on a new connection gives.
+type Handshaken = (Welcome, FrameReader, FrameWriter, Vec<ShardInfo>);
+
+/// Where a connection goes: the address as given, resolved, the TLS
+/// server name, and whom to tell of progress.
+struct Target<'a> {
+    addr: &'a str,
+    sock: SocketAddr,
+    name: &'a str,
+    progress: &'a Option<ProgressFn>,
 }
 
 /// Resolves `host:port` and gives the TLS server name.
@@ -210,14 +242,15 @@ impl Client {
             handle,
             opts,
             endpoint: None,
+            tcp: None,
             links: HashMap::new(),
+            tcp_since: HashMap::new(),
         }
     }
 
     /// Why a server closed the handshake over this client's certificate
     /// (mutual TLS), by the TLS alert it sent.
-    fn certificate_refused(&self, c: &quinn::ConnectionClose) -> Option<String> {
-        let alert = |a: u8| c.error_code == quinn::TransportErrorCode::crypto(a);
+    fn certificate_refused(&self, alert: impl Fn(u8) -> bool) -> Option<String> {
         let ours = self.opts.client_identity.as_ref().map(|(cert, _)| cert);
         let refused = |why: &str| {
             let which = ours
@@ -259,15 +292,26 @@ impl Client {
 
     /// A TLS failure in words: the server refusing this client's
     /// certificate (mutual TLS), or this client not trusting the server's.
-    fn untrusted(&self, seen: &SeenFingerprint, e: &quinn::ConnectionError) -> Option<SyncError> {
+    fn untrusted_quic(
+        &self,
+        seen: &SeenFingerprint,
+        e: &quinn::ConnectionError,
+    ) -> Option<SyncError> {
         if let quinn::ConnectionError::ConnectionClosed(c) = e {
-            if let Some(why) = self.certificate_refused(c) {
+            let alert = |a: u8| c.error_code == quinn::TransportErrorCode::crypto(a);
+            if let Some(why) = self.certificate_refused(alert) {
                 return Some(SyncError::Untrusted(format!(
                     "{why} (server: {})",
                     c.reason.escape_ascii()
                 )));
             }
         }
+        self.untrusted(seen, &e.to_string())
+    }
+
+    /// A TLS failure described by `text`, in words when it is this client
+    /// not trusting the server's certificate.
+    fn untrusted(&self, seen: &SeenFingerprint, text: &str) -> Option<SyncError> {
         let fp = seen.lock().ok()?.clone()?;
         // Trusted by pin or on purpose: the failure lies elsewhere.
         let pinned =
@@ -275,7 +319,6 @@ impl Client {
         if pinned || self.opts.trust == Trust::Insecure {
             return None;
         }
-        let text = e.to_string();
         if !(text.contains("certificate")
             || text.contains("UnknownIssuer")
             || text.contains("crypto"))
@@ -304,7 +347,7 @@ impl Client {
     ) -> Result<(SocketAddr, bool)> {
         let (sock, server_name) = resolve(addr).await?;
         if let Some(link) = self.links.get(&sock) {
-            if link.conn.close_reason().is_none() {
+            if link.conn.is_open() {
                 return Ok((sock, true));
             }
             self.links.remove(&sock);
@@ -314,6 +357,54 @@ impl Client {
                 addr: addr.to_string(),
             });
         }
+        let remembered = self
+            .tcp_since
+            .get(&sock)
+            .is_some_and(|t| t.elapsed() < REMEMBER_TCP);
+        let choice = self.opts.transport;
+        if choice != TransportChoice::Tcp {
+            self.quic_endpoint(sock)?;
+        }
+        if choice != TransportChoice::Quic {
+            self.tcp_connector()?;
+        }
+        let target = Target {
+            addr,
+            sock,
+            name: &server_name,
+            progress,
+        };
+        let link = match choice {
+            TransportChoice::Quic => self.open_link(Transport::Quic, &target).await?,
+            TransportChoice::Tcp => self.open_link(Transport::Tcp, &target).await?,
+            TransportChoice::Auto => {
+                // Reached over TCP lately: straight there (QUIC is tried
+                // again once the memory is old, or if TCP fails).
+                let known = match remembered {
+                    true => self.open_link(Transport::Tcp, &target).await.ok(),
+                    false => None,
+                };
+                let link = match known {
+                    Some(l) => l,
+                    None => self.race(&target).await?,
+                };
+                if link.conn.transport() == Transport::Tcp {
+                    if !remembered {
+                        tracing::info!("QUIC did not get through to {addr}; using TLS over TCP");
+                        self.tcp_since.insert(sock, Instant::now());
+                    }
+                } else {
+                    self.tcp_since.remove(&sock);
+                }
+                link
+            }
+        };
+        self.links.insert(sock, link);
+        Ok((sock, false))
+    }
+
+    /// Makes the QUIC endpoint, once.
+    fn quic_endpoint(&mut self, sock: SocketAddr) -> Result<()> {
         if self.endpoint.is_none() {
             let id = match &self.opts.client_identity {
                 Some((cert, key)) => Some(Identity::load(cert, key)?),
@@ -326,15 +417,148 @@ impl Client {
                 &self.opts.limits,
             )?);
         }
+        Ok(())
+    }
+
+    /// Makes the TLS-over-TCP connector, once.
+    fn tcp_connector(&mut self) -> Result<()> {
+        if self.tcp.is_none() {
+            let id = match &self.opts.client_identity {
+                Some((cert, key)) => Some(Identity::load(cert, key)?),
+                None => None,
+            };
+            self.tcp = Some(crate::tcp::connector(&self.opts.trust, id.as_ref())?);
+        }
+        Ok(())
+    }
+
+    /// QUIC first; TCP beside it once QUIC has not completed within
+    /// [`FALLBACK_DELAY`] (or has failed); the first link to complete its
+    /// handshake wins, and the other attempt is dropped. A refusal or an
+    /// untrusted certificate ends the race at once: the other transport
+    /// reaches the same server.
+    async fn race(&self, target: &Target<'_>) -> Result<Link> {
+        let quic = self.open_link(Transport::Quic, target);
+        let quic_failed = tokio::sync::Notify::new();
+        let tcp = async {
+            tokio::select! {
+                _ = tokio::time::sleep(FALLBACK_DELAY) => {}
+                _ = quic_failed.notified() => {}
+            }
+            self.open_link(Transport::Tcp, target).await
+        };
+        tokio::pin!(quic, tcp);
+        let (mut quic_err, mut tcp_err) = (None, None);
+        loop {
+            tokio::select! {
+                r = &mut quic, if quic_err.is_none() => match r {
+                    Ok(l) => return Ok(l),
+                    Err(e) if !e.is_transient() => return Err(e),
+                    Err(e) => {
+                        quic_failed.notify_one();
+                        quic_err = Some(e);
+                    }
+                },
+                r = &mut tcp, if tcp_err.is_none() => match r {
+                    Ok(l) => return Ok(l),
+                    Err(e) if !e.is_transient() => return Err(e),
+                    Err(e) => tcp_err = Some(e),
+                },
+            }
+            if quic_err.is_some() && tcp_err.is_some() {
+                if let (Some(mut q), Some(t)) = (quic_err.take(), tcp_err.take()) {
+                    tracing::debug!("over TCP: {t}");
+                    // QUIC's failure is the one to tell, with TCP's beside it.
+                    if let SyncError::NoAnswer { also, .. } = &mut q {
+                        *also = match t {
+                            SyncError::NoTcpListener { .. } => {
+                                ", and nothing listens on TCP there".into()
+                            }
+                            other => format!(" (nor over TCP: {other})"),
+                        };
+                    }
+                    return Err(q);
+                }
+            }
+        }
+    }
+
+    /// A new connection over `transport`, handshaken.
+    async fn open_link(&self, transport: Transport, t: &Target<'_>) -> Result<Link> {
+        let started = Instant::now();
+        let (conn, zero_rtt, seen) = match transport {
+            Transport::Quic => self.quic_connect(t).await?,
+            Transport::Tcp => self.tcp_connect(t).await?,
+        };
+        if let Some(p) = t.progress {
+            p(Progress::Handshaking);
+        }
+        let (welcome, reader, writer, ours) =
+            // The transport's handshake is done: the server is there, so
+            // give its welcome (which reads its store) more time than that.
+            match tokio::time::timeout(
+                self.opts.connect_timeout.max(Duration::from_secs(5)),
+                self.hello(&conn),
+            )
+            .await
+            {
+                Ok(Ok(x)) => x,
+                Ok(Err(SyncError::Connection(c))) => {
+                    return Err(self
+                        .lost_in_handshake(&conn, &seen)
+                        .await
+                        .unwrap_or(SyncError::Connection(c)))
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(SyncError::Timeout(format!("handshaking with {}", t.addr))),
+            };
+        if welcome.protocol != PROTOCOL_VERSION {
+            return Err(SyncError::Protocol(format!(
+                "server speaks protocol {}, this client speaks {PROTOCOL_VERSION}",
+                welcome.protocol
+            )));
+        }
+        Ok(Link {
+            conn,
+            welcome,
+            ours,
+            control: (reader, writer),
+            zero_rtt,
+            connect_ms: started.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// Why a connection was lost during the hello: a TLS refusal of this
+    /// client's certificate, or its own distrust of the server's.
+    async fn lost_in_handshake(&self, conn: &Conn, seen: &SeenFingerprint) -> Option<SyncError> {
+        match conn {
+            Conn::Quic(c) => {
+                let e = c
+                    .close_reason()
+                    .unwrap_or(quinn::ConnectionError::LocallyClosed);
+                self.untrusted_quic(seen, &e)
+            }
+            Conn::Tcp(t) => {
+                // The alert is read as the connection ends, which a failed
+                // write may precede.
+                let ended = t.shared.ended.cancelled();
+                let _ = tokio::time::timeout(Duration::from_secs(1), ended).await;
+                let alert = (*t.shared.alert.lock().ok()?)?;
+                let why = self.certificate_refused(|a| a == alert)?;
+                Some(SyncError::Untrusted(why))
+            }
+        }
+    }
+
+    async fn quic_connect(&self, t: &Target<'_>) -> Result<(Conn, bool, SeenFingerprint)> {
         let Some((endpoint, seen)) = &self.endpoint else {
             return Err(SyncError::Tls("no client endpoint".into()));
         };
         let seen = seen.clone();
-        let started = Instant::now();
         let connecting = endpoint
-            .connect(sock, &server_name)
+            .connect(t.sock, t.name)
             .map_err(|e| SyncError::Connect {
-                addr: addr.to_string(),
+                addr: t.addr.to_string(),
                 reason: e.to_string(),
             })?;
         // 0-RTT when a session ticket allows it: the hello is idempotent.
@@ -344,82 +568,68 @@ impl Client {
                 match tokio::time::timeout(self.opts.connect_timeout, connecting).await {
                     Ok(Ok(c)) => (c, false),
                     Ok(Err(e)) => {
-                        return Err(self.untrusted(&seen, &e).unwrap_or(SyncError::Connect {
-                            addr: addr.to_string(),
-                            reason: crate::error::connection_reason(&e),
-                        }))
+                        return Err(self
+                            .untrusted_quic(&seen, &e)
+                            .unwrap_or(SyncError::Connect {
+                                addr: t.addr.to_string(),
+                                reason: crate::error::connection_reason(&e),
+                            }))
                     }
                     Err(_) => {
                         return Err(SyncError::NoAnswer {
-                            addr: addr.to_string(),
+                            addr: t.addr.to_string(),
                             waited_ms: self.opts.connect_timeout.as_millis() as u64,
+                            also: String::new(),
                         })
                     }
                 }
             }
         };
-        if let Some(p) = progress {
-            p(Progress::Handshaking);
-        }
-        let hs = async {
-            let (send, recv) = conn.open_bi().await?;
-            let mut reader = FrameReader::new(recv, HANDSHAKE_MAX_FRAME, false);
-            let mut writer = FrameWriter::new(send, false);
-            let shards = self.handle.call(|s| shard_infos(s)).await??;
-            writer
-                .send(&Message::Hello(Hello {
-                    protocol: PROTOCOL_VERSION,
-                    site: self.handle.site_id(),
-                    node: self.opts.node.clone(),
-                    token: self.opts.token.clone(),
-                    shards: shards.clone(),
-                    max_frame: self.opts.max_frame,
-                    compression: self.opts.compression,
-                }))
-                .await?;
-            match reader.expect("the server's welcome").await? {
-                Message::Welcome(w) => Ok((w, reader, writer, shards)),
-                other => Err(SyncError::Protocol(format!(
-                    "expected welcome, got {}",
-                    other.kind().1
-                ))),
-            }
+        Ok((Conn::Quic(conn), zero_rtt, seen))
+    }
+
+    async fn tcp_connect(&self, t: &Target<'_>) -> Result<(Conn, bool, SeenFingerprint)> {
+        let Some((tls, seen)) = &self.tcp else {
+            return Err(SyncError::Tls("no TCP connector".into()));
         };
-        let (welcome, reader, writer, ours) =
-            // The QUIC handshake is done: the server is there, so give its
-            // welcome (which reads its store) more time than the handshake.
-            match tokio::time::timeout(self.opts.connect_timeout.max(Duration::from_secs(5)), hs)
-                .await
-            {
-                Ok(Ok(x)) => x,
-                Ok(Err(SyncError::Connection(c))) => {
-                    let e = quinn::ConnectionError::LocallyClosed;
-                    return Err(self
-                        .untrusted(&seen, &conn.close_reason().unwrap_or(e))
-                        .unwrap_or(SyncError::Connection(c)));
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(SyncError::Timeout(format!("handshaking with {addr}"))),
-            };
-        if welcome.protocol != PROTOCOL_VERSION {
-            return Err(SyncError::Protocol(format!(
-                "server speaks protocol {}, this client speaks {PROTOCOL_VERSION}",
-                welcome.protocol
-            )));
+        let limits = &self.opts.limits;
+        let timeout = self.opts.connect_timeout;
+        match crate::tcp::connect(t.sock, t.name, t.addr, tls, limits, timeout).await {
+            Ok(c) => Ok((c, false, seen.clone())),
+            Err(crate::tcp::TcpFailure::Connect(e)) => Err(e),
+            Err(crate::tcp::TcpFailure::Tls(text)) => Err(self
+                .untrusted(seen, &text)
+                .unwrap_or_else(|| SyncError::Connect {
+                    addr: t.addr.to_string(),
+                    reason: format!("TLS over TCP failed: {text}"),
+                })),
         }
-        let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
-        self.links.insert(
-            sock,
-            Link {
-                conn,
-                welcome,
-                ours,
-                control: (reader, writer),
-                zero_rtt,
-                connect_ms,
-            },
-        );
-        Ok((sock, false))
+    }
+
+    /// Says hello on a new connection and takes the server's welcome.
+    async fn hello(&self, conn: &Conn) -> Result<Handshaken> {
+        let (send, recv) = conn.open_bi().await?;
+        let mut reader = FrameReader::new(recv, HANDSHAKE_MAX_FRAME, false);
+        let mut writer = FrameWriter::new(send, false);
+        let shards = self.handle.call(|s| shard_infos(s)).await??;
+        writer
+            .send(&Message::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                site: self.handle.site_id(),
+                node: self.opts.node.clone(),
+                token: self.opts.token.clone(),
+                shards: shards.clone(),
+                max_frame: self.opts.max_frame,
+                compression: self.opts.compression,
+            }))
+            .await?;
+        match reader.expect("the server's welcome").await? {
+            Message::Welcome(w) => Ok((w, reader, writer, shards)),
+            other => Err(SyncError::Protocol(format!(
+                "expected welcome, got {}",
+                other.kind().1
+            ))),
+        }
     }
 
     /// Counts each shard exchanged in the store's sync state, as the server
@@ -460,7 +670,10 @@ impl Client {
                     if e.is_transient()
                         && attempt <= self.opts.retries
                         && (self.opts.retry_no_answer
-                            || !matches!(e, SyncError::NoAnswer { .. })) =>
+                            || !matches!(
+                                e,
+                                SyncError::NoAnswer { .. } | SyncError::NoTcpListener { .. }
+                            )) =>
                 {
                     let wait = match &e {
                         SyncError::Peer {
@@ -564,6 +777,7 @@ impl Client {
                 .map(|o| o.name.clone())
                 .collect(),
             connection_reused: reused,
+            transport: link.conn.transport(),
             read_only: link.welcome.read_only,
             ..Default::default()
         };
@@ -845,6 +1059,7 @@ impl Client {
             rtt_ms: started.elapsed().as_secs_f64() * 1000.0,
             connect_ms: link.connect_ms,
             quic_rtt_ms: link.conn.rtt().as_secs_f64() * 1000.0,
+            transport: link.conn.transport(),
         })
     }
 
@@ -852,7 +1067,7 @@ impl Client {
     pub async fn close(&mut self) {
         let had_links = !self.links.is_empty();
         for (_, link) in self.links.drain() {
-            link.conn.close(0u32.into(), b"done");
+            link.conn.close();
         }
         if let Some((ep, _)) = &self.endpoint {
             if !had_links {

@@ -12,10 +12,21 @@ pub enum SyncError {
     /// Nothing answered the QUIC handshake: no server there, or UDP is
     /// blocked on the way.
     #[error(
-        "no QUIC server answered at {addr} within {waited_ms} ms: is `quiver serve` running \
-         there, and can UDP reach it?"
+        "no QUIC server answered at {addr} within {waited_ms} ms{also}: is `quiver serve` \
+         running there, and can UDP reach it?"
     )]
-    NoAnswer { addr: String, waited_ms: u64 },
+    NoAnswer {
+        addr: String,
+        waited_ms: u64,
+        /// What TCP said, when `auto` tried it too.
+        also: String,
+    },
+    /// Nothing listens on TCP there (the connection was refused).
+    #[error(
+        "nothing listens on TCP at {addr} (connection refused): is `quiver serve` running there \
+         with TCP on (tcp_listen)?"
+    )]
+    NoTcpListener { addr: String },
     #[error(
         "the pin {0:?} is not a SHA-256 fingerprint: expected 64 hex digits (colons, dashes \
          or spaces between bytes allowed), as `quiver init` and `quiver serve` print it"
@@ -67,6 +78,7 @@ impl SyncError {
             SyncError::Connect { .. }
             | SyncError::Timeout(_)
             | SyncError::NoAnswer { .. }
+            | SyncError::NoTcpListener { .. }
             | SyncError::Connection(_) => true,
             SyncError::Peer { code, .. } => matches!(
                 code,
@@ -162,6 +174,7 @@ mod tests {
         let silent = SyncError::NoAnswer {
             addr: "127.0.0.1:9".into(),
             waited_ms: 2500,
+            also: String::new(),
         };
         assert!(silent.is_transient());
         assert!(silent.to_string().contains("can UDP reach it"));

@@ -1,24 +1,24 @@
-//! Messages over QUIC streams: one frame per message, read with the
-//! negotiated limit so a hostile length never allocates.
+//! Messages over streams (QUIC or HTTP/2): one frame per message, read
+//! with the negotiated limit so a hostile length never allocates.
 
-use quinn::{ReadExactError, RecvStream, SendStream};
 use quiver_core::frame::{open_body, parse_header, HEADER_LEN};
 use quiver_core::wire::{ErrorCode, ErrorMsg, Message};
 
+use crate::streams::{RecvHalf, SendHalf};
 use crate::{Result, SyncError};
 
 /// Reads messages from a stream.
 pub struct FrameReader {
-    recv: RecvStream,
+    recv: RecvHalf,
     pub max_frame: usize,
     pub compression: bool,
     pub bytes: u64,
 }
 
 impl FrameReader {
-    pub fn new(recv: RecvStream, max_frame: usize, compression: bool) -> Self {
+    pub fn new(recv: impl Into<RecvHalf>, max_frame: usize, compression: bool) -> Self {
         FrameReader {
-            recv,
+            recv: recv.into(),
             max_frame,
             compression,
             bytes: 0,
@@ -28,27 +28,23 @@ impl FrameReader {
     /// The next message, or `None` at a clean end of stream.
     pub async fn next(&mut self) -> Result<Option<Message>> {
         let mut h = [0u8; HEADER_LEN];
-        match self.recv.read_exact(&mut h).await {
-            Ok(()) => {}
-            Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(ReadExactError::FinishedEarly(n)) => {
+        match self.recv.read_exact(&mut h).await? {
+            0 => return Ok(None),
+            n if n < HEADER_LEN => {
                 return Err(SyncError::Protocol(format!(
                     "stream ended inside a frame header ({n} bytes)"
                 )))
             }
-            Err(ReadExactError::ReadError(e)) => return Err(e.into()),
+            _ => {}
         }
         let header = parse_header(&h, self.max_frame).map_err(|e| SyncError::Wire(e.into()))?;
         let mut body = vec![0u8; header.len];
-        match self.recv.read_exact(&mut body).await {
-            Ok(()) => {}
-            Err(ReadExactError::FinishedEarly(n)) => {
-                return Err(SyncError::Protocol(format!(
-                    "stream ended inside a frame ({n} of {} bytes)",
-                    header.len
-                )))
-            }
-            Err(ReadExactError::ReadError(e)) => return Err(e.into()),
+        let n = self.recv.read_exact(&mut body).await?;
+        if n < header.len {
+            return Err(SyncError::Protocol(format!(
+                "stream ended inside a frame ({n} of {} bytes)",
+                header.len
+            )));
         }
         self.bytes += (HEADER_LEN + header.len) as u64;
         let frame = open_body(&header, body, self.max_frame, self.compression)
@@ -69,7 +65,7 @@ impl FrameReader {
 
     /// Stops reading, telling the peer why.
     pub fn stop(&mut self, code: u32) {
-        let _ = self.recv.stop(code.into());
+        self.recv.stop(code);
     }
 }
 
@@ -92,15 +88,15 @@ pub fn peer_error(e: ErrorMsg) -> SyncError {
 
 /// Writes messages to a stream.
 pub struct FrameWriter {
-    send: SendStream,
+    send: SendHalf,
     pub compression: bool,
     pub bytes: u64,
 }
 
 impl FrameWriter {
-    pub fn new(send: SendStream, compression: bool) -> Self {
+    pub fn new(send: impl Into<SendHalf>, compression: bool) -> Self {
         FrameWriter {
-            send,
+            send: send.into(),
             compression,
             bytes: 0,
         }
@@ -109,14 +105,12 @@ impl FrameWriter {
     pub async fn send(&mut self, m: &Message) -> Result<()> {
         let bytes = m.encode(self.compression)?;
         self.bytes += bytes.len() as u64;
-        self.send.write_all(&bytes).await?;
-        Ok(())
+        self.send.write_all(bytes).await
     }
 
     /// Sends raw bytes (tests of misbehaving peers use this).
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
-        self.send.write_all(bytes).await?;
-        Ok(())
+        self.send.write_all(bytes.to_vec()).await
     }
 
     /// Sends an error and ends the stream.
@@ -132,7 +126,6 @@ impl FrameWriter {
     }
 
     pub fn finish(&mut self) -> Result<()> {
-        self.send.finish()?;
-        Ok(())
+        self.send.finish()
     }
 }

@@ -1,5 +1,6 @@
-//! The server: accepts connections, checks the handshake (nothing else is
-//! read before the token passes), then serves one shard per stream.
+//! The server: accepts connections (QUIC, and TLS over TCP for clients
+//! whose UDP is blocked), checks the handshake (nothing else is read
+//! before the token passes), then serves one shard per stream.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,15 +22,55 @@ use crate::auth::authorize;
 use crate::framed::{FrameReader, FrameWriter};
 use crate::protocol::{exchange, Peer, Pump};
 use crate::schema::shard_infos;
+use crate::streams::{ServerConn, Transport};
 use crate::tls::Identity;
 use crate::transport::{server_endpoint, TransportLimits};
 use crate::{Result, SyncError};
 use quiver_core::session::{Input, ServerConfig, ServerSession, StreamSession};
 
+/// Where a server takes TLS over TCP (HTTP/2), beside QUIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcpListen {
+    /// The QUIC address's IP and port, on TCP (the default).
+    #[default]
+    Same,
+    /// No TCP: QUIC only.
+    Off,
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for TcpListen {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "off" => Ok(TcpListen::Off),
+            "same" => Ok(TcpListen::Same),
+            other => other.parse().map(TcpListen::At).map_err(|_| {
+                format!(
+                    "{other:?} is not a TCP listen address: expected HOST:PORT (e.g. \
+                     0.0.0.0:4433), `same` (the QUIC address on TCP) or `off`"
+                )
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for TcpListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TcpListen::Same => f.write_str("same"),
+            TcpListen::Off => f.write_str("off"),
+            TcpListen::At(a) => write!(f, "{a}"),
+        }
+    }
+}
+
 /// How a server runs.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub listen: SocketAddr,
+    /// TLS over TCP beside QUIC, for clients whose UDP is blocked.
+    pub tcp_listen: TcpListen,
     /// Required from clients when set.
     pub token: Option<String>,
     pub node: String,
@@ -59,6 +100,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            tcp_listen: TcpListen::Same,
             token: None,
             node: "quiver".into(),
             limits: TransportLimits::default(),
@@ -78,6 +120,7 @@ impl Default for ServerOptions {
 /// A bound server.
 pub struct Server {
     endpoint: quinn::Endpoint,
+    tcp: Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
     ctx: Arc<Ctx>,
 }
 
@@ -98,6 +141,9 @@ pub struct ConnectionInfo {
     pub node: String,
     pub site: String,
     pub read_only: bool,
+    /// `quic`, or `tcp` (TLS over TCP, where the client's UDP is blocked).
+    #[serde(default)]
+    pub transport: Transport,
     /// SHA-256 of the client's certificate, when it presented one.
     pub client_cert: Option<String>,
     /// Shards synced (or syncing) on this connection.
@@ -112,7 +158,7 @@ pub struct ConnectionInfo {
 }
 
 struct LiveConn {
-    conn: quinn::Connection,
+    conn: ServerConn,
     info: ConnectionInfo,
 }
 
@@ -131,9 +177,9 @@ impl Ctx {
             .map(|c| {
                 let stats = c.conn.stats();
                 ConnectionInfo {
-                    bytes_sent: stats.udp_tx.bytes,
-                    bytes_received: stats.udp_rx.bytes,
-                    rtt_ms: stats.path.rtt.as_secs_f64() * 1000.0,
+                    bytes_sent: stats.tx,
+                    bytes_received: stats.rx,
+                    rtt_ms: stats.rtt.as_secs_f64() * 1000.0,
                     ..c.info.clone()
                 }
             })
@@ -151,15 +197,6 @@ impl Drop for Listed<'_> {
         let mut live = self.0.live.lock().unwrap_or_else(|e| e.into_inner());
         live.remove(&self.1);
     }
-}
-
-/// The SHA-256 of the certificate a client presented, if any.
-fn client_cert(conn: &quinn::Connection) -> Option<String> {
-    let certs = conn
-        .peer_identity()?
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .ok()?;
-    certs.first().map(|c| crate::tls::fingerprint(c))
 }
 
 impl Ctx {
@@ -190,10 +227,38 @@ pub(crate) const CLOSE_SHUTDOWN: u32 = 2;
 impl Server {
     /// Binds the endpoint (inside a tokio runtime).
     pub fn bind(handle: StoreHandle, id: &Identity, opts: ServerOptions) -> Result<Server> {
-        let endpoint = server_endpoint(opts.listen, id, opts.client_ca.as_deref(), &opts.limits)?;
+        let ca = opts.client_ca.as_deref();
+        let (endpoint, tcp) = match opts.tcp_listen {
+            TcpListen::Off => (server_endpoint(opts.listen, id, ca, &opts.limits)?, None),
+            TcpListen::At(at) => (
+                server_endpoint(opts.listen, id, ca, &opts.limits)?,
+                Some(bind_tcp(at)?),
+            ),
+            // An ephemeral port is taken where both UDP and TCP have it free.
+            TcpListen::Same if opts.listen.port() == 0 => {
+                let mut tries = 0;
+                loop {
+                    let ep = server_endpoint(opts.listen, id, ca, &opts.limits)?;
+                    match bind_tcp(ep.local_addr()?) {
+                        Ok(l) => break (ep, Some(l)),
+                        Err(e) if tries >= 20 => return Err(e),
+                        Err(_) => tries += 1,
+                    }
+                }
+            }
+            TcpListen::Same => {
+                let ep = server_endpoint(opts.listen, id, ca, &opts.limits)?;
+                (ep, Some(bind_tcp(opts.listen)?))
+            }
+        };
+        let tcp = match tcp {
+            Some(l) => Some((l, crate::tcp::acceptor(id, ca)?)),
+            None => None,
+        };
         let rate = opts.rate;
         Ok(Server {
             endpoint,
+            tcp,
             ctx: Arc::new(Ctx {
                 handle,
                 opts,
@@ -221,13 +286,18 @@ impl Server {
         Ok(self.endpoint.local_addr()?)
     }
 
+    /// Where TLS over TCP is taken, unless off.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
     /// Cancelling it stops the server.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.ctx.shutdown.clone()
     }
 
     /// Serves until the shutdown token is cancelled.
-    pub async fn run(self) -> Result<()> {
+    pub async fn run(mut self) -> Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
         // A connection takes a permit as it is accepted and holds it for its
         // life; one accepted without a permit is told to retry.
@@ -242,16 +312,51 @@ impl Server {
                         let ctx = self.ctx.clone();
                         let remote = incoming.remote_address();
                         let permit = permits.clone().try_acquire_owned().ok();
+                        let mutual = ctx.opts.client_ca.is_some();
+                        let accept = async move {
+                            let conn = match incoming.accept()?.into_0rtt() {
+                                Ok((conn, _)) => conn,
+                                Err(connecting) => connecting.await?,
+                            };
+                            // The TLS handshake ends as the first stream
+                            // comes (or fails).
+                            let conn = ServerConn::Quic(conn);
+                            Ok::<_, SyncError>(conn)
+                        };
                         tasks.spawn(async move {
-                            if let Err(e) = serve_connection(incoming, ctx, permit).await {
+                            if let Err(e) = serve_connection(accept, ctx, permit, mutual).await {
                                 debug!(%remote, "connection ended: {e}");
                             }
                         }.instrument(tracing::info_span!("conn", %remote)));
                     }
                     None => break,
                 },
+                accepted = accept_tcp(&self.tcp) => match accepted {
+                    Ok((tcp, remote)) => {
+                        let ctx = self.ctx.clone();
+                        let permit = permits.clone().try_acquire_owned().ok();
+                        let tls = self.tcp.as_ref().map(|(_, a)| a.clone());
+                        let (limits, timeout) = (ctx.opts.limits.clone(), ctx.opts.handshake_timeout);
+                        let mutual = ctx.opts.client_ca.is_some();
+                        let accept = async move {
+                            let tls = tls.ok_or_else(|| SyncError::Tls("no TLS acceptor".into()))?;
+                            tokio::time::timeout(timeout, crate::tcp::accept(tcp, remote, tls, limits))
+                                .await
+                                .map_err(|_| SyncError::Timeout("waiting for the TLS handshake over TCP".into()))?
+                                .inspect_err(|e| tcp_tls_failure(e, mutual))
+                        };
+                        tasks.spawn(async move {
+                            if let Err(e) = serve_connection(accept, ctx, permit, mutual).await {
+                                debug!(%remote, "TCP connection ended: {e}");
+                            }
+                        }.instrument(tracing::info_span!("conn", %remote, transport = "tcp")));
+                    }
+                    Err(e) => warn!("accepting a TCP connection failed: {e}"),
+                },
             }
         }
+        // No more TCP connections are taken.
+        drop(self.tcp.take());
         // Shutdown: the tripwire is tripped. Each connection stops taking
         // streams and waits for its exchanges in flight, which commit their
         // batches and report; meanwhile new connections are refused. Past
@@ -275,9 +380,47 @@ impl Server {
     }
 }
 
+/// Binds a TCP listener (inside a tokio runtime).
+fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let listen_err = |e: std::io::Error| SyncError::Listen {
+        addr: format!("{addr} (TCP)"),
+        reason: match e.kind() {
+            std::io::ErrorKind::AddrInUse => "the address is already in use on TCP (pick another \
+                 with --tcp-listen, or `off` for QUIC only)"
+                .into(),
+            _ => e.to_string(),
+        },
+    };
+    let l = std::net::TcpListener::bind(addr).map_err(listen_err)?;
+    l.set_nonblocking(true).map_err(listen_err)?;
+    tokio::net::TcpListener::from_std(l).map_err(listen_err)
+}
+
+/// The next TCP connection, or never when TCP is off.
+async fn accept_tcp(
+    tcp: &Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match tcp {
+        Some((l, _)) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Counts a failed TLS handshake over TCP, as [`tls_failure`] does for QUIC.
+fn tcp_tls_failure(e: &SyncError, mutual: bool) {
+    if let SyncError::Tls(reason) = e {
+        if mutual {
+            warn!("{reason}");
+        } else {
+            debug!("{reason}");
+        }
+        metrics::counter!("quiver_refusals_total", "code" => "Tls").increment(1);
+    }
+}
+
 async fn refuse(
     writer: &mut FrameWriter,
-    conn: &quinn::Connection,
+    conn: &ServerConn,
     code: ErrorCode,
     message: String,
 ) -> SyncError {
@@ -286,7 +429,7 @@ async fn refuse(
 
 async fn refuse_after(
     writer: &mut FrameWriter,
-    conn: &quinn::Connection,
+    conn: &ServerConn,
     code: ErrorCode,
     message: String,
     retry_after_ms: Option<u64>,
@@ -306,7 +449,7 @@ async fn refuse_after(
     let _ = writer.finish();
     // Give the refusal time to arrive before closing.
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-    conn.close(CLOSE_REFUSED.into(), b"refused");
+    conn.close(CLOSE_REFUSED, b"refused");
     SyncError::Refused { code, message }
 }
 
@@ -325,24 +468,31 @@ fn tls_failure(e: &quinn::ConnectionError, mutual: bool) {
     }
 }
 
+/// Serves a connection once `accept` has taken it through its transport's
+/// handshake.
 async fn serve_connection(
-    incoming: quinn::Incoming,
+    accept: impl std::future::Future<Output = Result<ServerConn>>,
     ctx: Arc<Ctx>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    mutual: bool,
 ) -> Result<()> {
     let active = ctx.active.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-    metrics::counter!("quiver_connections_total").increment(1);
     metrics::gauge!("quiver_connections_active").set(active as f64);
     let _active = ActiveGuard(&ctx.active);
-    let connecting = incoming.accept()?;
-    let conn = match connecting.into_0rtt() {
-        Ok((conn, _)) => conn,
-        Err(connecting) => connecting.await?,
-    };
+    let conn = accept.await?;
+    let transport = conn.transport();
+    metrics::counter!("quiver_connections_total", "transport" => transport.as_str()).increment(1);
     let (send, recv) = tokio::time::timeout(ctx.opts.handshake_timeout, conn.accept_bi())
         .await
         .map_err(|_| SyncError::Timeout("waiting for the handshake".into()))?
-        .inspect_err(|e| tls_failure(e, ctx.opts.client_ca.is_some()))?;
+        .inspect_err(|e| {
+            if let ServerConn::Quic(c) = &conn {
+                if let Some(e) = c.close_reason() {
+                    tls_failure(&e, mutual)
+                }
+            }
+            debug!("no handshake stream: {e}");
+        })?;
     let mut reader = FrameReader::new(recv, HANDSHAKE_MAX_FRAME, false);
     let mut writer = FrameWriter::new(send, false);
     let hello = match tokio::time::timeout(ctx.opts.handshake_timeout, reader.next()).await {
@@ -446,7 +596,8 @@ async fn serve_connection(
                 node: hello.node.clone(),
                 site: hello.site.to_hex(),
                 read_only: access.read_only,
-                client_cert: client_cert(&conn),
+                transport,
+                client_cert: conn.client_cert(),
                 shards: Vec::new(),
                 live: false,
                 since_ms,
@@ -457,7 +608,7 @@ async fn serve_connection(
         },
     );
     let _listed = Listed(&ctx, id);
-    info!(node = %hello.node, site = %hello.site, read_only = access.read_only, "peer connected");
+    info!(node = %hello.node, site = %hello.site, read_only = access.read_only, %transport, "peer connected");
     let ip = conn.remote_address().ip();
     let limiters = ctx.limiters.clone();
     let peer = Peer {
@@ -491,15 +642,12 @@ async fn serve_connection(
                 })
                 .await;
                 control.abort_all();
-                conn.close(CLOSE_SHUTDOWN.into(), b"server shutting down");
+                conn.close(CLOSE_SHUTDOWN, b"server shutting down");
                 return Ok(());
             }
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
             stream = conn.accept_bi() => {
-                let (send, recv) = match stream {
-                    Ok(s) => s,
-                    Err(e) => return Err(e.into()),
-                };
+                let (send, recv) = stream?;
                 let ctx = ctx.clone();
                 let peer = peer.clone();
                 streams.spawn(async move {

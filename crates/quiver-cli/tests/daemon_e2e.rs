@@ -12,26 +12,60 @@ use common::{bin, err, http_get, wait_connections, Node};
 
 #[test]
 fn the_connection_limit_refuses_with_a_retry_hint() {
+    connection_limit("quic");
+}
+
+/// The same limit counts connections over TLS on TCP.
+#[test]
+fn the_connection_limit_holds_over_tcp_too() {
+    connection_limit("tcp");
+}
+
+fn connection_limit(transport: &str) {
     let a = Node::new("a");
     a.q(&["collection", "create", "docs", "--dim", "2"]);
     let s = a.serve(&["--max-connections", "1"]);
     let b = Node::new("b");
     // A live link holds the only slot.
-    let mut holder = b.live_link(&s, &[], Stdio::piped());
+    let mut holder = b.live_link(&s, &["--transport", transport], Stdio::piped());
     let mut first = String::new();
     BufReader::new(holder.stdout.take().unwrap())
         .read_line(&mut first)
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let c = Node::new("c");
-    let e = err(&c.db, &["sync", &s.addr, "--pin", &s.fp, "--retries", "0"]);
+    let e = err(
+        &c.db,
+        &[
+            "sync",
+            &s.addr,
+            "--transport",
+            transport,
+            "--pin",
+            &s.fp,
+            "--retries",
+            "0",
+        ],
+    );
     assert!(
         e.contains("connection limit (1)") && e.contains("retry"),
         "{e}"
     );
     // With a retry the client waits the hinted second before trying again.
     let t = Instant::now();
-    let _ = err(&c.db, &["sync", &s.addr, "--pin", &s.fp, "--retries", "1"]);
+    let _ = err(
+        &c.db,
+        &[
+            "sync",
+            &s.addr,
+            "--transport",
+            transport,
+            "--pin",
+            &s.fp,
+            "--retries",
+            "1",
+        ],
+    );
     assert!(
         t.elapsed() >= Duration::from_millis(900),
         "the retry hint was honoured"
@@ -45,7 +79,16 @@ fn the_connection_limit_refuses_with_a_retry_hint() {
         .unwrap()
         .success());
     holder.wait().unwrap();
-    c.q(&["sync", &s.addr, "--pin", &s.fp, "--retries", "3"]);
+    c.q(&[
+        "sync",
+        &s.addr,
+        "--transport",
+        transport,
+        "--pin",
+        &s.fp,
+        "--retries",
+        "3",
+    ]);
 }
 
 #[test]
@@ -74,6 +117,16 @@ fn a_vanished_client_is_cleaned_up_after_the_idle_timeout() {
 
 #[test]
 fn sigterm_mid_sync_lets_the_exchange_in_flight_finish_then_exits_cleanly() {
+    sigterm_mid_sync("quic");
+}
+
+/// SIGTERM with an exchange in flight over TLS on TCP: it finishes too.
+#[test]
+fn sigterm_mid_sync_over_tcp_lets_the_exchange_finish_too() {
+    sigterm_mid_sync("tcp");
+}
+
+fn sigterm_mid_sync(transport: &str) {
     let a = Node::new("a");
     a.q(&["collection", "create", "docs", "--dim", "4"]);
     let b = Node::new("b");
@@ -92,6 +145,7 @@ fn sigterm_mid_sync_lets_the_exchange_in_flight_finish_then_exits_cleanly() {
         .arg("--db")
         .arg(&b.db)
         .args(["sync", &s.addr, "--pin", &s.fp, "--retries", "0", "--json"])
+        .args(["--transport", transport])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -153,8 +207,16 @@ fn sigterm_mid_sync_lets_the_exchange_in_flight_finish_then_exits_cleanly() {
     // The client's cursor is consistent with it: a restarted server gets
     // nothing more.
     let s2 = a.serve(&[]);
-    let again: serde_json::Value =
-        serde_json::from_str(&b.q(&["sync", &s2.addr, "--pin", &s2.fp, "--json"])).unwrap();
+    let again: serde_json::Value = serde_json::from_str(&b.q(&[
+        "sync",
+        &s2.addr,
+        "--transport",
+        transport,
+        "--pin",
+        &s2.fp,
+        "--json",
+    ]))
+    .unwrap();
     assert_eq!(again["changes_sent"], 0, "{again}");
     assert_eq!(a.export("docs"), b.export("docs"));
 }
@@ -313,14 +375,36 @@ fn health_and_prometheus_metrics() {
 
 #[test]
 fn rate_limits_refuse_with_a_retry_hint() {
+    rate_limits("quic");
+}
+
+/// Per-client rate limits apply over TLS on TCP as well.
+#[test]
+fn rate_limits_hold_over_tcp_too() {
+    rate_limits("tcp");
+}
+
+fn rate_limits(transport: &str) {
     let a = Node::new("a");
     a.q(&["collection", "create", "docs", "--dim", "2"]);
     let s = a.serve_with_config("rate_requests_per_min = 2\n");
     let b = Node::new("b");
     b.q(&["collection", "create", "docs", "--dim", "2"]);
-    b.q(&["sync", &s.addr, "--pin", &s.fp]);
-    b.q(&["sync", &s.addr, "--pin", &s.fp]);
-    let e = err(&b.db, &["sync", &s.addr, "--pin", &s.fp, "--retries", "0"]);
+    b.q(&["sync", &s.addr, "--transport", transport, "--pin", &s.fp]);
+    b.q(&["sync", &s.addr, "--transport", transport, "--pin", &s.fp]);
+    let e = err(
+        &b.db,
+        &[
+            "sync",
+            &s.addr,
+            "--transport",
+            transport,
+            "--pin",
+            &s.fp,
+            "--retries",
+            "0",
+        ],
+    );
     assert!(
         e.contains("RateLimited") && e.contains("requests per minute") && e.contains("retry in"),
         "{e}"
@@ -353,7 +437,16 @@ fn rate_limits_refuse_with_a_retry_hint() {
     }
     let e = err(
         &c.db,
-        &["sync", &s2.addr, "--pin", &s2.fp, "--retries", "0"],
+        &[
+            "sync",
+            &s2.addr,
+            "--transport",
+            transport,
+            "--pin",
+            &s2.fp,
+            "--retries",
+            "0",
+        ],
     );
     assert!(e.contains("bytes per minute"), "{e}");
     assert_eq!(a2.export("docs"), "");

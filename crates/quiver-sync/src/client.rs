@@ -189,13 +189,12 @@ pub struct Client {
 /// What a handshake on a new connection gives.
 type Handshaken = (Welcome, FrameReader, FrameWriter, Vec<ShardInfo>);
 
-/// Where a connection goes: the address as given, resolved, the TLS
-/// server name, and whom to tell of progress.
+/// Where a connection goes: the address as given, resolved, and the TLS
+/// server name.
 struct Target<'a> {
     addr: &'a str,
     sock: SocketAddr,
     name: &'a str,
-    progress: &'a Option<ProgressFn>,
 }
 
 /// Resolves `host:port` and gives the TLS server name.
@@ -361,9 +360,17 @@ impl Client {
             .tcp_since
             .get(&sock)
             .is_some_and(|t| t.elapsed() < REMEMBER_TCP);
-        let choice = self.opts.transport;
+        let mut choice = self.opts.transport;
         if choice != TransportChoice::Tcp {
-            self.quic_endpoint(sock)?;
+            if let Err(e) = self.quic_endpoint(sock) {
+                // No UDP socket to be had (a sandbox that forbids it):
+                // `auto` goes over TCP, `quic` says why it cannot.
+                if choice == TransportChoice::Quic {
+                    return Err(e);
+                }
+                tracing::info!("no QUIC endpoint ({e}); using TLS over TCP");
+                choice = TransportChoice::Tcp;
+            }
         }
         if choice != TransportChoice::Quic {
             self.tcp_connector()?;
@@ -372,33 +379,36 @@ impl Client {
             addr,
             sock,
             name: &server_name,
-            progress,
         };
-        let link = match choice {
-            TransportChoice::Quic => self.open_link(Transport::Quic, &target).await?,
-            TransportChoice::Tcp => self.open_link(Transport::Tcp, &target).await?,
+        let started = Instant::now();
+        let (conn, zero_rtt, seen) = match choice {
+            TransportChoice::Quic => self.quic_connect(&target, false).await?,
+            TransportChoice::Tcp => self.tcp_connect(&target).await?,
+            // Reached over TCP lately: straight there (QUIC is tried again
+            // once the memory is old, or if TCP fails for the network).
+            TransportChoice::Auto if remembered => match self.tcp_connect(&target).await {
+                Ok(c) => c,
+                Err(e) if !e.is_transient() => return Err(e),
+                Err(_) => {
+                    self.tcp_since.remove(&sock);
+                    self.race(&target).await?
+                }
+            },
             TransportChoice::Auto => {
-                // Reached over TCP lately: straight there (QUIC is tried
-                // again once the memory is old, or if TCP fails).
-                let known = match remembered {
-                    true => self.open_link(Transport::Tcp, &target).await.ok(),
-                    false => None,
-                };
-                let link = match known {
-                    Some(l) => l,
-                    None => self.race(&target).await?,
-                };
-                if link.conn.transport() == Transport::Tcp {
-                    if !remembered {
-                        tracing::info!("QUIC did not get through to {addr}; using TLS over TCP");
-                        self.tcp_since.insert(sock, Instant::now());
-                    }
+                let c = self.race(&target).await?;
+                if c.0.transport() == Transport::Tcp {
+                    tracing::info!("QUIC did not get through to {addr}; using TLS over TCP");
+                    self.tcp_since.insert(sock, Instant::now());
                 } else {
                     self.tcp_since.remove(&sock);
                 }
-                link
+                c
             }
         };
+        if let Some(p) = progress {
+            p(Progress::Handshaking);
+        }
+        let link = self.handshake(conn, zero_rtt, &seen, addr, started).await?;
         self.links.insert(sock, link);
         Ok((sock, false))
     }
@@ -432,67 +442,72 @@ impl Client {
         Ok(())
     }
 
-    /// QUIC first; TCP beside it once QUIC has not completed within
-    /// [`FALLBACK_DELAY`] (or has failed); the first link to complete its
-    /// handshake wins, and the other attempt is dropped. A refusal or an
-    /// untrusted certificate ends the race at once: the other transport
-    /// reaches the same server.
-    async fn race(&self, target: &Target<'_>) -> Result<Link> {
-        let quic = self.open_link(Transport::Quic, target);
+    /// The transports' handshakes race: QUIC first, TCP beside it once
+    /// QUIC has not completed within [`FALLBACK_DELAY`] (or has failed).
+    /// The first to complete wins and the other is dropped. A failure that
+    /// is not the network's (an untrusted certificate) is told when the
+    /// other has failed too: the two may not reach the same thing (a TLS
+    /// middlebox on TCP, say), and QUIC's failure is told first.
+    async fn race(&self, target: &Target<'_>) -> Result<(Conn, bool, SeenFingerprint)> {
+        // In a race a QUIC connection counts once its handshake completed
+        // (not at once with 0-RTT): a ticket from before UDP was blocked
+        // would otherwise win every race and never get through.
+        let quic = self.quic_connect(target, true);
         let quic_failed = tokio::sync::Notify::new();
         let tcp = async {
             tokio::select! {
                 _ = tokio::time::sleep(FALLBACK_DELAY) => {}
                 _ = quic_failed.notified() => {}
             }
-            self.open_link(Transport::Tcp, target).await
+            self.tcp_connect(target).await
         };
         tokio::pin!(quic, tcp);
         let (mut quic_err, mut tcp_err) = (None, None);
         loop {
             tokio::select! {
                 r = &mut quic, if quic_err.is_none() => match r {
-                    Ok(l) => return Ok(l),
-                    Err(e) if !e.is_transient() => return Err(e),
+                    Ok(c) => return Ok(c),
                     Err(e) => {
                         quic_failed.notify_one();
                         quic_err = Some(e);
                     }
                 },
                 r = &mut tcp, if tcp_err.is_none() => match r {
-                    Ok(l) => return Ok(l),
-                    Err(e) if !e.is_transient() => return Err(e),
+                    Ok(c) => return Ok(c),
                     Err(e) => tcp_err = Some(e),
                 },
             }
             if quic_err.is_some() && tcp_err.is_some() {
                 if let (Some(mut q), Some(t)) = (quic_err.take(), tcp_err.take()) {
                     tracing::debug!("over TCP: {t}");
-                    // QUIC's failure is the one to tell, with TCP's beside it.
-                    if let SyncError::NoAnswer { also, .. } = &mut q {
-                        *also = match t {
-                            SyncError::NoTcpListener { .. } => {
-                                ", and nothing listens on TCP there".into()
-                            }
-                            other => format!(" (nor over TCP: {other})"),
-                        };
-                    }
-                    return Err(q);
+                    return Err(match (&mut q, t) {
+                        // QUIC's failure is the one to tell, with TCP's beside it.
+                        (SyncError::NoAnswer { also, .. }, SyncError::NoTcpListener { .. }) => {
+                            *also = ", and nothing listens on TCP there".into();
+                            q
+                        }
+                        // TCP reached something that said no: that says more.
+                        (SyncError::NoAnswer { .. }, t) if !t.is_transient() => t,
+                        (SyncError::NoAnswer { also, .. }, t) => {
+                            *also = format!(" (nor over TCP: {t})");
+                            q
+                        }
+                        _ => q,
+                    });
                 }
             }
         }
     }
 
-    /// A new connection over `transport`, handshaken.
-    async fn open_link(&self, transport: Transport, t: &Target<'_>) -> Result<Link> {
-        let started = Instant::now();
-        let (conn, zero_rtt, seen) = match transport {
-            Transport::Quic => self.quic_connect(t).await?,
-            Transport::Tcp => self.tcp_connect(t).await?,
-        };
-        if let Some(p) = t.progress {
-            p(Progress::Handshaking);
-        }
+    /// Says hello on a new connection and makes it a link.
+    async fn handshake(
+        &self,
+        conn: Conn,
+        zero_rtt: bool,
+        seen: &SeenFingerprint,
+        addr: &str,
+        started: Instant,
+    ) -> Result<Link> {
         let (welcome, reader, writer, ours) =
             // The transport's handshake is done: the server is there, so
             // give its welcome (which reads its store) more time than that.
@@ -505,12 +520,12 @@ impl Client {
                 Ok(Ok(x)) => x,
                 Ok(Err(SyncError::Connection(c))) => {
                     return Err(self
-                        .lost_in_handshake(&conn, &seen)
+                        .lost_in_handshake(&conn, seen)
                         .await
                         .unwrap_or(SyncError::Connection(c)))
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(SyncError::Timeout(format!("handshaking with {}", t.addr))),
+                Err(_) => return Err(SyncError::Timeout(format!("handshaking with {addr}"))),
             };
         if welcome.protocol != PROTOCOL_VERSION {
             return Err(SyncError::Protocol(format!(
@@ -550,7 +565,13 @@ impl Client {
         }
     }
 
-    async fn quic_connect(&self, t: &Target<'_>) -> Result<(Conn, bool, SeenFingerprint)> {
+    /// A QUIC connection; with `complete`, only once its handshake has
+    /// completed (0-RTT otherwise hands it over at once).
+    async fn quic_connect(
+        &self,
+        t: &Target<'_>,
+        complete: bool,
+    ) -> Result<(Conn, bool, SeenFingerprint)> {
         let Some((endpoint, seen)) = &self.endpoint else {
             return Err(SyncError::Tls("no client endpoint".into()));
         };
@@ -561,9 +582,31 @@ impl Client {
                 addr: t.addr.to_string(),
                 reason: e.to_string(),
             })?;
+        let no_answer = || SyncError::NoAnswer {
+            addr: t.addr.to_string(),
+            waited_ms: self.opts.connect_timeout.as_millis() as u64,
+            also: String::new(),
+        };
         // 0-RTT when a session ticket allows it: the hello is idempotent.
         let (conn, zero_rtt) = match connecting.into_0rtt() {
-            Ok((conn, _accepted)) => (conn, true),
+            Ok((conn, accepted)) => {
+                if complete
+                    && tokio::time::timeout(self.opts.connect_timeout, accepted)
+                        .await
+                        .is_err()
+                {
+                    return Err(no_answer());
+                }
+                if let Some(e) = conn.close_reason() {
+                    return Err(self
+                        .untrusted_quic(&seen, &e)
+                        .unwrap_or(SyncError::Connect {
+                            addr: t.addr.to_string(),
+                            reason: crate::error::connection_reason(&e),
+                        }));
+                }
+                (conn, true)
+            }
             Err(connecting) => {
                 match tokio::time::timeout(self.opts.connect_timeout, connecting).await {
                     Ok(Ok(c)) => (c, false),
@@ -575,13 +618,7 @@ impl Client {
                                 reason: crate::error::connection_reason(&e),
                             }))
                     }
-                    Err(_) => {
-                        return Err(SyncError::NoAnswer {
-                            addr: t.addr.to_string(),
-                            waited_ms: self.opts.connect_timeout.as_millis() as u64,
-                            also: String::new(),
-                        })
-                    }
+                    Err(_) => return Err(no_answer()),
                 }
             }
         };

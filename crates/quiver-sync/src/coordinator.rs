@@ -43,6 +43,8 @@ pub enum Event {
         changes_received: u64,
         conflicts: u64,
         duration_ms: u64,
+        /// `quic`, or `tcp` where the peer's UDP is blocked.
+        transport: crate::Transport,
     },
     SyncFailed {
         node: String,
@@ -342,6 +344,7 @@ impl ShardCoordinator {
                 changes_received: r.changes_received,
                 conflicts: r.conflicts_detected,
                 duration_ms: r.duration_ms,
+                transport: r.transport,
             },
             Err(e) => Event::SyncFailed {
                 node: p.node.clone(),

@@ -324,7 +324,8 @@ impl Server {
                             Ok::<_, SyncError>(conn)
                         };
                         tasks.spawn(async move {
-                            if let Err(e) = serve_connection(accept, ctx, permit, mutual).await {
+                            let quic = Transport::Quic;
+                            if let Err(e) = serve_connection(accept, quic, ctx, permit, mutual).await {
                                 debug!(%remote, "connection ended: {e}");
                             }
                         }.instrument(tracing::info_span!("conn", %remote)));
@@ -346,12 +347,18 @@ impl Server {
                                 .inspect_err(|e| tcp_tls_failure(e, mutual))
                         };
                         tasks.spawn(async move {
-                            if let Err(e) = serve_connection(accept, ctx, permit, mutual).await {
+                            let tcp = Transport::Tcp;
+                            if let Err(e) = serve_connection(accept, tcp, ctx, permit, mutual).await {
                                 debug!(%remote, "TCP connection ended: {e}");
                             }
                         }.instrument(tracing::info_span!("conn", %remote, transport = "tcp")));
                     }
-                    Err(e) => warn!("accepting a TCP connection failed: {e}"),
+                    Err(e) => {
+                        // Out of file descriptors, say: the connection stays
+                        // in the backlog, so wait a moment rather than spin.
+                        warn!("accepting a TCP connection failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 },
             }
         }
@@ -472,16 +479,16 @@ fn tls_failure(e: &quinn::ConnectionError, mutual: bool) {
 /// handshake.
 async fn serve_connection(
     accept: impl std::future::Future<Output = Result<ServerConn>>,
+    transport: Transport,
     ctx: Arc<Ctx>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     mutual: bool,
 ) -> Result<()> {
     let active = ctx.active.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    metrics::counter!("quiver_connections_total", "transport" => transport.as_str()).increment(1);
     metrics::gauge!("quiver_connections_active").set(active as f64);
     let _active = ActiveGuard(&ctx.active);
     let conn = accept.await?;
-    let transport = conn.transport();
-    metrics::counter!("quiver_connections_total", "transport" => transport.as_str()).increment(1);
     let (send, recv) = tokio::time::timeout(ctx.opts.handshake_timeout, conn.accept_bi())
         .await
         .map_err(|_| SyncError::Timeout("waiting for the handshake".into()))?

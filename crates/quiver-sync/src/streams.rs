@@ -326,11 +326,17 @@ impl Conn {
                 Ok((SendHalf::Quic(s), RecvHalf::Quic(r)))
             }
             Conn::Tcp(t) => {
-                let mut ready = t.send.clone().ready().await.map_err(h2_error)?;
+                // A connection the server has sent GOAWAY on (or that
+                // failed) is not reused.
+                let gone = |e: h2::Error| {
+                    t.shared.closed.store(true, Ordering::SeqCst);
+                    h2_error(e)
+                };
+                let mut ready = t.send.clone().ready().await.map_err(gone)?;
                 let req = http::Request::post(crate::tcp::STREAM_URI)
                     .body(())
                     .map_err(|e| SyncError::Protocol(e.to_string()))?;
-                let (resp, send) = ready.send_request(req, false).map_err(h2_error)?;
+                let (resp, send) = ready.send_request(req, false).map_err(gone)?;
                 Ok((SendHalf::H2(send), RecvHalf::H2(H2Recv::response(resp))))
             }
         }
@@ -374,14 +380,16 @@ pub(crate) struct TcpServerConn {
     pub close: CancellationToken,
 }
 
-impl ServerConn {
-    pub fn transport(&self) -> Transport {
-        match self {
-            ServerConn::Quic(_) => Transport::Quic,
-            ServerConn::Tcp(_) => Transport::Tcp,
-        }
+/// However its handler ends (a handshake timeout, a refusal, shutdown),
+/// the connection ends with it: a client answering keep-alive pings must
+/// not keep it (and its socket) past the connection limit's count.
+impl Drop for TcpServerConn {
+    fn drop(&mut self) {
+        self.close.cancel();
     }
+}
 
+impl ServerConn {
     /// The next stream the client opens.
     pub async fn accept_bi(&self) -> Result<(SendHalf, RecvHalf)> {
         match self {

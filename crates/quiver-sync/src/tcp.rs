@@ -33,6 +33,9 @@ const STREAM_WINDOW: u32 = 8 << 20;
 const CONN_WINDOW: u32 = 32 << 20;
 /// The largest HTTP/2 frame the peer may send us.
 const MAX_H2_FRAME: u32 = 256 << 10;
+/// Headers of a stream, at most (ours are a few dozen bytes; h2's default
+/// would take 16 MiB per request before the token is checked).
+const MAX_HEADERS: u32 = 8 << 10;
 
 /// A socket that counts its traffic.
 struct Counted<T> {
@@ -68,6 +71,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         }
         r
     }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.shared.tx.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
@@ -102,25 +119,47 @@ fn keep_alert(shared: &TcpShared, e: &h2::Error) {
 }
 
 /// Pings the peer every keep-alive interval, keeping the round trip; ends
-/// when a ping goes unanswered for the idle timeout (the peer is gone).
+/// when nothing at all has arrived for the idle timeout (the peer is
+/// gone). Bytes arriving count as life, as on QUIC: a pong may queue
+/// behind a large transfer on a slow link.
 async fn keep_alive(pp: Option<h2::PingPong>, limits: TransportLimits, shared: Arc<TcpShared>) {
     let Some(mut pp) = pp else {
         return std::future::pending().await;
     };
+    let mut seen = shared.rx.load(Ordering::Relaxed);
+    let mut heard = Instant::now();
     loop {
         let started = Instant::now();
-        match tokio::time::timeout(limits.idle_timeout, pp.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {
-                let us = started.elapsed().as_micros() as u64;
-                shared.rtt_us.store(us.max(1), Ordering::Relaxed);
-            }
-            Ok(Err(_)) => return std::future::pending().await,
-            Err(_) => {
-                tracing::warn!(
-                    "the peer did not answer a ping for {:?}; closing the TCP connection",
-                    limits.idle_timeout
-                );
-                return;
+        // One ping in flight at a time (HTTP/2's rule here): the same
+        // future is polled until its pong comes.
+        let ping = pp.ping(h2::Ping::opaque());
+        tokio::pin!(ping);
+        loop {
+            tokio::select! {
+                pong = &mut ping => {
+                    if pong.is_err() {
+                        // The connection failed; its driver ends.
+                        return std::future::pending().await;
+                    }
+                    let us = started.elapsed().as_micros() as u64;
+                    shared.rtt_us.store(us.max(1), Ordering::Relaxed);
+                    heard = Instant::now();
+                    break;
+                }
+                _ = tokio::time::sleep(limits.keep_alive) => {
+                    let rx = shared.rx.load(Ordering::Relaxed);
+                    if rx != seen {
+                        seen = rx;
+                        heard = Instant::now();
+                    }
+                    if heard.elapsed() >= limits.idle_timeout {
+                        tracing::warn!(
+                            "nothing heard from the peer for {:?}; closing the TCP connection",
+                            limits.idle_timeout
+                        );
+                        return;
+                    }
+                }
             }
         }
         tokio::time::sleep(limits.keep_alive).await;
@@ -207,6 +246,7 @@ pub(crate) async fn connect(
         ))));
     }
     let (send, mut connection) = h2::client::Builder::new()
+        .max_header_list_size(MAX_HEADERS)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_frame_size(MAX_H2_FRAME)
@@ -268,9 +308,17 @@ pub(crate) async fn accept(
                 while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
             };
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
-            return Err(SyncError::Tls(format!(
-                "TLS handshake over TCP failed: {e}"
-            )));
+            // A TLS failure, or a client gone before the handshake ended
+            // (a lost race of `auto`, a port probe): only the first counts
+            // as a refusal.
+            let tls = e.kind() == io::ErrorKind::InvalidData
+                || e.get_ref().is_some_and(|i| i.is::<rustls::Error>());
+            return Err(match tls {
+                true => SyncError::Tls(format!("TLS handshake over TCP failed: {e}")),
+                false => {
+                    SyncError::Connection(format!("the client left during the TLS handshake: {e}"))
+                }
+            });
         }
     };
     let client_cert = tls_stream
@@ -280,6 +328,7 @@ pub(crate) async fn accept(
         .and_then(|c| c.first())
         .map(|c| tls::fingerprint(c));
     let mut conn = h2::server::Builder::new()
+        .max_header_list_size(MAX_HEADERS)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_frame_size(MAX_H2_FRAME)
@@ -306,6 +355,8 @@ pub(crate) async fn accept(
                     break;
                 }
                 _ = &mut ka => break,
+                // The handler is gone and takes no more streams.
+                _ = tx.closed() => break,
                 next = conn.accept() => match next {
                     Some(Ok((req, mut respond))) => {
                         let body = req.into_body();

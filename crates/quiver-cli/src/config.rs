@@ -388,6 +388,11 @@ pub struct DaemonConfig {
 pub fn file_layer(path: &Path) -> Result<Layer> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow!("reading config {}: {e}", path.display()))?;
+    text_layer(path, &text)
+}
+
+/// A config file's text (read from `path`) as a layer.
+pub fn text_layer(path: &Path, text: &str) -> Result<Layer> {
     let table: toml::Table = text
         .parse()
         .map_err(|e| anyhow!("config {}: {e}", path.display()))?;

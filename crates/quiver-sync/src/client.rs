@@ -184,7 +184,22 @@ pub struct Client {
     links: HashMap<SocketAddr, Link>,
     /// Servers `auto` last reached over TCP only, and when.
     tcp_since: HashMap<SocketAddr, Instant>,
+    /// A live link is trying to get back: each QUIC attempt waits at most
+    /// [`LIVE_PROBE_TIMEOUT`], so that attempts follow each other closely.
+    probing: bool,
 }
+
+/// A live link that hears nothing at all (not even the answers to its
+/// keep-alives) for this long tries a fresh connection beside the silent
+/// one, and takes it if it gets through: after a partition, a connection's
+/// own probes may be seconds apart (their timer doubles each time), a new
+/// connection's first packets are not.
+const LIVE_SILENCE: Duration = Duration::from_millis(1500);
+/// How long each attempt of a live link getting back waits for QUIC.
+const LIVE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest wait between a live link's attempts while the network is
+/// what fails (a refusal or a busy server backs off as before).
+const LIVE_RETRY_WAIT: Duration = Duration::from_millis(250);
 
 /// What a handshake on a new connection gives.
 type Handshaken = (Welcome, FrameReader, FrameWriter, Vec<ShardInfo>);
@@ -244,6 +259,7 @@ impl Client {
             tcp: None,
             links: HashMap::new(),
             tcp_since: HashMap::new(),
+            probing: false,
         }
     }
 
@@ -584,14 +600,14 @@ impl Client {
             })?;
         let no_answer = || SyncError::NoAnswer {
             addr: t.addr.to_string(),
-            waited_ms: self.opts.connect_timeout.as_millis() as u64,
+            waited_ms: self.quic_timeout().as_millis() as u64,
             also: String::new(),
         };
         // 0-RTT when a session ticket allows it: the hello is idempotent.
         let (conn, zero_rtt) = match connecting.into_0rtt() {
             Ok((conn, accepted)) => {
                 if complete
-                    && tokio::time::timeout(self.opts.connect_timeout, accepted)
+                    && tokio::time::timeout(self.quic_timeout(), accepted)
                         .await
                         .is_err()
                 {
@@ -607,22 +623,28 @@ impl Client {
                 }
                 (conn, true)
             }
-            Err(connecting) => {
-                match tokio::time::timeout(self.opts.connect_timeout, connecting).await {
-                    Ok(Ok(c)) => (c, false),
-                    Ok(Err(e)) => {
-                        return Err(self
-                            .untrusted_quic(&seen, &e)
-                            .unwrap_or(SyncError::Connect {
-                                addr: t.addr.to_string(),
-                                reason: crate::error::connection_reason(&e),
-                            }))
-                    }
-                    Err(_) => return Err(no_answer()),
+            Err(connecting) => match tokio::time::timeout(self.quic_timeout(), connecting).await {
+                Ok(Ok(c)) => (c, false),
+                Ok(Err(e)) => {
+                    return Err(self
+                        .untrusted_quic(&seen, &e)
+                        .unwrap_or(SyncError::Connect {
+                            addr: t.addr.to_string(),
+                            reason: crate::error::connection_reason(&e),
+                        }))
                 }
-            }
+                Err(_) => return Err(no_answer()),
+            },
         };
         Ok((Conn::Quic(conn), zero_rtt, seen))
+    }
+
+    /// How long a QUIC handshake may take now.
+    fn quic_timeout(&self) -> Duration {
+        match self.probing {
+            true => self.opts.connect_timeout.min(LIVE_PROBE_TIMEOUT),
+            false => self.opts.connect_timeout,
+        }
     }
 
     async fn tcp_connect(&self, t: &Target<'_>) -> Result<(Conn, bool, SeenFingerprint)> {
@@ -889,8 +911,27 @@ impl Client {
                 Err(e) => {
                     health.failures += 1;
                     health.lost.get_or_insert_with(std::time::Instant::now);
-                    let wait = backoff(health.failures.min(6));
-                    tracing::warn!("live link to {addr} lost ({e}); reconnecting in {wait:?}");
+                    let mut wait = backoff(health.failures.min(6));
+                    // The network failed (no answer, a lost connection):
+                    // try again soon, each attempt short, so that the link
+                    // is back within about a second of the network.
+                    let network = matches!(
+                        e,
+                        SyncError::NoAnswer { .. }
+                            | SyncError::NoTcpListener { .. }
+                            | SyncError::Connect { .. }
+                            | SyncError::Connection(_)
+                            | SyncError::Timeout(_)
+                    );
+                    if network {
+                        wait = wait.min(LIVE_RETRY_WAIT);
+                        self.probing = true;
+                    }
+                    if health.failures == 1 || !network {
+                        tracing::warn!("live link to {addr} lost ({e}); reconnecting in {wait:?}");
+                    } else {
+                        tracing::debug!("live link to {addr} still down ({e}); again in {wait:?}");
+                    }
                     if let Ok((sock, _)) = resolve(addr).await {
                         self.links.remove(&sock);
                     }
@@ -926,40 +967,147 @@ impl Client {
         on_round: &Option<RoundFn>,
         health: &mut LinkHealth,
     ) -> Result<()> {
-        local.borrow_and_update();
-        self.live_round(addr, spec, on_round).await?;
-        health.failures = 0;
-        if let Some(since) = health.lost.take() {
-            // Said at the level of "lost", so that whoever saw one sees the other.
-            tracing::warn!(
-                "live link to {addr} back after {:.1} s",
-                since.elapsed().as_secs_f64()
-            );
-        }
-        let (mut reader, mut writer, _) = self.open_stream(addr).await?;
-        writer
-            .send(&Message::Subscribe(spec.shards.clone()))
-            .await?;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => {
-                    let _ = writer.finish();
-                    return Ok(());
-                }
-                m = reader.next() => match m? {
-                    Some(Message::Notify(_)) => {}
-                    Some(Message::Error(e)) => return Err(crate::framed::peer_error(e)),
-                    Some(other) => {
-                        return Err(SyncError::Protocol(format!("unexpected {} on a live stream", other.kind().1)))
-                    }
-                    None => return Err(SyncError::Connection("the server ended the live stream".into())),
-                },
-                moved = local.changed() => if moved.is_err() { return Err(SyncError::StoreGone) },
-                // A slow safety net; changes normally arrive by notification.
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-            }
+        let (sock, _) = resolve(addr).await?;
+        // Keep-alives are answered well within it, whatever their pace.
+        let silence = LIVE_SILENCE.max(self.opts.limits.keep_alive * 5 / 2);
+        'fresh: loop {
             local.borrow_and_update();
-            self.live_round(addr, spec, on_round).await?;
+            self.watched_round(addr, sock, spec, on_round, silence)
+                .await?;
+            health.failures = 0;
+            self.probing = false;
+            if let Some(since) = health.lost.take() {
+                // Said at the level of "lost", so that whoever saw one sees the other.
+                tracing::warn!(
+                    "live link to {addr} back after {:.1} s",
+                    since.elapsed().as_secs_f64()
+                );
+            }
+            let (mut reader, mut writer, _) = self.open_stream(addr).await?;
+            writer
+                .send(&Message::Subscribe(spec.shards.clone()))
+                .await?;
+            let mut heard = (self.received(sock), Instant::now());
+            let mut watch = tokio::time::interval(silence / 10);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        let _ = writer.finish();
+                        return Ok(());
+                    }
+                    m = reader.next() => match m? {
+                        Some(Message::Notify(_)) => {}
+                        Some(Message::Error(e)) => return Err(crate::framed::peer_error(e)),
+                        Some(other) => {
+                            return Err(SyncError::Protocol(format!("unexpected {} on a live stream", other.kind().1)))
+                        }
+                        None => return Err(SyncError::Connection("the server ended the live stream".into())),
+                    },
+                    moved = local.changed() => if moved.is_err() { return Err(SyncError::StoreGone) },
+                    _ = watch.tick() => {
+                        let now = self.received(sock);
+                        if now != heard.0 {
+                            heard = (now, Instant::now());
+                        } else if heard.1.elapsed() >= silence {
+                            if health.lost.is_none() {
+                                health.lost = Some(heard.1);
+                                tracing::warn!(
+                                    "live link to {addr} lost (nothing heard for {:.1} s); trying a fresh connection",
+                                    heard.1.elapsed().as_secs_f64()
+                                );
+                            }
+                            if self.fresh_link(addr, sock).await {
+                                continue 'fresh;
+                            }
+                        }
+                        continue;
+                    }
+                    // A slow safety net; changes normally arrive by notification.
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+                local.borrow_and_update();
+                self.watched_round(addr, sock, spec, on_round, silence)
+                    .await?;
+            }
+        }
+    }
+
+    /// A live link's round, given up as lost when its connection hears
+    /// nothing at all for `silence` (the link then reconnects at once,
+    /// rather than waiting out the idle timeout).
+    async fn watched_round(
+        &mut self,
+        addr: &str,
+        sock: SocketAddr,
+        spec: &SyncSpec,
+        on_round: &Option<RoundFn>,
+        silence: Duration,
+    ) -> Result<()> {
+        let conn = self.links.get(&sock).map(|l| l.conn.clone());
+        let quiet = async move {
+            let Some(conn) = conn else {
+                return std::future::pending().await;
+            };
+            let mut heard = (conn.received(), Instant::now());
+            let mut tick = tokio::time::interval(silence / 10);
+            loop {
+                tick.tick().await;
+                let now = conn.received();
+                if now != heard.0 {
+                    heard = (now, Instant::now());
+                } else if heard.1.elapsed() >= silence {
+                    return heard.1.elapsed();
+                }
+            }
+        };
+        tokio::select! {
+            r = self.live_round(addr, spec, on_round) => r,
+            quiet_for = quiet => Err(SyncError::Connection(format!(
+                "nothing heard for {:.1} s during a round",
+                quiet_for.as_secs_f64()
+            ))),
+        }
+    }
+
+    /// What the link to `sock` has received so far (0 without one).
+    fn received(&self, sock: SocketAddr) -> u64 {
+        self.links.get(&sock).map_or(0, |l| l.conn.received())
+    }
+
+    /// One short attempt at a new QUIC connection to `sock`, beside the
+    /// silent one; on success it replaces the old one, which is closed.
+    async fn fresh_link(&mut self, addr: &str, sock: SocketAddr) -> bool {
+        let Some(old) = self.links.get(&sock) else {
+            return false;
+        };
+        if old.conn.transport() != Transport::Quic || self.endpoint.is_none() {
+            return false;
+        }
+        let Ok((_, name)) = resolve(addr).await else {
+            return false;
+        };
+        self.probing = true;
+        let target = Target {
+            addr,
+            sock,
+            name: &name,
+        };
+        let started = Instant::now();
+        let attempt = async {
+            let (conn, zero_rtt, seen) = self.quic_connect(&target, true).await?;
+            self.handshake(conn, zero_rtt, &seen, addr, started).await
+        };
+        match attempt.await {
+            Ok(link) => {
+                if let Some(old) = self.links.insert(sock, link) {
+                    old.conn.close();
+                }
+                true
+            }
+            Err(e) => {
+                tracing::debug!("a fresh connection to {addr} did not get through: {e}");
+                false
+            }
         }
     }
 

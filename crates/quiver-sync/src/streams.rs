@@ -349,6 +349,15 @@ impl Conn {
         }
     }
 
+    /// Datagrams (QUIC) or bytes (TCP) received so far: whether anything
+    /// arrived lately.
+    pub fn received(&self) -> u64 {
+        match self {
+            Conn::Quic(c) => c.stats().udp_rx.datagrams,
+            Conn::Tcp(t) => t.shared.rx.load(Ordering::Relaxed),
+        }
+    }
+
     pub fn rtt(&self) -> Duration {
         match self {
             Conn::Quic(c) => c.rtt(),

@@ -24,7 +24,7 @@ use crate::protocol::{exchange, Peer, Progress, ProgressFn, Pump, ShardResult};
 use crate::schema::shard_infos;
 use crate::streams::{Conn, Transport, TransportChoice};
 use crate::tls::{Identity, SeenFingerprint, Trust};
-use crate::transport::{client_endpoint, TransportLimits};
+use crate::transport::{client_endpoint_on, TransportLimits};
 use crate::{Result, SyncError};
 
 /// How a client connects and retries.
@@ -51,6 +51,9 @@ pub struct ClientOptions {
     pub stream: StreamLimits,
     /// QUIC, TCP, or QUIC with a fallback to TCP (`auto`, the default).
     pub transport: TransportChoice,
+    /// The QUIC endpoint's UDP socket, when not the machine's (a simulated
+    /// network in tests).
+    pub udp: Option<crate::transport::UdpSocketFactory>,
 }
 
 /// How long `auto` gives QUIC before starting TCP beside it; the first
@@ -75,6 +78,7 @@ impl Default for ClientOptions {
             compression: true,
             stream: StreamLimits::default(),
             transport: TransportChoice::Auto,
+            udp: None,
         }
     }
 }
@@ -436,11 +440,12 @@ impl Client {
                 Some((cert, key)) => Some(Identity::load(cert, key)?),
                 None => None,
             };
-            self.endpoint = Some(client_endpoint(
+            self.endpoint = Some(client_endpoint_on(
                 sock,
                 &self.opts.trust,
                 id.as_ref(),
                 &self.opts.limits,
+                self.opts.udp.as_ref(),
             )?);
         }
         Ok(())

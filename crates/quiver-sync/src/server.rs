@@ -24,7 +24,7 @@ use crate::protocol::{exchange, Peer, Pump};
 use crate::schema::shard_infos;
 use crate::streams::{ServerConn, Transport};
 use crate::tls::Identity;
-use crate::transport::{server_endpoint, TransportLimits};
+use crate::transport::TransportLimits;
 use crate::{Result, SyncError};
 use quiver_core::session::{Input, ServerConfig, ServerSession, StreamSession};
 
@@ -94,6 +94,9 @@ pub struct ServerOptions {
     /// At shutdown, how long exchanges in flight may take to finish before
     /// their connections are closed.
     pub shutdown_grace: Duration,
+    /// The QUIC endpoint's UDP socket, when not the machine's (a simulated
+    /// network in tests; TCP is then off).
+    pub udp: Option<crate::transport::UdpSocketFactory>,
 }
 
 impl Default for ServerOptions {
@@ -113,6 +116,7 @@ impl Default for ServerOptions {
             client_ca: None,
             require_token: false,
             shutdown_grace: Duration::from_secs(10),
+            udp: None,
         }
     }
 }
@@ -228,7 +232,14 @@ impl Server {
     /// Binds the endpoint (inside a tokio runtime).
     pub fn bind(handle: StoreHandle, id: &Identity, opts: ServerOptions) -> Result<Server> {
         let ca = opts.client_ca.as_deref();
-        let (endpoint, tcp) = match opts.tcp_listen {
+        let server_endpoint = |at, id, ca, limits: &TransportLimits| {
+            crate::transport::server_endpoint_on(at, id, ca, limits, opts.udp.as_ref())
+        };
+        let tcp_listen = match opts.udp {
+            Some(_) => TcpListen::Off,
+            None => opts.tcp_listen,
+        };
+        let (endpoint, tcp) = match tcp_listen {
             TcpListen::Off => (server_endpoint(opts.listen, id, ca, &opts.limits)?, None),
             TcpListen::At(at) => (
                 server_endpoint(opts.listen, id, ca, &opts.limits)?,

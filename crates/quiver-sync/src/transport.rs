@@ -86,6 +86,39 @@ fn transport_config(limits: &TransportLimits) -> Result<quinn::TransportConfig> 
     Ok(t)
 }
 
+/// Makes an endpoint's UDP socket for an address: by default the
+/// machine's; a test may give sockets of its own (a simulated network, see
+/// `crates/quiver-sync/tests/simulation.rs`).
+#[derive(Clone)]
+pub struct UdpSocketFactory(
+    #[allow(clippy::type_complexity)]
+    pub  Arc<dyn Fn(SocketAddr) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> + Send + Sync>,
+);
+
+impl std::fmt::Debug for UdpSocketFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UdpSocketFactory")
+    }
+}
+
+/// An endpoint on `bind`: on a socket of the machine, or of `udp`.
+fn endpoint(
+    bind: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    udp: Option<&UdpSocketFactory>,
+) -> std::io::Result<quinn::Endpoint> {
+    match (udp, server) {
+        (None, Some(cfg)) => quinn::Endpoint::server(cfg, bind),
+        (None, None) => quinn::Endpoint::client(bind),
+        (Some(f), server) => quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            server,
+            (f.0)(bind)?,
+            Arc::new(quinn::TokioRuntime),
+        ),
+    }
+}
+
 /// A server endpoint bound to `addr`.
 pub fn server_endpoint(
     addr: SocketAddr,
@@ -93,11 +126,22 @@ pub fn server_endpoint(
     client_ca: Option<&Path>,
     limits: &TransportLimits,
 ) -> Result<quinn::Endpoint> {
+    server_endpoint_on(addr, id, client_ca, limits, None)
+}
+
+/// A server endpoint bound to `addr`, on a socket `udp` makes if given.
+pub fn server_endpoint_on(
+    addr: SocketAddr,
+    id: &Identity,
+    client_ca: Option<&Path>,
+    limits: &TransportLimits,
+    udp: Option<&UdpSocketFactory>,
+) -> Result<quinn::Endpoint> {
     let crypto = QuicServerConfig::try_from(tls::server_crypto(id, client_ca)?)
         .map_err(|e| SyncError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(limits)?);
-    quinn::Endpoint::server(cfg, addr).map_err(|e| SyncError::Listen {
+    endpoint(addr, Some(cfg), udp).map_err(|e| SyncError::Listen {
         addr: addr.to_string(),
         reason: match e.kind() {
             std::io::ErrorKind::AddrInUse => {
@@ -123,6 +167,17 @@ pub fn client_endpoint(
     client: Option<&Identity>,
     limits: &TransportLimits,
 ) -> Result<(quinn::Endpoint, SeenFingerprint)> {
+    client_endpoint_on(for_addr, trust, client, limits, None)
+}
+
+/// A client endpoint, on a socket `udp` makes if given.
+pub fn client_endpoint_on(
+    for_addr: SocketAddr,
+    trust: &Trust,
+    client: Option<&Identity>,
+    limits: &TransportLimits,
+    udp: Option<&UdpSocketFactory>,
+) -> Result<(quinn::Endpoint, SeenFingerprint)> {
     let (crypto, seen) = tls::client_crypto(trust, client)?;
     let crypto = QuicClientConfig::try_from(crypto).map_err(|e| SyncError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -139,7 +194,7 @@ pub fn client_endpoint(
         "0.0.0.0:0".parse()
     }
     .map_err(|_| SyncError::Tls("bad bind address".into()))?;
-    let mut ep = quinn::Endpoint::client(bind)?;
+    let mut ep = endpoint(bind, None, udp)?;
     ep.set_default_client_config(cfg);
     Ok((ep, seen))
 }

@@ -201,9 +201,20 @@ pub struct Client {
 const LIVE_SILENCE: Duration = Duration::from_millis(1500);
 /// How long each attempt of a live link getting back waits for QUIC.
 const LIVE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// The longest wait between a live link's attempts while the network is
-/// what fails (a refusal or a busy server backs off as before).
-const LIVE_RETRY_WAIT: Duration = Duration::from_millis(250);
+/// How long after losing the network a live link retries fast (every
+/// 100–300 ms, with short attempts); past it, it backs off as before.
+const LIVE_FAST_RETRIES: Duration = Duration::from_secs(60);
+/// A live link's round with nothing notified, at the longest.
+const LIVE_SAFETY_NET: Duration = Duration::from_secs(30);
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// What a handshake on a new connection gives.
 type Handshaken = (Welcome, FrameReader, FrameWriter, Vec<ShardInfo>);
@@ -402,7 +413,9 @@ impl Client {
         };
         let started = Instant::now();
         let (conn, zero_rtt, seen) = match choice {
-            TransportChoice::Quic => self.quic_connect(&target, false).await?,
+            // Getting a live link back, a connection counts once its
+            // handshake completed (0-RTT would hand it over at once).
+            TransportChoice::Quic => self.quic_connect(&target, self.probing).await?,
             TransportChoice::Tcp => self.tcp_connect(&target).await?,
             // Reached over TCP lately: straight there (QUIC is tried again
             // once the memory is old, or if TCP fails for the network).
@@ -418,7 +431,11 @@ impl Client {
                 let c = self.race(&target).await?;
                 if c.0.transport() == Transport::Tcp {
                     tracing::info!("QUIC did not get through to {addr}; using TLS over TCP");
-                    self.tcp_since.insert(sock, Instant::now());
+                    // Not remembered when the network itself was down a
+                    // moment ago: UDP need not be blocked.
+                    if !self.probing {
+                        self.tcp_since.insert(sock, Instant::now());
+                    }
                 } else {
                     self.tcp_since.remove(&sock);
                 }
@@ -644,7 +661,8 @@ impl Client {
         Ok((Conn::Quic(conn), zero_rtt, seen))
     }
 
-    /// How long a QUIC handshake may take now.
+    /// How long a transport's handshake may take now: short while a live
+    /// link gets back (for a minute at most), else `connect_timeout`.
     fn quic_timeout(&self) -> Duration {
         match self.probing {
             true => self.opts.connect_timeout.min(LIVE_PROBE_TIMEOUT),
@@ -657,7 +675,7 @@ impl Client {
             return Err(SyncError::Tls("no TCP connector".into()));
         };
         let limits = &self.opts.limits;
-        let timeout = self.opts.connect_timeout;
+        let timeout = self.quic_timeout();
         match crate::tcp::connect(t.sock, t.name, t.addr, tls, limits, timeout).await {
             Ok(c) => Ok((c, false, seen.clone())),
             Err(crate::tcp::TcpFailure::Connect(e)) => Err(e),
@@ -891,7 +909,27 @@ impl Client {
     /// store's change counter), so a write shows on the other side within
     /// milliseconds. A dropped link reconnects with backoff and resumes from
     /// the persisted cursor; refusals end the link with an error.
+    ///
+    /// After a partition a QUIC link is back within about a second of the
+    /// network: a link that hears nothing at all (not even the answers to
+    /// its keep-alives) for a while tries fresh connections beside the
+    /// silent one, a round on a silent connection is given up, and for the
+    /// first minute after a loss of the network the link retries every few
+    /// hundred milliseconds with short attempts (then backs off as before).
     pub async fn live(
+        &mut self,
+        addr: &str,
+        spec: &SyncSpec,
+        stop: CancellationToken,
+        on_round: Option<RoundFn>,
+    ) -> Result<()> {
+        let r = self.live_loop(addr, spec, stop, on_round).await;
+        // Short attempts are for a live link getting back only.
+        self.probing = false;
+        r
+    }
+
+    async fn live_loop(
         &mut self,
         addr: &str,
         spec: &SyncSpec,
@@ -915,30 +953,34 @@ impl Client {
                 }
                 Err(e) => {
                     health.failures += 1;
-                    health.lost.get_or_insert_with(std::time::Instant::now);
+                    let reported = health.lost.is_some();
+                    let since = *health.lost.get_or_insert_with(Instant::now);
                     let mut wait = backoff(health.failures.min(6));
-                    // The network failed (no answer, a lost connection):
-                    // try again soon, each attempt short, so that the link
-                    // is back within about a second of the network.
+                    // The network failed (no answer, a lost connection), and
+                    // not long ago: try again soon, each attempt short, so
+                    // that the link is back within about a second of the
+                    // network. A refusal, a busy or slow server, or a long
+                    // outage back off as before.
                     let network = matches!(
                         e,
                         SyncError::NoAnswer { .. }
                             | SyncError::NoTcpListener { .. }
-                            | SyncError::Connect { .. }
                             | SyncError::Connection(_)
-                            | SyncError::Timeout(_)
                     );
-                    if network {
-                        wait = wait.min(LIVE_RETRY_WAIT);
-                        self.probing = true;
+                    self.probing = network && since.elapsed() < LIVE_FAST_RETRIES;
+                    if self.probing {
+                        let ms = rand::random::<u64>() % 200 + 100;
+                        wait = wait.min(Duration::from_millis(ms));
                     }
-                    if health.failures == 1 || !network {
+                    if !reported {
                         tracing::warn!("live link to {addr} lost ({e}); reconnecting in {wait:?}");
                     } else {
                         tracing::debug!("live link to {addr} still down ({e}); again in {wait:?}");
                     }
                     if let Ok((sock, _)) = resolve(addr).await {
-                        self.links.remove(&sock);
+                        if let Some(old) = self.links.remove(&sock) {
+                            old.conn.close();
+                        }
                     }
                     tokio::select! {
                         _ = stop.cancelled() => return Ok(()),
@@ -972,13 +1014,9 @@ impl Client {
         on_round: &Option<RoundFn>,
         health: &mut LinkHealth,
     ) -> Result<()> {
-        let (sock, _) = resolve(addr).await?;
-        // Keep-alives are answered well within it, whatever their pace.
-        let silence = LIVE_SILENCE.max(self.opts.limits.keep_alive * 5 / 2);
         'fresh: loop {
             local.borrow_and_update();
-            self.watched_round(addr, sock, spec, on_round, silence)
-                .await?;
+            let sock = self.watched_round(addr, spec, on_round).await?;
             health.failures = 0;
             self.probing = false;
             if let Some(since) = health.lost.take() {
@@ -988,32 +1026,63 @@ impl Client {
                     since.elapsed().as_secs_f64()
                 );
             }
-            let (mut reader, mut writer, _) = self.open_stream(addr).await?;
+            let (reader, mut writer, _) = self.open_stream(addr).await?;
             writer
                 .send(&Message::Subscribe(spec.shards.clone()))
                 .await?;
+            // The subscription is read by a task of its own: a frame read
+            // half-way must not be cut by the loop's other events.
+            let (tx, mut notices) = tokio::sync::mpsc::channel(4);
+            let reading = AbortOnDrop(tokio::spawn(async move {
+                let mut reader = reader;
+                loop {
+                    let m = reader.next().await;
+                    let end = !matches!(m, Ok(Some(_)));
+                    if tx.send(m).await.is_err() || end {
+                        return;
+                    }
+                }
+            }));
+            let silence = self.silence(sock);
             let mut heard = (self.received(sock), Instant::now());
             let mut watch = tokio::time::interval(silence / 10);
+            watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_try: Option<Instant> = None;
+            let mut fresh_refused = false;
+            // A slow safety net; changes normally arrive by notification.
+            let net = tokio::time::sleep(LIVE_SAFETY_NET);
+            tokio::pin!(net);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => {
                         let _ = writer.finish();
                         return Ok(());
                     }
-                    m = reader.next() => match m? {
-                        Some(Message::Notify(_)) => {}
-                        Some(Message::Error(e)) => return Err(crate::framed::peer_error(e)),
-                        Some(other) => {
+                    m = notices.recv() => match m {
+                        Some(Ok(Some(Message::Notify(_)))) => {}
+                        Some(Ok(Some(Message::Error(e)))) => return Err(crate::framed::peer_error(e)),
+                        Some(Ok(Some(other))) => {
                             return Err(SyncError::Protocol(format!("unexpected {} on a live stream", other.kind().1)))
                         }
-                        None => return Err(SyncError::Connection("the server ended the live stream".into())),
+                        Some(Err(e)) => return Err(e),
+                        Some(Ok(None)) | None => {
+                            return Err(SyncError::Connection("the server ended the live stream".into()))
+                        }
                     },
                     moved = local.changed() => if moved.is_err() { return Err(SyncError::StoreGone) },
                     _ = watch.tick() => {
                         let now = self.received(sock);
                         if now != heard.0 {
                             heard = (now, Instant::now());
-                        } else if heard.1.elapsed() >= silence {
+                            // Silent a while, then heard again without a
+                            // new connection: back.
+                            if let Some(since) = health.lost.take() {
+                                tracing::warn!(
+                                    "live link to {addr} back after {:.1} s",
+                                    since.elapsed().as_secs_f64()
+                                );
+                            }
+                        } else if heard.1.elapsed() >= silence && self.is_quic(sock) && !fresh_refused {
                             if health.lost.is_none() {
                                 health.lost = Some(heard.1);
                                 tracing::warn!(
@@ -1021,34 +1090,79 @@ impl Client {
                                     heard.1.elapsed().as_secs_f64()
                                 );
                             }
-                            if self.fresh_link(addr, sock).await {
-                                continue 'fresh;
+                            // One attempt at a time, a probe's length apart.
+                            if last_try.is_none_or(|t| t.elapsed() >= LIVE_PROBE_TIMEOUT) {
+                                last_try = Some(Instant::now());
+                                let fresh = tokio::select! {
+                                    _ = stop.cancelled() => return Ok(()),
+                                    f = self.fresh_link(addr, sock) => f,
+                                };
+                                match fresh {
+                                    Ok(true) => {
+                                        drop(reading);
+                                        continue 'fresh;
+                                    }
+                                    Ok(false) => {}
+                                    // Refused (a limit, a token): the old
+                                    // connection is left to its fate.
+                                    Err(()) => fresh_refused = true,
+                                }
                             }
                         }
                         continue;
                     }
-                    // A slow safety net; changes normally arrive by notification.
-                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                    _ = &mut net => {}
                 }
                 local.borrow_and_update();
-                self.watched_round(addr, sock, spec, on_round, silence)
-                    .await?;
+                self.watched_round(addr, spec, on_round).await?;
+                net.as_mut()
+                    .reset(tokio::time::Instant::now() + LIVE_SAFETY_NET);
             }
         }
     }
 
-    /// A live link's round, given up as lost when its connection hears
-    /// nothing at all for `silence` (the link then reconnects at once,
-    /// rather than waiting out the idle timeout).
+    /// How long a live link on `sock` may hear nothing before it counts as
+    /// lost: the answers to its keep-alives come well within it, whatever
+    /// their pace and the path's round trip.
+    fn silence(&self, sock: SocketAddr) -> Duration {
+        let rtt = self
+            .links
+            .get(&sock)
+            .map_or(Duration::ZERO, |l| l.conn.rtt());
+        LIVE_SILENCE
+            .max(self.opts.limits.keep_alive * 5 / 2)
+            .max(self.opts.limits.keep_alive + rtt * 12)
+    }
+
+    /// What the link to `sock` has received so far (0 without one).
+    fn received(&self, sock: SocketAddr) -> u64 {
+        self.links.get(&sock).map_or(0, |l| l.conn.received())
+    }
+
+    fn is_quic(&self, sock: SocketAddr) -> bool {
+        self.links
+            .get(&sock)
+            .is_some_and(|l| l.conn.transport() == Transport::Quic)
+    }
+
+    /// A live link's round on its connection (made first if needed),
+    /// given up as lost when a QUIC connection hears nothing at all for
+    /// the link's silence, rather than waiting out the idle timeout. (Over
+    /// TCP the server may rightly say nothing while it takes a long push,
+    /// and its idle timeout stands.) Returns the connection's address.
     async fn watched_round(
         &mut self,
         addr: &str,
-        sock: SocketAddr,
         spec: &SyncSpec,
         on_round: &Option<RoundFn>,
-        silence: Duration,
-    ) -> Result<()> {
-        let conn = self.links.get(&sock).map(|l| l.conn.clone());
+    ) -> Result<SocketAddr> {
+        let (sock, _) = self.connect(addr, &None).await?;
+        let silence = self.silence(sock);
+        let conn = self
+            .links
+            .get(&sock)
+            .map(|l| l.conn.clone())
+            .filter(|c| c.transport() == Transport::Quic);
         let quiet = async move {
             let Some(conn) = conn else {
                 return std::future::pending().await;
@@ -1061,12 +1175,13 @@ impl Client {
                 if now != heard.0 {
                     heard = (now, Instant::now());
                 } else if heard.1.elapsed() >= silence {
+                    conn.close();
                     return heard.1.elapsed();
                 }
             }
         };
         tokio::select! {
-            r = self.live_round(addr, spec, on_round) => r,
+            r = self.live_round(addr, spec, on_round) => r.map(|_| sock),
             quiet_for = quiet => Err(SyncError::Connection(format!(
                 "nothing heard for {:.1} s during a round",
                 quiet_for.as_secs_f64()
@@ -1074,22 +1189,15 @@ impl Client {
         }
     }
 
-    /// What the link to `sock` has received so far (0 without one).
-    fn received(&self, sock: SocketAddr) -> u64 {
-        self.links.get(&sock).map_or(0, |l| l.conn.received())
-    }
-
     /// One short attempt at a new QUIC connection to `sock`, beside the
     /// silent one; on success it replaces the old one, which is closed.
-    async fn fresh_link(&mut self, addr: &str, sock: SocketAddr) -> bool {
-        let Some(old) = self.links.get(&sock) else {
-            return false;
-        };
-        if old.conn.transport() != Transport::Quic || self.endpoint.is_none() {
-            return false;
+    /// `Err` when the server refused it (a limit, a token).
+    async fn fresh_link(&mut self, addr: &str, sock: SocketAddr) -> std::result::Result<bool, ()> {
+        if !self.is_quic(sock) || self.endpoint.is_none() {
+            return Ok(false);
         }
         let Ok((_, name)) = resolve(addr).await else {
-            return false;
+            return Ok(false);
         };
         self.probing = true;
         let target = Target {
@@ -1102,16 +1210,22 @@ impl Client {
             let (conn, zero_rtt, seen) = self.quic_connect(&target, true).await?;
             self.handshake(conn, zero_rtt, &seen, addr, started).await
         };
-        match attempt.await {
+        let r = attempt.await;
+        self.probing = false;
+        match r {
             Ok(link) => {
                 if let Some(old) = self.links.insert(sock, link) {
                     old.conn.close();
                 }
-                true
+                Ok(true)
+            }
+            Err(e) if !e.is_transient() || matches!(e, SyncError::Peer { .. }) => {
+                tracing::debug!("a fresh connection to {addr} was refused: {e}");
+                Err(())
             }
             Err(e) => {
                 tracing::debug!("a fresh connection to {addr} did not get through: {e}");
-                false
+                Ok(false)
             }
         }
     }

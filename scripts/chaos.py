@@ -58,14 +58,26 @@ def fail(msg):
     sys.exit(1)
 
 
-def free_port():
-    """A port number free on both UDP and TCP on loopback."""
+def ephemeral_low():
+    """The lowest port the kernel hands out to outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(rng):
+    """A port number free on both UDP and TCP on loopback, below the
+    ephemeral range: a daemon restarted on its port must not find it taken
+    by some process's outgoing connection meanwhile."""
+    high = min(ephemeral_low(), 65536) - 1
     while True:
+        port = rng.randrange(10000, high)
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        u.bind(("127.0.0.1", 0))
-        port = u.getsockname()[1]
         t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
+            u.bind(("127.0.0.1", port))
             t.bind(("127.0.0.1", port))
             return port
         except OSError:
@@ -102,7 +114,7 @@ class Run:
             out = subprocess.run([self.a.quiver, "--db", db, "init", "--name", name],
                                  capture_output=True, text=True, check=True).stdout
             fp = re.search(r"\b[0-9a-f]{64}\b", out).group(0)
-            node = {"i": i, "name": name, "db": db, "port": free_port(), "fp": fp,
+            node = {"i": i, "name": name, "db": db, "port": free_port(self.rng), "fp": fp,
                     "proc": None, "log": os.path.join(self.dir, f"{name}.log")}
             self.nodes.append(node)
             for args in (["collection", "create", "docs", "--dim", "4"],
@@ -113,7 +125,7 @@ class Run:
                     fail(f"setting up {name}: {' '.join(args)}: {r.stderr.strip()}")
         for i in range(len(self.nodes)):
             for j in range(i + 1, len(self.nodes)):
-                self.relays[(i, j)] = {"port": free_port(), "proc": None,
+                self.relays[(i, j)] = {"port": free_port(self.rng), "proc": None,
                                        "seed": self.rng.randrange(1 << 32)}
 
     def start_relay(self, key):

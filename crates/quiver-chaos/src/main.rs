@@ -378,7 +378,15 @@ async fn main() -> Result<()> {
                 let state = state.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65_536];
-                    while let Ok(n) = s.recv(&mut buf).await {
+                    loop {
+                        let n = match s.recv(&mut buf).await {
+                            Ok(n) => n,
+                            // The server is not there for a moment (it is
+                            // restarting): the kernel says so for a datagram
+                            // sent to it. The path stays, as a NAT's would.
+                            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                            Err(_) => return,
+                        };
                         let copies = match state.lock() {
                             Ok(mut st) => decide(&mut st, Dir::Down, buf[..n].to_vec()),
                             Err(_) => return,

@@ -546,25 +546,28 @@ impl Client {
         addr: &str,
         started: Instant,
     ) -> Result<Link> {
-        let (welcome, reader, writer, ours) =
-            // The transport's handshake is done: the server is there, so
-            // give its welcome (which reads its store) more time than that.
-            match tokio::time::timeout(
-                self.opts.connect_timeout.max(Duration::from_secs(5)),
-                self.hello(&conn),
-            )
-            .await
-            {
-                Ok(Ok(x)) => x,
-                Ok(Err(SyncError::Connection(c))) => {
-                    return Err(self
-                        .lost_in_handshake(&conn, seen)
-                        .await
-                        .unwrap_or(SyncError::Connection(c)))
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(SyncError::Timeout(format!("handshaking with {addr}"))),
-            };
+        // The transport's handshake is done: the server is there, so give
+        // its welcome (which reads its store) more time than that.
+        let wait = self.opts.connect_timeout.max(Duration::from_secs(5));
+        let mut said = tokio::time::timeout(wait, self.hello(&conn)).await;
+        let mut zero_rtt = zero_rtt;
+        if matches!(said, Ok(Err(SyncError::ZeroRttRejected))) {
+            // A server that restarted does not take the old ticket's 0-RTT
+            // data; once the handshake completes, the hello goes again.
+            zero_rtt = false;
+            said = tokio::time::timeout(wait, self.hello(&conn)).await;
+        }
+        let (welcome, reader, writer, ours) = match said {
+            Ok(Ok(x)) => x,
+            Ok(Err(SyncError::Connection(c))) => {
+                return Err(self
+                    .lost_in_handshake(&conn, seen)
+                    .await
+                    .unwrap_or(SyncError::Connection(c)))
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(SyncError::Timeout(format!("handshaking with {addr}"))),
+        };
         if welcome.protocol != PROTOCOL_VERSION {
             return Err(SyncError::Protocol(format!(
                 "server speaks protocol {}, this client speaks {PROTOCOL_VERSION}",

@@ -21,6 +21,11 @@ pub enum SyncError {
         /// What TCP said, when `auto` tried it too.
         also: String,
     },
+    /// The server did not take this client's 0-RTT data (it restarted and
+    /// no longer knows the session ticket): the hello is said again once
+    /// the handshake completes.
+    #[error("the server did not take the 0-RTT data (it restarted?)")]
+    ZeroRttRejected,
     /// Nothing listens on TCP there (the connection was refused).
     #[error(
         "nothing listens on TCP at {addr} (connection refused): is `quiver serve` running there \
@@ -79,6 +84,7 @@ impl SyncError {
             | SyncError::Timeout(_)
             | SyncError::NoAnswer { .. }
             | SyncError::NoTcpListener { .. }
+            | SyncError::ZeroRttRejected
             | SyncError::Connection(_) => true,
             SyncError::Peer { code, .. } => matches!(
                 code,
@@ -120,6 +126,7 @@ impl From<quinn::WriteError> for SyncError {
     fn from(e: quinn::WriteError) -> Self {
         match e {
             quinn::WriteError::ConnectionLost(c) => c.into(),
+            quinn::WriteError::ZeroRttRejected => SyncError::ZeroRttRejected,
             other => SyncError::Connection(format!("stream ended: {other}")),
         }
     }
@@ -129,6 +136,7 @@ impl From<quinn::ReadError> for SyncError {
     fn from(e: quinn::ReadError) -> Self {
         match e {
             quinn::ReadError::ConnectionLost(c) => c.into(),
+            quinn::ReadError::ZeroRttRejected => SyncError::ZeroRttRejected,
             other => SyncError::Connection(format!("stream ended: {other}")),
         }
     }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use quiver_core::merge::Version;
 use quiver_core::{Change, ChangeBatch, Covered, SiteId, Value, VersionVector};
 use rusqlite::{params, Connection};
 
@@ -65,6 +66,23 @@ pub struct ChangeStream<'s> {
     limits: StreamLimits,
     sites: Sites,
     done: bool,
+    /// This store's site id, and the newest of its own db_versions sealed
+    /// when the current batch was read (see [`sealed_bound`]).
+    own: SiteId,
+    sealed: i64,
+}
+
+/// The newest of this store's own db_versions that no write can change
+/// any more: sealed, and none of its inserts still waiting in the log (a
+/// stream reads only the clock, and a claim is a promise to send). One
+/// statement, so both are read from one snapshot.
+fn sealed_bound(conn: &Connection) -> Result<i64> {
+    let (open, oldest_logged): (i64, Option<i64>) = conn.query_row(
+        "SELECT dbv, (SELECT p.dbv FROM quiver_pending p ORDER BY p.seq LIMIT 1) FROM quiver_state",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(oldest_logged.map_or(open, |l| l.min(open)) - 1)
 }
 
 /// The store's knowledge of one table: its own closed versions plus what it
@@ -76,16 +94,7 @@ pub(crate) fn table_vv(
     own: SiteId,
 ) -> Result<VersionVector> {
     let mut vv = VersionVector::new();
-    // Sealed versions, but none whose inserts still wait in the log: a
-    // stream reads only the clock, and a claim is a promise to send. One
-    // statement, so both are read from one snapshot.
-    let (open, oldest_logged): (i64, Option<i64>) = conn.query_row(
-        "SELECT dbv, (SELECT p.dbv FROM quiver_pending p ORDER BY p.seq LIMIT 1) FROM quiver_state",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    let held = oldest_logged.map_or(open, |l| l.min(open)) - 1;
-    vv.set(own, held.max(0) as u64);
+    vv.set(own, sealed_bound(conn)?.max(0) as u64);
     let rows: Vec<(i64, i64)> = conn
         .prepare_cached("SELECT site, dbv FROM quiver_vv WHERE tbl = ?1")?
         .query_map([t.id], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -217,6 +226,8 @@ impl Store {
             },
             sites,
             done: false,
+            own: self.site,
+            sealed: 0,
         })
     }
 }
@@ -231,22 +242,34 @@ fn approx_size(c: &Change) -> usize {
 }
 
 impl ChangeStream<'_> {
-    /// Appends the changes of one row the requester lacks.
+    /// Appends the changes of one row the requester lacks, but none of
+    /// this store's own versions in a db_version not sealed yet: another
+    /// write in that version rewrites them in place, under the same dot,
+    /// and a receiver that took the first would take the rewrite for a
+    /// duplicate. They go once sealed, in a later stream. `None` when the
+    /// row's very existence record is such a version: nothing of the row
+    /// can go before it (a receiver counts every dot of a row group as
+    /// seen), so the caller ends the segment below this row.
     fn emit_row(
         &mut self,
         seg_i: usize,
         key: &Value,
         at_dbv: i64,
         out: &mut Vec<Change>,
-    ) -> Result<usize> {
+    ) -> Result<Option<usize>> {
         let seg = &self.segments[seg_i];
         let t = &seg.table;
         let pk = pk_values(key, t.pk.len())
             .ok_or_else(|| StoreError::Corrupt(format!("bad key in clock of {}", t.name)))?;
         let state: RowState = rowstate::load(self.conn, &mut self.sites, t, key, &pk)?;
         let Some(ex) = &state.existence else {
-            return Ok(0);
+            return Ok(Some(0));
         };
+        let (own, sealed) = (self.own, self.sealed);
+        let open = |v: &Version| v.dot.site == own && v.dot.db_version as i64 > sealed;
+        if open(ex) {
+            return Ok(None);
+        }
         // Send each row once per segment: at the lowest version of this
         // site the requester lacks.
         if at_dbv >= 0 {
@@ -256,7 +279,7 @@ impl ChangeStream<'_> {
                 .map(|v| v.dot.db_version)
                 .min();
             if lowest.is_some_and(|l| l != at_dbv as u64) {
-                return Ok(0);
+                return Ok(Some(0));
             }
         }
         let mut bytes = 0;
@@ -289,12 +312,12 @@ impl ChangeStream<'_> {
             // (see `evolve::bottom`): every replica has it, none sends it.
             for v in versions
                 .iter()
-                .filter(|v| v.dot.db_version > 0 && !seg.theirs.covers(&v.dot))
+                .filter(|v| v.dot.db_version > 0 && !seg.theirs.covers(&v.dot) && !open(v))
             {
                 push(v.to_change(&t.name, &pk, Some(col)), out);
             }
         }
-        Ok(bytes)
+        Ok(Some(bytes))
     }
 
     /// Passes on the changes this store holds in the segment's range for a
@@ -366,10 +389,16 @@ impl ChangeStream<'_> {
         out
     }
 
+    fn next_segment(&mut self) {
+        self.seg += 1;
+        self.cursor = Cursor::Held { after: 0 };
+    }
+
     fn next_batch(&mut self) -> Result<Option<ChangeBatch>> {
         if self.done {
             return Ok(None);
         }
+        self.sealed = sealed_bound(self.conn)?;
         let mut batch = ChangeBatch {
             shard: self.shard.clone(),
             ..Default::default()
@@ -401,8 +430,17 @@ impl ChangeStream<'_> {
                     )?
                     .query_map(params![tid, ix, from, to], |r| Ok(crate::sqlvalue::from_ref(r.get_ref(0)?)))?
                     .collect::<rusqlite::Result<_>>()?;
+                let mut cut = false;
                 for key in keys {
-                    bytes += self.emit_row(self.seg, &key, -1, &mut batch.changes)?;
+                    match self.emit_row(self.seg, &key, -1, &mut batch.changes)? {
+                        Some(n) => bytes += n,
+                        None => cut = true,
+                    }
+                }
+                if cut {
+                    // Nothing of the segment can be claimed yet.
+                    self.next_segment();
+                    continue;
                 }
                 self.cursor = Cursor::Clock { after: None };
             }
@@ -425,11 +463,16 @@ impl ChangeStream<'_> {
                 .collect::<rusqlite::Result<_>>()?;
             let exhausted = (rows.len() as i64) < page;
             let mut last: Option<(i64, Value)> = None;
+            let mut cut: Option<i64> = None;
             for (dbv, key) in rows {
                 if last.as_ref().is_some_and(|(d, k)| *d == dbv && *k == key) {
                     continue;
                 }
-                bytes += self.emit_row(self.seg, &key, dbv, &mut batch.changes)?;
+                let Some(n) = self.emit_row(self.seg, &key, dbv, &mut batch.changes)? else {
+                    cut = Some(dbv);
+                    break;
+                };
+                bytes += n;
                 last = Some((dbv, key));
                 if full(&batch, bytes, &self.limits) {
                     break;
@@ -441,6 +484,20 @@ impl ChangeStream<'_> {
                 };
             }
             let seg = &self.segments[self.seg];
+            if let Some(dbv) = cut {
+                // The segment ends below a row whose life began in a
+                // version still open (see `emit_row`): the rest goes in a
+                // later stream.
+                if dbv - 1 > from {
+                    batch.covered.push(Covered {
+                        table: seg.table.name.clone(),
+                        site: seg.site,
+                        version: (dbv - 1) as u64,
+                    });
+                }
+                self.next_segment();
+                continue;
+            }
             if full(&batch, bytes, &self.limits) && !(exhausted && last.is_none()) {
                 // Mid-segment: everything below the last version sent is held.
                 if let Some((dbv, _)) = last {
@@ -460,8 +517,7 @@ impl ChangeStream<'_> {
                     site: seg.site,
                     version: seg.to,
                 });
-                self.seg += 1;
-                self.cursor = Cursor::Held { after: 0 };
+                self.next_segment();
             }
         }
         self.done = true;

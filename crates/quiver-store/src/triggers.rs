@@ -538,7 +538,9 @@ pub(crate) fn open_version_has_writes(conn: &Connection) -> Result<bool> {
         .prepare_cached(
             "SELECT (SELECT p.dbv FROM quiver_pending p ORDER BY p.seq DESC LIMIT 1) = s.dbv
                 OR EXISTS (SELECT 1 FROM quiver_tables t WHERE EXISTS (
-                  SELECT 1 FROM quiver_clock c WHERE c.tbl = t.id AND c.site = 0 AND c.dbv = s.dbv))
+                  SELECT 1 FROM quiver_clock c WHERE c.tbl = t.id AND c.site = 0 AND c.dbv = s.dbv)
+                  OR EXISTS (
+                  SELECT 1 FROM quiver_siblings c WHERE c.tbl = t.id AND c.site = 0 AND c.dbv = s.dbv))
              FROM quiver_state s",
         )?
         .query_row([], |r| r.get::<_, Option<bool>>(0))?
@@ -556,6 +558,9 @@ pub(crate) fn close_open_version(conn: &Connection) -> Result<bool> {
          WHERE (SELECT p.dbv FROM quiver_pending p ORDER BY p.seq DESC LIMIT 1) = quiver_state.dbv
             OR EXISTS (SELECT 1 FROM quiver_tables t WHERE EXISTS (
            SELECT 1 FROM quiver_clock c WHERE c.tbl = t.id AND c.site = 0
+             AND c.dbv = (SELECT dbv FROM quiver_state))
+           OR EXISTS (
+           SELECT 1 FROM quiver_siblings c WHERE c.tbl = t.id AND c.site = 0
              AND c.dbv = (SELECT dbv FROM quiver_state)))",
         [],
     )?;

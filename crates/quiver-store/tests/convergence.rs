@@ -86,6 +86,10 @@ enum Op {
         max: usize,
         twice: bool,
         cut: Option<usize>,
+        /// Writes while the exchange runs: an increment of counter c{id}
+        /// and a change to every note on the sender before each batch is
+        /// read, and an increment on the receiver before each is applied.
+        mid: Option<u8>,
     },
 }
 
@@ -105,8 +109,8 @@ fn op(n: usize) -> impl proptest::strategy::Strategy<Value = Op> {
         2 => (s.clone(), 0u8..2, -3i8..4).prop_map(|(s, id, by)| Op::Count { s, id, by }),
         1 => (s.clone(), 0u8..2, any::<i8>()).prop_map(|(s, id, to)| Op::Raise { s, id, to }),
         1 => (s.clone(), id.clone(), id).prop_map(|(s, id, to)| Op::Link { s, id, to }),
-        4 => (s.clone(), s, prop_oneof![Just(1usize), Just(3), Just(1000)], any::<bool>(), prop::option::weighted(0.2, 0usize..3))
-            .prop_map(|(from, to, max, twice, cut)| Op::Sync { from, to, max, twice, cut }),
+        4 => (s.clone(), s, prop_oneof![Just(1usize), Just(3), Just(1000)], any::<bool>(), prop::option::weighted(0.2, 0usize..3), prop::option::weighted(0.3, 0u8..2))
+            .prop_map(|(from, to, max, twice, cut, mid)| Op::Sync { from, to, max, twice, cut, mid }),
     ]
 }
 
@@ -118,7 +122,26 @@ fn blob(v: [i8; 3]) -> Vec<u8> {
     vec3(v).iter().flat_map(|f| f.to_le_bytes()).collect()
 }
 
-/// Delivers `from`'s changes to `to`, possibly split, repeated or cut short.
+/// An increment of counter `c{id}` on `s`, counted in `counted`.
+fn increment(s: &Store, id: u8, by: i8, counted: &mut [i64; 2]) {
+    let c = s.connection();
+    let key = format!("c{id}");
+    c.execute(
+        "INSERT OR IGNORE INTO stats(id, views) VALUES (?1, 0)",
+        [&key],
+    )
+    .unwrap();
+    c.execute(
+        "UPDATE stats SET views = views + ?1 WHERE id = ?2",
+        rusqlite::params![by, key],
+    )
+    .unwrap();
+    counted[id as usize] += by as i64;
+}
+
+/// Delivers `from`'s changes to `to`, possibly split, repeated or cut
+/// short, and with writes on both sides while it runs (`mid`).
+#[allow(clippy::too_many_arguments)]
 fn deliver(
     stores: &mut [Store],
     from: usize,
@@ -126,6 +149,8 @@ fn deliver(
     max: usize,
     twice: bool,
     cut: Option<usize>,
+    mid: Option<u8>,
+    counted: &mut [i64; 2],
 ) {
     if from == to {
         return;
@@ -141,7 +166,8 @@ fn deliver(
         stores[to].merge_table_def("default", d, None).unwrap();
     }
     let theirs = stores[to].table_versions("default").unwrap();
-    let batches: Vec<ChangeBatch> = stores[from]
+    let src = &stores[from];
+    let mut stream = src
         .changes_since_tables(
             "default",
             &theirs,
@@ -150,11 +176,26 @@ fn deliver(
                 max_bytes: 1 << 20,
             },
         )
-        .unwrap()
-        .collect::<Result<_, _>>()
         .unwrap();
+    let mut batches: Vec<ChangeBatch> = Vec::new();
+    loop {
+        if let Some(id) = mid {
+            increment(src, id, 1, counted);
+            src.connection()
+                .execute("UPDATE notes SET n = coalesce(n, 0) + 1", [])
+                .unwrap();
+        }
+        match stream.next() {
+            Some(b) => batches.push(b.unwrap()),
+            None => break,
+        }
+    }
+    drop(stream);
     let n = cut.map_or(batches.len(), |c| c.min(batches.len()));
     for b in &batches[..n] {
+        if let Some(id) = mid {
+            increment(&stores[to], id, 1, counted);
+        }
         stores[to].apply(b).unwrap();
         if twice {
             stores[to].apply(b).unwrap();
@@ -198,11 +239,11 @@ fn run(n: usize, strategy: Strategy, ops: &[Op]) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let mut s = stores(&dir, n, strategy);
     more_tables(&mut s[0]);
-    for i in 1..n {
-        deliver(&mut s, 0, i, 1000, false, None);
-    }
     // Every increment made, per row: what the counters must end at.
     let mut counted = [0i64; 2];
+    for i in 1..n {
+        deliver(&mut s, 0, i, 1000, false, None, None, &mut counted);
+    }
     for op in ops {
         match *op {
             Op::AddColumn { s: i, col, val } => {
@@ -227,21 +268,7 @@ fn run(n: usize, strategy: Strategy, ops: &[Op]) -> Result<(), TestCaseError> {
                     )
                     .unwrap();
             }
-            Op::Count { s: i, id, by } => {
-                let c = s[i].connection();
-                let key = format!("c{id}");
-                c.execute(
-                    "INSERT OR IGNORE INTO stats(id, views) VALUES (?1, 0)",
-                    [&key],
-                )
-                .unwrap();
-                c.execute(
-                    "UPDATE stats SET views = views + ?1 WHERE id = ?2",
-                    rusqlite::params![by, key],
-                )
-                .unwrap();
-                counted[id as usize] += by as i64;
-            }
+            Op::Count { s: i, id, by } => increment(&s[i], id, by, &mut counted),
             Op::Raise { s: i, id, to } => {
                 s[i].connection()
                     .execute(
@@ -317,7 +344,8 @@ fn run(n: usize, strategy: Strategy, ops: &[Op]) -> Result<(), TestCaseError> {
                 max,
                 twice,
                 cut,
-            } => deliver(&mut s, from, to, max, twice, cut),
+                mid,
+            } => deliver(&mut s, from, to, max, twice, cut, mid, &mut counted),
             _ => {}
         }
     }
@@ -325,7 +353,7 @@ fn run(n: usize, strategy: Strategy, ops: &[Op]) -> Result<(), TestCaseError> {
     for _round in 0..n + 2 {
         for i in 0..n {
             for j in 0..n {
-                deliver(&mut s, i, j, 1000, false, None);
+                deliver(&mut s, i, j, 1000, false, None, None, &mut counted);
             }
         }
     }

@@ -515,3 +515,84 @@ fn a_replica_that_dropped_a_column_still_relays_it() -> R {
     );
     Ok(())
 }
+
+/// Stores `a` and `b` sharing `stats` (views a counter, title lww) with
+/// the row 'page' on both.
+fn stats_pair(dir: &tempfile::TempDir) -> (Store, Store) {
+    let mut a = store(dir, "a");
+    let mut b = store(dir, "b");
+    a.execute_sql(
+        "CREATE TABLE stats(id TEXT PRIMARY KEY, views INTEGER NOT NULL DEFAULT 0, title TEXT)",
+    )
+    .unwrap();
+    let opts = TableOptions {
+        policies: vec![("views".into(), Strategy::Counter)],
+        ..Default::default()
+    };
+    a.add_table_with("stats", "default", Strategy::Lww, &opts)
+        .unwrap();
+    a.execute_sql("INSERT INTO stats VALUES('page', 0, 'first')")
+        .unwrap();
+    sync(&mut a, &mut b, "default");
+    (a, b)
+}
+
+/// A stream seals the open db_version when it starts, but its batches
+/// are read later: a write committed in between carries the next, still
+/// open, version, and another write in that version rewrites it in place.
+/// Sent then, it would be taken later for the copy already seen.
+#[test]
+fn a_version_still_open_when_a_batch_is_read_is_not_sent_before_it_is_sealed() -> R {
+    let dir = tempfile::tempdir()?;
+    let (mut a, mut b) = stats_pair(&dir);
+    // So that the row is in the stream's range.
+    shell(&a, "UPDATE stats SET title = 'second' WHERE id = 'page'");
+    let theirs = b.table_versions("default")?;
+    let batches: Vec<_> = {
+        let mut stream = a.changes_since_tables("default", &theirs, Default::default())?;
+        // After the stream sealed, before its batch is read.
+        shell(&a, "UPDATE stats SET views = views + 1 WHERE id = 'page'");
+        stream.by_ref().collect::<Result<_, _>>()?
+    };
+    for batch in &batches {
+        b.apply(batch)?;
+    }
+    // The same open version again, in place.
+    shell(
+        &a,
+        "UPDATE stats SET views = views + 1, title = 'fourth' WHERE id = 'page'",
+    );
+    sync(&mut a, &mut b, "default");
+    let e = export(&a, "stats");
+    assert!(e.contains(r#""views":2"#) && e.contains("fourth"), "{e}");
+    assert_eq!(e, export(&b, "stats"));
+    Ok(())
+}
+
+/// A local increment whose only clock record an apply then gave to a
+/// remote version (the counter cell's newest) still seals its db_version,
+/// so the increment is sent.
+#[test]
+fn a_local_counter_total_left_only_among_siblings_is_still_sent() -> R {
+    let dir = tempfile::tempdir()?;
+    let (mut a, mut b) = stats_pair(&dir);
+    shell(&b, "UPDATE stats SET views = views + 1 WHERE id = 'page'");
+    sync(&mut a, &mut b, "default");
+    // What `a` shows a peer (this seals its open version), then a local
+    // increment, then the peer's newer one arrives.
+    let theirs = a.table_versions("default")?;
+    shell(&a, "UPDATE stats SET views = views + 1 WHERE id = 'page'");
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    shell(&b, "UPDATE stats SET views = views + 1 WHERE id = 'page'");
+    let batches: Vec<_> = b
+        .changes_since_tables("default", &theirs, Default::default())?
+        .collect::<Result<_, _>>()?;
+    for batch in &batches {
+        a.apply(batch)?;
+    }
+    pull(&mut b, &a, "default");
+    let e = export(&a, "stats");
+    assert!(e.contains(r#""views":3"#), "{e}");
+    assert_eq!(e, export(&b, "stats"));
+    Ok(())
+}

@@ -851,6 +851,21 @@ fn status(s: &Store, json: bool) -> Result<()> {
                 column_notes(&t.policies, &t.references)
             );
         }
+        for a in &sh.acks {
+            let ago = format!(
+                "{} s ago",
+                quiver_store::wall_ms().saturating_sub(a.at_ms) / 1000
+            );
+            let short = &a.site[..a.site.len().min(8)];
+            if a.behind == 0 {
+                println!("  ack  {} ({short}) holds all of it, as of {ago}", a.node);
+            } else {
+                println!(
+                    "  ack  {} ({short}) lacked {} version(s) of it, as of {ago}",
+                    a.node, a.behind
+                );
+            }
+        }
         if sh.held > 0 {
             println!(
                 "  held       {} change(s) for tables or columns not known here yet; applied when their schema arrives",

@@ -230,3 +230,49 @@ fn refusals(t: &str) {
     assert!(ping["rtt_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(ping["transport"], t, "{ping}");
 }
+
+/// Each side records what the other holds of a shard after a completed
+/// sync, and `status` shows it: all of it after a clean exchange, and how
+/// much it lacks once this side writes more.
+#[test]
+fn a_completed_sync_leaves_each_side_the_others_acknowledgement() {
+    let a = Node::new("a");
+    let b = Node::new("b");
+    for n in [&a, &b] {
+        n.q(&["collection", "create", "docs", "--dim", "3"]);
+    }
+    a.q(&["put", "docs", "x", "--vector", "[1,1,1]"]);
+    b.q(&["put", "docs", "y", "--vector", "[2,2,2]"]);
+    let sa = a.serve(&[]);
+    sync_json(&b, &sa.addr, &["--pin", &sa.fp]);
+    let acks = |n: &Node| -> Vec<serde_json::Value> {
+        let st: serde_json::Value = serde_json::from_str(&n.q(&["--json", "status"])).unwrap();
+        let shard = st["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "default")
+            .unwrap()
+            .clone();
+        shard["acks"].as_array().unwrap().clone()
+    };
+    let site = |n: &Node| -> String {
+        let st: serde_json::Value = serde_json::from_str(&n.q(&["--json", "status"])).unwrap();
+        st["site_id"].as_str().unwrap().to_string()
+    };
+    for (me, other, name) in [(&a, &b, "b"), (&b, &a, "a")] {
+        let got = acks(me);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["node"], name);
+        assert_eq!(got[0]["site"], site(other).as_str());
+        assert_eq!(got[0]["behind"], 0, "{got:?}");
+        // The other holds this side's writes.
+        assert!(got[0]["version_vector"][site(me)].as_u64().unwrap() >= 1);
+    }
+    // A write on a after the sync: b's acknowledgement on a falls behind.
+    a.q(&["put", "docs", "z", "--vector", "[3,3,3]"]);
+    let got = acks(&a);
+    assert!(got[0]["behind"].as_u64().unwrap() >= 1, "{got:?}");
+    let text = a.q(&["status"]);
+    assert!(text.contains("ack  b ("), "{text}");
+}

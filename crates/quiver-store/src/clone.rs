@@ -44,6 +44,7 @@ impl Store {
         conn.pragma_update(None, "secure_delete", "ON")?;
         conn.execute_batch(
             "DELETE FROM quiver_tokens; DELETE FROM quiver_peers; DELETE FROM quiver_peer_cursors;
+             DELETE FROM quiver_acks;
              DELETE FROM quiver_meta WHERE key = 'coordinator_stats';",
         )?;
         Ok(true)
@@ -128,6 +129,7 @@ impl Store {
             "DELETE FROM quiver_tokens",
             "DELETE FROM quiver_peers",
             "DELETE FROM quiver_peer_cursors",
+            "DELETE FROM quiver_acks",
             "UPDATE quiver_sync_state SET last_sync = NULL, total_sent = 0, total_received = 0, sync_count = 0, last_error = NULL",
             "DELETE FROM quiver_meta WHERE key IN ('node_name', 'coordinator_stats')",
         ] {

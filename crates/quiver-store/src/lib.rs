@@ -47,8 +47,8 @@ pub use references::Dangling;
 pub use schema::FORMAT_VERSION;
 pub use search::{Filter, Hit, SearchStats};
 pub use sqlvalue::to_json as value_to_json;
-pub use status::{ShardStatus, StoreStatus, TableStatus};
-pub use sync_state::{PeerCursor, PeerRecord, SyncState, TokenRecord};
+pub use status::{AckStatus, ShardStatus, StoreStatus, TableStatus};
+pub use sync_state::{PeerAck, PeerCursor, PeerRecord, SyncState, TokenRecord};
 
 /// Column names and rows of a query.
 pub type SqlRows = (Vec<String>, Vec<Vec<quiver_core::Value>>);

@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::{Result, StoreError};
 
 /// The newest store format this build reads and writes.
-pub const FORMAT_VERSION: i64 = 4;
+pub const FORMAT_VERSION: i64 = 5;
 
 /// Each entry migrates from format `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -165,6 +165,19 @@ CREATE TABLE quiver_schema_conflicts(
   peer TEXT,
   detected_at INTEGER NOT NULL,
   PRIMARY KEY (tbl, col)
+);
+"#,
+    r#"
+-- Acknowledgements: each peer's version vector of a shard (JSON, site id
+-- in hex to version) as it stood at the end of the last completed sync
+-- with it, when, and the peer's node name then.
+CREATE TABLE quiver_acks(
+  site TEXT NOT NULL,
+  shard TEXT NOT NULL,
+  node TEXT NOT NULL,
+  vv TEXT NOT NULL,
+  at INTEGER NOT NULL,
+  PRIMARY KEY (site, shard)
 );
 "#,
 ];

@@ -37,6 +37,22 @@ pub struct ShardStatus {
     pub schema_conflicts: Vec<crate::SchemaConflict>,
     /// Rows whose declared reference points at no row (`keep`).
     pub dangling: Vec<crate::Dangling>,
+    /// What each peer this store completed a sync with holds of the shard.
+    pub acks: Vec<AckStatus>,
+}
+
+/// A peer's acknowledgement of a shard, as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AckStatus {
+    /// The peer's site id (hex) and node name.
+    pub site: String,
+    pub node: String,
+    /// Site id (hex) to db_version: what the peer holds.
+    pub version_vector: BTreeMap<String, u64>,
+    /// How many of the versions this store holds the peer lacks.
+    pub behind: u64,
+    /// When the sync that showed it ended (ms since the epoch).
+    pub at_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,8 +73,20 @@ pub struct StoreStatus {
 impl Store {
     pub fn status(&self) -> Result<StoreStatus> {
         let mut shards = Vec::new();
+        let all_acks = self.acks()?;
         for shard in self.shards()? {
             let vv = self.version_vector(&shard)?;
+            let acks = all_acks
+                .iter()
+                .filter(|a| a.shard == shard)
+                .map(|a| AckStatus {
+                    site: a.site.clone(),
+                    node: a.node.clone(),
+                    version_vector: a.vv.iter().map(|(s, v)| (s.to_hex(), *v)).collect(),
+                    behind: vv.iter().map(|(s, v)| v.saturating_sub(a.vv.get(s))).sum(),
+                    at_ms: a.at_ms,
+                })
+                .collect();
             let mut tables = Vec::new();
             let shard_tables = self.shard_tables(&shard)?;
             let schema_version = shard_tables
@@ -92,6 +120,7 @@ impl Store {
                     .into_iter()
                     .filter(|d| tables.iter().any(|t| t.name == d.table))
                     .collect(),
+                acks,
                 tables,
                 name: shard,
             });

@@ -1,6 +1,9 @@
 //! Sync bookkeeping kept across restarts: the sync-state record and the
 //! per-peer, per-shard cursors.
 
+use std::collections::BTreeMap;
+
+use quiver_core::{SiteId, VersionVector};
 use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +101,81 @@ impl Store {
             })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
+    }
+}
+
+/// What a peer holds of a shard, as it stood at the end of the last
+/// completed sync with it: what it stated at the start, plus every version
+/// this store claimed to have sent it and it confirmed by its report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAck {
+    /// The peer's site id, in hex.
+    pub site: String,
+    /// Its node name then.
+    pub node: String,
+    pub shard: String,
+    pub vv: VersionVector,
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+}
+
+fn vv_to_json(vv: &VersionVector) -> String {
+    let m: serde_json::Map<String, serde_json::Value> = vv
+        .iter()
+        .map(|(s, v)| (s.to_hex(), serde_json::Value::from(*v)))
+        .collect();
+    serde_json::Value::Object(m).to_string()
+}
+
+fn vv_from_json(text: &str) -> Result<VersionVector> {
+    let bad = || crate::StoreError::Corrupt(format!("bad acknowledgement {text:?}"));
+    let m: BTreeMap<String, u64> = serde_json::from_str(text).map_err(|_| bad())?;
+    let mut vv = VersionVector::new();
+    for (s, v) in m {
+        vv.set(s.parse::<SiteId>().map_err(|_| bad())?, v);
+    }
+    Ok(vv)
+}
+
+impl Store {
+    /// Records what `site` (node `node`) holds of `shard` after a
+    /// completed sync; it replaces the earlier record.
+    pub fn record_ack(
+        &mut self,
+        site: &SiteId,
+        node: &str,
+        shard: &str,
+        vv: &VersionVector,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO quiver_acks(site, shard, node, vv, at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(site, shard) DO UPDATE SET node = excluded.node, vv = excluded.vv,
+               at = excluded.at",
+            params![site.to_hex(), shard, node, vv_to_json(vv), wall_ms() as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Every peer's acknowledgement, by shard then site.
+    pub fn acks(&self) -> Result<Vec<PeerAck>> {
+        let rows: Vec<(String, String, String, String, i64)> = self
+            .conn
+            .prepare("SELECT site, node, shard, vv, at FROM quiver_acks ORDER BY shard, site")?
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        rows.into_iter()
+            .map(|(site, node, shard, vv, at)| {
+                Ok(PeerAck {
+                    site,
+                    node,
+                    shard,
+                    vv: vv_from_json(&vv)?,
+                    at_ms: at as u64,
+                })
+            })
+            .collect()
     }
 }
 

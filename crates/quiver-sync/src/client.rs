@@ -809,6 +809,7 @@ impl Client {
         };
         let peer = Peer {
             name: link.welcome.node.clone(),
+            site: link.welcome.site,
             may_push: true,
             scope: None,
             bytes_limit: None,

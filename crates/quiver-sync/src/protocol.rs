@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use quiver_core::session::{Action, Failure, Input, StreamSession};
 use quiver_core::wire::{ErrorCode, ErrorMsg, Message, Report};
-use quiver_core::VersionVector;
+use quiver_core::{SiteId, VersionVector};
 use quiver_store::{ApplyReport, StoreError, StreamLimits};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -78,6 +78,8 @@ pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 #[derive(Clone)]
 pub(crate) struct Peer {
     pub name: String,
+    /// Its site id, as its hello or welcome gave it.
+    pub site: SiteId,
     /// Whether the peer may write (read-only tokens may not).
     pub may_push: bool,
     /// Shards the peer may see (`None`: all).
@@ -277,6 +279,30 @@ async fn read_changes(
     let _ = read.await;
 }
 
+/// Records what the peer holds of `shard` after a completed exchange: the
+/// meet of its tables' versions (what it holds of every table). A failure
+/// to record is logged; it only makes the acknowledgement older.
+async fn record_ack(
+    handle: &StoreHandle,
+    peer: &Peer,
+    shard: &str,
+    acked: BTreeMap<String, VersionVector>,
+) {
+    let Some(vv) = acked.into_values().reduce(|a, b| a.meet(&b)) else {
+        return;
+    };
+    let (site, node, shard) = (peer.site, peer.name.clone(), shard.to_string());
+    let r = handle
+        .call(move |s| s.record_ack(&site, &node, &shard, &vv))
+        .await;
+    if let Err(e) = r
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        tracing::warn!("recording {}'s acknowledgement: {e}", peer.name);
+    }
+}
+
 /// Pumps a session: messages from the stream and answers of the store in,
 /// its actions out, until it has a result.
 async fn run<S: StreamSession>(
@@ -316,6 +342,9 @@ async fn run<S: StreamSession>(
     let mut stall_at = tokio::time::Instant::now() + STALL_TIMEOUT;
     let mut write_failed: Option<SyncError> = None;
     let mut write_failed_at = tokio::time::Instant::now();
+    // What the peer holds, per table: what it stated, then every version
+    // our batches claimed to cover; recorded once its report confirms it.
+    let mut acked: Option<BTreeMap<String, VersionVector>> = None;
     loop {
         while let Some(action) = session.poll_action() {
             match action {
@@ -335,6 +364,7 @@ async fn run<S: StreamSession>(
                     }
                 }
                 Action::ReadChanges { shard, since } => {
+                    acked = Some(since.clone());
                     let (tx, rx) = std::sync::mpsc::channel();
                     credits = Some(tx);
                     tasks.spawn(
@@ -524,6 +554,13 @@ async fn run<S: StreamSession>(
                 })
             }
         };
+        if let (Input::ChangesRead(b), Some(acked)) = (&input, acked.as_mut()) {
+            for c in &b.covered {
+                if let Some(vv) = acked.get_mut(&c.table) {
+                    vv.advance(c.site, c.version);
+                }
+            }
+        }
         if let (Input::Applied(r), Some(p), Some(shard)) = (&input, &progress, session.shard()) {
             applied += r.applied;
             p(Progress::Applying {
@@ -548,6 +585,9 @@ async fn run<S: StreamSession>(
         }
     };
     tasks.abort_all();
+    if let (Some(Ok(o)), Some(acked)) = (session.result(), acked) {
+        record_ack(handle, &peer, &o.shard, acked).await;
+    }
     match session.result() {
         Some(Ok(o)) => Ok(ShardResult {
             shard: o.shard.clone(),

@@ -631,6 +631,7 @@ async fn serve_connection(
     let limiters = ctx.limiters.clone();
     let peer = Peer {
         name: hello.node.clone(),
+        site: hello.site,
         may_push: !access.read_only,
         scope: access.shards.clone(),
         bytes_limit: Some(Arc::new(move |n| limiters.bytes(ip, n))),

@@ -70,6 +70,9 @@ pub struct ChangeStream<'s> {
     /// when the current batch was read (see [`sealed_bound`]).
     own: SiteId,
     sealed: i64,
+    /// The highest version of the current segment that may be claimed:
+    /// below the first row skipped for a version still open.
+    cap: Option<i64>,
 }
 
 /// The newest of this store's own db_versions that no write can change
@@ -228,6 +231,7 @@ impl Store {
             done: false,
             own: self.site,
             sealed: 0,
+            cap: None,
         })
     }
 }
@@ -249,7 +253,9 @@ impl ChangeStream<'_> {
     /// duplicate. They go once sealed, in a later stream. `None` when the
     /// row's very existence record is such a version: nothing of the row
     /// can go before it (a receiver counts every dot of a row group as
-    /// seen), so the caller ends the segment below this row.
+    /// seen); nor when the receiver lacks the row's life and a cell would
+    /// be left out (it would show a value nobody wrote). The caller then
+    /// skips the row and claims the segment only below it.
     fn emit_row(
         &mut self,
         seg_i: usize,
@@ -267,7 +273,7 @@ impl ChangeStream<'_> {
         };
         let (own, sealed) = (self.own, self.sealed);
         let open = |v: &Version| v.dot.site == own && v.dot.db_version as i64 > sealed;
-        if open(ex) {
+        if open(ex) || (!seg.theirs.covers(&ex.dot) && state.cells.values().flatten().any(open)) {
             return Ok(None);
         }
         // Send each row once per segment: at the lowest version of this
@@ -391,6 +397,7 @@ impl ChangeStream<'_> {
 
     fn next_segment(&mut self) {
         self.seg += 1;
+        self.cap = None;
         self.cursor = Cursor::Held { after: 0 };
     }
 
@@ -430,17 +437,12 @@ impl ChangeStream<'_> {
                     )?
                     .query_map(params![tid, ix, from, to], |r| Ok(crate::sqlvalue::from_ref(r.get_ref(0)?)))?
                     .collect::<rusqlite::Result<_>>()?;
-                let mut cut = false;
                 for key in keys {
                     match self.emit_row(self.seg, &key, -1, &mut batch.changes)? {
                         Some(n) => bytes += n,
-                        None => cut = true,
+                        // Nothing of the segment can be claimed yet.
+                        None => self.cap = Some(from),
                     }
-                }
-                if cut {
-                    // Nothing of the segment can be claimed yet.
-                    self.next_segment();
-                    continue;
                 }
                 self.cursor = Cursor::Clock { after: None };
             }
@@ -463,16 +465,16 @@ impl ChangeStream<'_> {
                 .collect::<rusqlite::Result<_>>()?;
             let exhausted = (rows.len() as i64) < page;
             let mut last: Option<(i64, Value)> = None;
-            let mut cut: Option<i64> = None;
             for (dbv, key) in rows {
                 if last.as_ref().is_some_and(|(d, k)| *d == dbv && *k == key) {
                     continue;
                 }
-                let Some(n) = self.emit_row(self.seg, &key, dbv, &mut batch.changes)? else {
-                    cut = Some(dbv);
-                    break;
-                };
-                bytes += n;
+                match self.emit_row(self.seg, &key, dbv, &mut batch.changes)? {
+                    Some(n) => bytes += n,
+                    // Skipped (see `emit_row`): the segment is claimed only
+                    // below it, so a later stream sends it.
+                    None => self.cap = Some(self.cap.map_or(dbv - 1, |c| c.min(dbv - 1))),
+                }
                 last = Some((dbv, key));
                 if full(&batch, bytes, &self.limits) {
                     break;
@@ -484,39 +486,26 @@ impl ChangeStream<'_> {
                 };
             }
             let seg = &self.segments[self.seg];
-            if let Some(dbv) = cut {
-                // The segment ends below a row whose life began in a
-                // version still open (see `emit_row`): the rest goes in a
-                // later stream.
-                if dbv - 1 > from {
+            let cap = self.cap;
+            let claim = |version: i64, batch: &mut ChangeBatch| {
+                let version = cap.map_or(version, |c| c.min(version));
+                if version > from {
                     batch.covered.push(Covered {
                         table: seg.table.name.clone(),
                         site: seg.site,
-                        version: (dbv - 1) as u64,
+                        version: version as u64,
                     });
                 }
-                self.next_segment();
-                continue;
-            }
+            };
             if full(&batch, bytes, &self.limits) && !(exhausted && last.is_none()) {
                 // Mid-segment: everything below the last version sent is held.
                 if let Some((dbv, _)) = last {
-                    if dbv - 1 > from {
-                        batch.covered.push(Covered {
-                            table: seg.table.name.clone(),
-                            site: seg.site,
-                            version: (dbv - 1) as u64,
-                        });
-                    }
+                    claim(dbv - 1, &mut batch);
                 }
                 return Ok(Some(batch));
             }
             if exhausted || last.is_none() {
-                batch.covered.push(Covered {
-                    table: seg.table.name.clone(),
-                    site: seg.site,
-                    version: seg.to,
-                });
+                claim(to, &mut batch);
                 self.next_segment();
             }
         }

@@ -41,6 +41,31 @@ struct Segment {
     theirs: VersionVector,
     /// Whether this store holds changes of the table it cannot apply yet.
     held: bool,
+    /// A snapshot of the whole table (see [`snapshot_wanted`]): its rows
+    /// in key order, then these claims (what the store held when the
+    /// stream began). `site`, `from` and `to` are unused.
+    snapshot: Option<VersionVector>,
+}
+
+/// Whether a peer holding `theirs` of a table gets a snapshot of it (its
+/// current rows in key order, each with its clock records) rather than
+/// history (per origin site, in version order): when it holds nothing of
+/// any site this store has something of. The records sent are the same
+/// (the clock keeps only the newest version of each cell), but a receiver
+/// takes them in key order, so its clock and its tables grow at their end
+/// instead of at random places, and it claims the versions once, at the
+/// end.
+fn snapshot_wanted(own: &VersionVector, theirs: &VersionVector) -> bool {
+    let mut any = false;
+    for (site, v) in own.iter() {
+        if *v > 0 {
+            if theirs.get(site) > 0 {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
 }
 
 /// Where the scan of the current segment stands.
@@ -53,6 +78,10 @@ enum Cursor {
     Siblings,
     Clock {
         after: Option<(i64, Value)>,
+    },
+    /// A snapshot segment, past this key of the clock.
+    Snapshot {
+        after: Option<Value>,
     },
 }
 
@@ -73,6 +102,9 @@ pub struct ChangeStream<'s> {
     /// The highest version of the current segment that may be claimed:
     /// below the first row skipped for a version still open.
     cap: Option<i64>,
+    /// Rows of the current snapshot segment skipped for a version still
+    /// open: tried again at its end.
+    skipped: Vec<Value>,
 }
 
 /// The newest of this store's own db_versions that no write can change
@@ -200,6 +232,19 @@ impl Store {
                 [&t.name],
                 |r| r.get(0),
             )?;
+            if snapshot_wanted(&own, their_vv) {
+                segments.push(Segment {
+                    table: t.clone(),
+                    site: self.site,
+                    site_ix: 0,
+                    from: 0,
+                    to: 0,
+                    theirs: their_vv.clone(),
+                    held,
+                    snapshot: Some(own),
+                });
+                continue;
+            }
             for (site, from, to) in own.ahead_of(their_vv) {
                 let site_ix = if site == self.site {
                     0
@@ -214,15 +259,20 @@ impl Store {
                     to,
                     theirs: their_vv.clone(),
                     held,
+                    snapshot: None,
                 });
             }
         }
+        let cursor = match segments.first() {
+            Some(s) if s.snapshot.is_some() => Cursor::Snapshot { after: None },
+            _ => Cursor::Held { after: 0 },
+        };
         Ok(ChangeStream {
             conn: &self.conn,
             shard: shard.to_string(),
             segments,
             seg: 0,
-            cursor: Cursor::Held { after: 0 },
+            cursor,
             limits: StreamLimits {
                 max_changes: limits.max_changes.max(1),
                 max_bytes: limits.max_bytes.max(1),
@@ -232,6 +282,7 @@ impl Store {
             own: self.site,
             sealed: 0,
             cap: None,
+            skipped: Vec::new(),
         })
     }
 }
@@ -398,7 +449,83 @@ impl ChangeStream<'_> {
     fn next_segment(&mut self) {
         self.seg += 1;
         self.cap = None;
-        self.cursor = Cursor::Held { after: 0 };
+        self.skipped.clear();
+        self.cursor = match self.segments.get(self.seg) {
+            Some(s) if s.snapshot.is_some() => Cursor::Snapshot { after: None },
+            _ => Cursor::Held { after: 0 },
+        };
+    }
+
+    /// Reads the next page of a snapshot segment's rows into `batch`;
+    /// `true` once the segment is through (its claims made, or withheld).
+    fn snapshot_page(&mut self, batch: &mut ChangeBatch, bytes: &mut usize) -> Result<bool> {
+        let full = |b: &ChangeBatch, bytes: usize, l: &StreamLimits| {
+            b.changes.len() >= l.max_changes || bytes >= l.max_bytes
+        };
+        let tid = self.segments[self.seg].table.id;
+        let after = match &self.cursor {
+            Cursor::Snapshot { after } => after.clone(),
+            _ => None,
+        };
+        let page = self.limits.max_changes.clamp(64, 4096) as i64;
+        let keys: Vec<Value> = match &after {
+            None => self
+                .conn
+                .prepare_cached(
+                    "SELECT pk FROM quiver_clock WHERE tbl = ?1 AND col = '' ORDER BY pk LIMIT ?2",
+                )?
+                .query_map(params![tid, page], |r| {
+                    Ok(crate::sqlvalue::from_ref(r.get_ref(0)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?,
+            Some(k) => self
+                .conn
+                .prepare_cached(
+                    "SELECT pk FROM quiver_clock WHERE tbl = ?1 AND pk > ?2 AND col = ''
+                     ORDER BY pk LIMIT ?3",
+                )?
+                .query_map(params![tid, P(k), page], |r| {
+                    Ok(crate::sqlvalue::from_ref(r.get_ref(0)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?,
+        };
+        let (found, mut taken) = (keys.len(), 0);
+        for key in keys {
+            match self.emit_row(self.seg, &key, -1, &mut batch.changes)? {
+                Some(n) => *bytes += n,
+                None => self.skipped.push(key.clone()),
+            }
+            taken += 1;
+            self.cursor = Cursor::Snapshot { after: Some(key) };
+            if full(batch, *bytes, &self.limits) {
+                break;
+            }
+        }
+        if (found as i64) == page || taken < found {
+            return Ok(false);
+        }
+        // Rows skipped for a version then still open: most are sealed by
+        // now. If one is not, nothing of the table is claimed (a claim is
+        // a promise that every record up to it, or its successor, was
+        // sent); the rows sent are kept and the next sync sends the rest.
+        let mut whole = true;
+        for key in std::mem::take(&mut self.skipped) {
+            match self.emit_row(self.seg, &key, -1, &mut batch.changes)? {
+                Some(n) => *bytes += n,
+                None => whole = false,
+            }
+        }
+        let seg = &self.segments[self.seg];
+        if whole {
+            for (site, v) in seg.snapshot.iter().flat_map(|vv| vv.iter()) {
+                batch.covered.push(Covered {
+                    table: seg.table.name.clone(),
+                    site: *site,
+                    version: *v,
+                });
+            }
+        }
+        Ok(true)
     }
 
     fn next_batch(&mut self) -> Result<Option<ChangeBatch>> {
@@ -415,6 +542,15 @@ impl ChangeStream<'_> {
             b.changes.len() >= l.max_changes || bytes >= l.max_bytes
         };
         while self.seg < self.segments.len() {
+            if self.segments[self.seg].snapshot.is_some() {
+                if self.snapshot_page(&mut batch, &mut bytes)? {
+                    self.next_segment();
+                }
+                if full(&batch, bytes, &self.limits) {
+                    return Ok(Some(batch));
+                }
+                continue;
+            }
             let (tid, ix, from, to) = {
                 let s = &self.segments[self.seg];
                 (s.table.id, s.site_ix, s.from as i64, s.to as i64)
@@ -448,7 +584,7 @@ impl ChangeStream<'_> {
             }
             let after = match &self.cursor {
                 Cursor::Clock { after } => after.clone(),
-                Cursor::Siblings | Cursor::Held { .. } => None,
+                Cursor::Siblings | Cursor::Held { .. } | Cursor::Snapshot { .. } => None,
             };
             let page = self.limits.max_changes.clamp(64, 4096) as i64;
             let (a_dbv, a_key) = after.unwrap_or((from, Value::Null));

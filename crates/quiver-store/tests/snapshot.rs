@@ -1,0 +1,174 @@
+//! Snapshot streams: a replica holding nothing of a table receives its
+//! current rows in key order, each with its clock records, and the
+//! versions they cover once, at the end.
+
+mod common;
+
+use common::{export, pull, stores};
+use quiver_core::{ChangeBatch, Strategy, Value};
+use quiver_store::{Store, StreamLimits};
+
+type R = Result<(), Box<dyn std::error::Error>>;
+
+fn small() -> StreamLimits {
+    StreamLimits {
+        max_changes: 40,
+        max_bytes: 1 << 20,
+    }
+}
+
+/// Another writer's connection to the same file, as the `sqlite3` shell.
+fn shell(s: &Store, sql: &str) {
+    rusqlite::Connection::open(s.path())
+        .unwrap()
+        .execute_batch(sql)
+        .unwrap();
+}
+
+/// `n` notes with ids in no particular order.
+fn fill(s: &Store, n: usize, tag: &str) {
+    let mut sql = String::from("BEGIN;");
+    for i in 0..n {
+        let id = format!("{:08x}", (i as u64).wrapping_mul(2_654_435_761) % 1_000_003);
+        sql += &format!("INSERT INTO notes VALUES('{tag}{id}', 'title {i}', 'body', {i});");
+    }
+    sql += "COMMIT;";
+    shell(s, &sql);
+}
+
+fn key_text(v: &Value) -> String {
+    match v {
+        Value::Text(t) => t.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The batches of a stream from `src` to `dst` for `notes`.
+fn stream(src: &Store, dst: &Store) -> Vec<ChangeBatch> {
+    let mut theirs = dst.table_versions("default").unwrap();
+    theirs.retain(|t, _| t == "notes");
+    src.changes_since_tables("default", &theirs, small())
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[test]
+fn a_replica_holding_nothing_gets_rows_in_key_order_and_the_claims_at_the_end() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut s = stores(&dir, 3, Strategy::Lww);
+    let (mut c, rest) = (s.pop().unwrap(), s);
+    let (mut a, mut b) = {
+        let mut it = rest.into_iter();
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    fill(&a, 300, "a");
+    fill(&b, 50, "b");
+    pull(&mut a, &b, "default");
+    shell(&a, "UPDATE notes SET title = 'changed' WHERE n % 7 = 0");
+    shell(&a, "DELETE FROM notes WHERE n % 11 = 0");
+    let batches = stream(&a, &c);
+    assert!(batches.len() > 5, "small batches: {}", batches.len());
+    let mut last: Option<String> = None;
+    for (i, b) in batches.iter().enumerate() {
+        if i + 1 < batches.len() {
+            assert!(b.covered.is_empty(), "batch {i} claims {:?}", b.covered);
+        }
+        for ch in b.changes.iter().filter(|c| c.column.is_none()) {
+            let k = key_text(&ch.pk[0]);
+            assert!(last.as_ref().is_none_or(|l| *l < k), "{last:?} then {k}");
+            last = Some(k);
+        }
+    }
+    let claims = &batches.last().unwrap().covered;
+    assert_eq!(claims.len(), 2, "a's and b's versions: {claims:?}");
+    for batch in &batches {
+        c.apply(batch)?;
+    }
+    assert_eq!(export(&a, "notes"), export(&c, "notes"));
+    assert_eq!(
+        a.table_versions("default")?["notes"],
+        c.table_versions("default")?["notes"]
+            .iter()
+            .filter(|(s, _)| **s != c.site_id())
+            .map(|(s, v)| (*s, *v))
+            .collect()
+    );
+    // Then deltas, both ways, from what the snapshot claimed.
+    shell(&a, "UPDATE notes SET body = 'later' WHERE n % 5 = 0");
+    shell(&c, "INSERT INTO notes VALUES('c-own', 'from c', 'x', 1)");
+    let delta = stream(&a, &c);
+    assert!(
+        delta.iter().all(|b| b.changes.len() < 300),
+        "a delta, not the table"
+    );
+    pull(&mut c, &a, "default");
+    pull(&mut a, &c, "default");
+    pull(&mut b, &a, "default");
+    assert_eq!(export(&a, "notes"), export(&c, "notes"));
+    assert_eq!(export(&a, "notes"), export(&b, "notes"));
+    Ok(())
+}
+
+#[test]
+fn writes_on_the_source_while_a_snapshot_is_read_are_not_lost() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut s = stores(&dir, 2, Strategy::Lww);
+    let mut c = s.pop().unwrap();
+    let a = s.pop().unwrap();
+    fill(&a, 400, "a");
+    let mut theirs = c.table_versions("default")?;
+    theirs.retain(|t, _| t == "notes");
+    let mut applied = 0;
+    {
+        let st = a.changes_since_tables("default", &theirs, small())?;
+        let mut i = 0;
+        for batch in st {
+            c.apply(&batch?)?;
+            applied += 1;
+            // Rows behind the cursor, ahead of it, new ones and deletes.
+            i += 1;
+            shell(
+                &a,
+                &format!(
+                    "UPDATE notes SET title = 'w{i}' WHERE n = {i} OR n = {};
+                     INSERT INTO notes VALUES('new{i:03}', 'new', 'x', {i});
+                     DELETE FROM notes WHERE n = {};",
+                    400 - i,
+                    200 + i
+                ),
+            );
+        }
+    }
+    assert!(applied > 5);
+    pull(&mut c, &a, "default");
+    assert_eq!(export(&a, "notes"), export(&c, "notes"));
+    Ok(())
+}
+
+/// A row rewritten in a version still open when the snapshot ends cannot
+/// go: then nothing of the table is claimed, and the next sync sends it.
+#[test]
+fn a_row_in_a_version_open_to_the_end_withholds_the_claims() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut s = stores(&dir, 2, Strategy::Lww);
+    let mut c = s.pop().unwrap();
+    let a = s.pop().unwrap();
+    fill(&a, 100, "a");
+    let mut theirs = c.table_versions("default")?;
+    theirs.retain(|t, _| t == "notes");
+    let batches: Vec<_> = {
+        let mut st = a.changes_since_tables("default", &theirs, small())?;
+        shell(&a, "INSERT INTO notes VALUES('a-late', 'late', 'x', 0)");
+        shell(&a, "UPDATE notes SET title = 'open' WHERE n = 3");
+        st.by_ref().collect::<Result<_, _>>()?
+    };
+    assert!(batches.iter().all(|b| b.covered.is_empty()));
+    for b in &batches {
+        c.apply(b)?;
+    }
+    assert_eq!(c.table_versions("default")?["notes"].get(&a.site_id()), 0);
+    pull(&mut c, &a, "default");
+    assert_eq!(export(&a, "notes"), export(&c, "notes"));
+    Ok(())
+}

@@ -8,7 +8,9 @@ use std::cell::RefCell;
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use quiver_core::{Change, ChangeBatch, Covered, Hlc, SiteId, Strategy, Value, VersionVector};
+use quiver_core::{
+    Change, ChangeBatch, Covered, Hlc, SiteId, SnapshotMark, Strategy, Value, VersionVector,
+};
 use quiver_store::{CollectionSpec, Store};
 
 struct Fixture {
@@ -86,10 +88,22 @@ fn batch(u: &mut Unstructured) -> arbitrary::Result<ChangeBatch> {
             version: u.int_in_range(0..=30)?,
         });
     }
+    let snapshot = if bool::arbitrary(u)? {
+        let mut versions = VersionVector::new();
+        versions.set(site(u)?, u.int_in_range(0..=30)?);
+        Some(Box::new(SnapshotMark {
+            table: u.choose(TABLES)?.to_string(),
+            after: value(u)?,
+            versions,
+        }))
+    } else {
+        None
+    };
     Ok(ChangeBatch {
         shard: u.choose(SHARDS)?.to_string(),
         changes,
         covered,
+        snapshot,
     })
 }
 

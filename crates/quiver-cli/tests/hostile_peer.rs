@@ -68,6 +68,7 @@ async fn sync_stream(conn: &quinn::Connection, shard: &str) -> Control {
         FrameWriter::new(send, false),
     );
     w.send(&Message::SyncRequest(SyncRequest {
+        resume: Vec::new(),
         shard: shard.into(),
         tables: vec![],
         versions: vec![],
@@ -108,6 +109,7 @@ async fn attack_with(addr: &str, how: Attack, token: Option<String>) -> ErrorCod
                 replaces: Default::default(),
             };
             let batch = ChangeBatch {
+                snapshot: None,
                 shard: "default".into(),
                 changes: vec![
                     row(None, Value::Null),
@@ -142,6 +144,7 @@ async fn attack_with(addr: &str, how: Attack, token: Option<String>) -> ErrorCod
             good.column = None;
             good.value = Value::Null;
             let batch = ChangeBatch {
+                snapshot: None,
                 shard: "default".into(),
                 changes: vec![good, change(Some("vector")), change(None)],
                 covered: vec![],

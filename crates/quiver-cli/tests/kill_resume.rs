@@ -1,8 +1,9 @@
 //! The receiver is killed with SIGKILL in the middle of a 100,000-vector
 //! sync, restarted, and synced again: exports are equal and no change is
 //! applied twice (the second sync applies exactly what the first did not
-//! commit). The cursor advances per source transaction (db_version), so the
-//! resumed sync re-sends at most the transaction it was cut in.
+//! commit). An empty replica receives a snapshot (rows in key order), and
+//! each committed batch keeps its mark (the last key through which every
+//! row arrived), so the resumed sync goes on past it and re-sends nothing.
 
 mod common;
 

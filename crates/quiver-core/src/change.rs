@@ -60,4 +60,22 @@ pub struct ChangeBatch {
     pub changes: Vec<Change>,
     /// Cursor advances the receiver may persist with this batch.
     pub covered: Vec<Covered>,
+    /// In a snapshot of a table: how far it has come, for the receiver to
+    /// keep with the batch and hand back to resume an interrupted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<Box<SnapshotMark>>,
+}
+
+/// How far a snapshot of a table (its rows in key order, its claims at
+/// the end) has come: every row whose clock key is at most `after` has
+/// been sent, as of a state that holds at least `versions`. A receiver
+/// keeps the mark of the last batch it committed and hands it back when it
+/// syncs again; the sender then goes on past `after`, and claims at the end
+/// only what both parts hold (the meet of `versions` and what it holds
+/// then).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotMark {
+    pub table: String,
+    pub after: Value,
+    pub versions: VersionVector,
 }

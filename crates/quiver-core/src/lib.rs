@@ -15,7 +15,7 @@ mod value;
 mod version;
 pub mod wire;
 
-pub use change::{Change, ChangeBatch, Covered};
+pub use change::{Change, ChangeBatch, Covered, SnapshotMark};
 pub use error::CoreError;
 pub use hlc::{Hlc, HlcClock, DEFAULT_MAX_DRIFT_MS};
 pub use merge::{ColumnKind, Strategy};

@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::wire::{Done, ErrorCode, ErrorMsg, Message, Report, SyncReply, SyncRequest, TableDef};
-use crate::{ChangeBatch, Covered, SiteId, VersionVector};
+use crate::{ChangeBatch, Covered, SiteId, SnapshotMark, VersionVector};
 
 /// Per table, a version vector.
 pub type TableVersions = Vec<(String, VersionVector)>;
@@ -47,6 +47,8 @@ pub enum Input {
     ShardState {
         versions: TableVersions,
         schema: Vec<TableDef>,
+        /// Snapshots of the shard's tables the store took in part.
+        resume: Vec<SnapshotMark>,
     },
     /// Client: the tables the store created from the peer's definitions.
     TablesCreated(Vec<String>),
@@ -55,6 +57,8 @@ pub enum Input {
     Admitted {
         schema: Vec<TableDef>,
         versions: TableVersions,
+        /// Snapshots of the shard's tables the store took in part.
+        resume: Vec<SnapshotMark>,
     },
     /// The next batch of the changes the peer lacks.
     ChangesRead(ChangeBatch),
@@ -90,6 +94,8 @@ pub enum Action {
     ReadChanges {
         shard: String,
         since: BTreeMap<String, VersionVector>,
+        /// Snapshots the peer took in part, to be continued.
+        resume: Vec<SnapshotMark>,
     },
     /// Read the next batch; answer [`Input::ChangesRead`] or
     /// [`Input::ChangesEnd`].
@@ -311,12 +317,13 @@ impl Stream {
     }
 
     /// Starts streaming what the peer lacks.
-    fn begin(&mut self, since: BTreeMap<String, VersionVector>) {
+    fn begin(&mut self, since: BTreeMap<String, VersionVector>, resume: Vec<SnapshotMark>) {
         self.open = true;
         self.reading = true;
         self.push(Action::ReadChanges {
             shard: self.shard.clone(),
             since,
+            resume,
         });
         self.read_more();
     }
@@ -450,6 +457,9 @@ impl Stream {
     }
 
     /// Inputs of the exchange; gives back an input that does not belong here.
+    // The `Err` is the input handed back by value (not an error value),
+    // moved once per input.
+    #[allow(clippy::result_large_err)]
     fn exchange(&mut self, input: Input) -> Result<(), Input> {
         match input {
             Input::Received(m) => self.received(m),
@@ -589,7 +599,14 @@ impl StreamSession for ClientSession {
         };
         let phase = std::mem::replace(&mut self.phase, ClientPhase::Exchange);
         match (phase, input) {
-            (ClientPhase::State, Input::ShardState { versions, schema }) => {
+            (
+                ClientPhase::State,
+                Input::ShardState {
+                    versions,
+                    schema,
+                    resume,
+                },
+            ) => {
                 let tables = &self.config.tables;
                 let versions: TableVersions = versions
                     .into_iter()
@@ -601,6 +618,7 @@ impl StreamSession for ClientSession {
                     versions: versions.clone(),
                     want_schema: schema.is_empty(),
                     schema,
+                    resume,
                 })));
                 self.phase = ClientPhase::Reply { held: versions };
             }
@@ -627,7 +645,7 @@ impl StreamSession for ClientSession {
                     let names: Vec<String> = reply.schema.iter().map(|d| d.name.clone()).collect();
                     their_versions(&names, &reply.versions, &self.config.tables)
                 };
-                self.s.begin(since);
+                self.s.begin(since, reply.resume);
             }
             (phase, other) => {
                 self.phase = phase;
@@ -749,7 +767,14 @@ impl StreamSession for ServerSession {
             (ServerPhase::Request, Input::PeerFinished) => self
                 .s
                 .protocol("stream ended while waiting for a sync request".into()),
-            (ServerPhase::Admit { req }, Input::Admitted { schema, versions }) => {
+            (
+                ServerPhase::Admit { req },
+                Input::Admitted {
+                    schema,
+                    versions,
+                    resume,
+                },
+            ) => {
                 if schema.is_empty() {
                     return self.no_shard(&req.shard);
                 }
@@ -771,9 +796,10 @@ impl StreamSession for ServerSession {
                 self.s.push(Action::Send(Message::SyncReply(SyncReply {
                     versions,
                     schema,
+                    resume,
                 })));
                 let since = their_versions(&names, &req.versions, &req.tables);
-                self.s.begin(since);
+                self.s.begin(since, req.resume);
             }
             (phase, other) => {
                 self.phase = phase;
@@ -877,12 +903,14 @@ mod tests {
         );
         assert!(!c.wants_message(), "nothing to read before the request");
         c.handle(Input::ShardState {
+            resume: Vec::new(),
             versions: vec![],
             schema: vec![def("t")],
         });
         let a = drain(&mut c);
         assert!(matches!(&a[..], [Action::Send(Message::SyncRequest(r))] if !r.want_schema));
         c.handle(Input::Received(Message::SyncReply(SyncReply {
+            resume: Vec::new(),
             versions: vec![],
             schema: vec![def("t")],
         })));
@@ -921,6 +949,7 @@ mod tests {
             scope: Some(vec!["mine".into()]),
         });
         s.handle(Input::Received(Message::SyncRequest(SyncRequest {
+            resume: Vec::new(),
             shard: "other".into(),
             tables: vec![],
             versions: vec![],
@@ -954,10 +983,12 @@ mod tests {
             ..Default::default()
         });
         c.handle(Input::ShardState {
+            resume: Vec::new(),
             versions: vec![],
             schema: vec![def("t")],
         });
         c.handle(Input::Received(Message::SyncReply(SyncReply {
+            resume: Vec::new(),
             versions: vec![],
             schema: vec![def("t")],
         })));

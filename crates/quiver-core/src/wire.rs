@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use crate::frame::{self, Frame, FrameError};
 pub use crate::table::ColumnDef;
-use crate::{ChangeBatch, Metric, SiteId, Strategy, TableKind, VersionVector};
+use crate::{ChangeBatch, Metric, SiteId, SnapshotMark, Strategy, TableKind, VersionVector};
 
 /// The protocol this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -102,6 +102,10 @@ pub struct SyncRequest {
     /// lacking some can create them.
     #[serde(default)]
     pub schema: Vec<TableDef>,
+    /// Snapshots of the shard's tables that the requester took in part and
+    /// wants continued (the mark of the last batch it committed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resume: Vec<SnapshotMark>,
 }
 
 /// The responder's side of the shard's stream start.
@@ -109,6 +113,9 @@ pub struct SyncRequest {
 pub struct SyncReply {
     pub versions: Vec<(String, VersionVector)>,
     pub schema: Vec<TableDef>,
+    /// As [`SyncRequest::resume`], for what the responder receives.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resume: Vec<SnapshotMark>,
 }
 
 /// End of one side's batches on a shard stream.
@@ -276,6 +283,7 @@ mod tests {
 
     fn batch() -> ChangeBatch {
         ChangeBatch {
+            snapshot: None,
             shard: "default".into(),
             changes: vec![Change {
                 table: "docs".into(),
@@ -309,6 +317,7 @@ mod tests {
             }),
             Message::Batch(batch()),
             Message::SyncRequest(SyncRequest {
+                resume: Vec::new(),
                 shard: "s".into(),
                 tables: vec!["docs".into()],
                 versions: vec![("docs".into(), VersionVector::new())],
@@ -418,6 +427,43 @@ mod tests {
             ..legacy
         };
         assert!(rmp_serde::from_slice::<TableDef>(&rmp_serde::to_vec(&unknown).unwrap()).is_err());
+    }
+
+    /// A request and a batch without snapshot marks are encoded as before
+    /// marks existed, so either decodes the other's; a mark travels.
+    #[test]
+    fn snapshot_marks_are_encoded_only_when_there() {
+        #[derive(Serialize, Deserialize)]
+        struct OldBatch {
+            shard: String,
+            changes: Vec<crate::Change>,
+            covered: Vec<crate::Covered>,
+        }
+        let old = OldBatch {
+            shard: "s".into(),
+            changes: vec![],
+            covered: vec![],
+        };
+        let bytes = rmp_serde::to_vec(&old).unwrap();
+        let batch = ChangeBatch {
+            shard: "s".into(),
+            ..Default::default()
+        };
+        assert_eq!(rmp_serde::to_vec(&batch).unwrap(), bytes);
+        assert_eq!(rmp_serde::from_slice::<ChangeBatch>(&bytes).unwrap(), batch);
+        let marked = ChangeBatch {
+            snapshot: Some(Box::new(SnapshotMark {
+                table: "docs".into(),
+                after: crate::Value::Text("k17".into()),
+                versions: VersionVector::new(),
+            })),
+            ..batch
+        };
+        let again = rmp_serde::to_vec(&marked).unwrap();
+        assert_eq!(
+            rmp_serde::from_slice::<ChangeBatch>(&again).unwrap(),
+            marked
+        );
     }
 
     /// A column with a rule or a reference carries them; one without is

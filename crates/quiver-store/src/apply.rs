@@ -11,7 +11,7 @@ use crate::catalog::{self, TableInfo};
 use crate::conflicts;
 use crate::events::StoreEvent;
 use crate::rowstate::{self, RowState, Sites};
-use crate::sqlvalue::{display_pk, pk_key};
+use crate::sqlvalue::{display_pk, pk_key, P};
 use crate::{wall_ms, Result, Store, StoreError};
 
 /// What applying a batch did (the same counts travel on the wire).
@@ -77,6 +77,9 @@ fn validate(conn: &rusqlite::Connection, batch: &ChangeBatch) -> Result<Plan> {
     };
     for c in &batch.covered {
         lookup(&c.table)?;
+    }
+    if let Some(m) = &batch.snapshot {
+        lookup(&m.table)?;
     }
     let mut plan_held = Vec::new();
     let mut ignored = Vec::new();
@@ -252,11 +255,27 @@ impl Store {
         drop(quiet);
         tx.execute("UPDATE quiver_state SET applying = 0", [])?;
         crate::references::keep_whole(&tx, tables, &events)?;
+        if let Some(m) = &batch.snapshot {
+            // Kept with the rows it marks, so a sync cut after this commit
+            // resumes past them.
+            if let Some(t) = tables.get(&m.table) {
+                let vv = serde_json::to_string(&m.versions)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                tx.prepare_cached(
+                    "INSERT INTO quiver_snapshots(tbl, after, vv) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(tbl) DO UPDATE SET after = excluded.after, vv = excluded.vv",
+                )?
+                .execute(params![t.id, P(&m.after), vv])?;
+            }
+        }
         for c in &batch.covered {
             // A table dropped here, or not known yet: nothing to claim.
             let Some(t) = tables.get(&c.table) else {
                 continue;
             };
+            // Claims end a snapshot: nothing of it is left to resume.
+            tx.prepare_cached("DELETE FROM quiver_snapshots WHERE tbl = ?1")?
+                .execute([t.id])?;
             if c.site == self.site {
                 continue;
             }

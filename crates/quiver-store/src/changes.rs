@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use quiver_core::merge::Version;
-use quiver_core::{Change, ChangeBatch, Covered, SiteId, Value, VersionVector};
+use quiver_core::{Change, ChangeBatch, Covered, SiteId, SnapshotMark, Value, VersionVector};
 use rusqlite::{params, Connection};
 
 use crate::catalog::TableInfo;
@@ -45,6 +45,21 @@ struct Segment {
     /// in key order, then these claims (what the store held when the
     /// stream began). `site`, `from` and `to` are unused.
     snapshot: Option<VersionVector>,
+    /// A snapshot continued from a receiver's mark: the rows up to this
+    /// key arrived in an earlier stream.
+    resume_after: Option<Value>,
+}
+
+impl Segment {
+    /// Where the scan of this segment starts.
+    fn start(&self) -> Cursor {
+        match &self.snapshot {
+            Some(_) => Cursor::Snapshot {
+                after: self.resume_after.clone(),
+            },
+            None => Cursor::Held { after: 0 },
+        }
+    }
 }
 
 /// Whether a peer holding `theirs` of a table gets a snapshot of it (its
@@ -105,6 +120,9 @@ pub struct ChangeStream<'s> {
     /// Rows of the current snapshot segment skipped for a version still
     /// open: tried again at its end.
     skipped: Vec<Value>,
+    /// The key through which every row of the current snapshot segment
+    /// has been sent (it stops at the first row skipped).
+    sent_through: Option<Value>,
 }
 
 /// The newest of this store's own db_versions that no write can change
@@ -191,6 +209,34 @@ impl Store {
         Ok(out)
     }
 
+    /// The snapshots of `shard`'s tables received in part here: the mark
+    /// of the last batch committed of each, to hand back to the sender.
+    pub fn snapshot_progress(&self, shard: &str) -> Result<Vec<SnapshotMark>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT t.name, s.after, s.vv FROM quiver_snapshots s
+             JOIN quiver_tables t ON t.id = s.tbl WHERE t.shard = ?1 ORDER BY t.name",
+        )?;
+        let rows = st.query_map([shard], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                crate::sqlvalue::from_ref(r.get_ref(1)?),
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (table, after, vv) = row?;
+            let versions = serde_json::from_str(&vv)
+                .map_err(|e| StoreError::Corrupt(format!("snapshot progress of {table}: {e}")))?;
+            out.push(SnapshotMark {
+                table,
+                after,
+                versions,
+            });
+        }
+        Ok(out)
+    }
+
     /// Streams every change of `shard` that a peer knowing `theirs` lacks.
     pub fn changes_since(&self, shard: &str, theirs: &VersionVector) -> Result<ChangeStream<'_>> {
         let per_table = self
@@ -242,6 +288,7 @@ impl Store {
                     theirs: their_vv.clone(),
                     held,
                     snapshot: Some(own),
+                    resume_after: None,
                 });
                 continue;
             }
@@ -260,13 +307,13 @@ impl Store {
                     theirs: their_vv.clone(),
                     held,
                     snapshot: None,
+                    resume_after: None,
                 });
             }
         }
-        let cursor = match segments.first() {
-            Some(s) if s.snapshot.is_some() => Cursor::Snapshot { after: None },
-            _ => Cursor::Held { after: 0 },
-        };
+        let cursor = segments
+            .first()
+            .map_or(Cursor::Held { after: 0 }, Segment::start);
         Ok(ChangeStream {
             conn: &self.conn,
             shard: shard.to_string(),
@@ -283,6 +330,7 @@ impl Store {
             sealed: 0,
             cap: None,
             skipped: Vec::new(),
+            sent_through: None,
         })
     }
 }
@@ -450,10 +498,39 @@ impl ChangeStream<'_> {
         self.seg += 1;
         self.cap = None;
         self.skipped.clear();
-        self.cursor = match self.segments.get(self.seg) {
-            Some(s) if s.snapshot.is_some() => Cursor::Snapshot { after: None },
-            _ => Cursor::Held { after: 0 },
-        };
+        self.cursor = self
+            .segments
+            .get(self.seg)
+            .map_or(Cursor::Held { after: 0 }, Segment::start);
+        self.sent_through = self
+            .segments
+            .get(self.seg)
+            .and_then(|s| s.resume_after.clone());
+    }
+
+    /// Continues the snapshots a receiver took in part (the marks it
+    /// handed back): a table still to be sent as a snapshot, and still in
+    /// the mark's key space, goes on past the mark's key and claims at the
+    /// end only what both parts hold. A mark for a table sent as history
+    /// now (the receiver holds some of it) is of no use and is ignored.
+    pub fn resume_snapshots(mut self, marks: &[SnapshotMark]) -> Self {
+        if self.seg != 0 || self.done {
+            return self;
+        }
+        for seg in &mut self.segments {
+            let Some(own) = &seg.snapshot else {
+                continue;
+            };
+            if let Some(m) = marks.iter().find(|m| m.table == seg.table.name) {
+                seg.snapshot = Some(own.meet(&m.versions));
+                seg.resume_after = Some(m.after.clone());
+            }
+        }
+        if let Some(first) = self.segments.first() {
+            self.cursor = first.start();
+            self.sent_through = first.resume_after.clone();
+        }
+        self
     }
 
     /// Reads the next page of a snapshot segment's rows into `batch`;
@@ -492,7 +569,12 @@ impl ChangeStream<'_> {
         let (found, mut taken) = (keys.len(), 0);
         for key in keys {
             match self.emit_row(self.seg, &key, -1, &mut batch.changes)? {
-                Some(n) => *bytes += n,
+                Some(n) => {
+                    *bytes += n;
+                    if self.skipped.is_empty() {
+                        self.sent_through = Some(key.clone());
+                    }
+                }
                 None => self.skipped.push(key.clone()),
             }
             taken += 1;
@@ -500,6 +582,14 @@ impl ChangeStream<'_> {
             if full(batch, *bytes, &self.limits) {
                 break;
             }
+        }
+        let seg = &self.segments[self.seg];
+        if let (Some(after), Some(versions)) = (&self.sent_through, &seg.snapshot) {
+            batch.snapshot = Some(Box::new(SnapshotMark {
+                table: seg.table.name.clone(),
+                after: after.clone(),
+                versions: versions.clone(),
+            }));
         }
         if (found as i64) == page || taken < found {
             return Ok(false);

@@ -970,6 +970,7 @@ impl Store {
                     ))
             });
             let batch = ChangeBatch {
+                snapshot: None,
                 shard,
                 changes,
                 covered: Vec::new(),

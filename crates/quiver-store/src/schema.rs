@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::{Result, StoreError};
 
 /// The newest store format this build reads and writes.
-pub const FORMAT_VERSION: i64 = 5;
+pub const FORMAT_VERSION: i64 = 6;
 
 /// Each entry migrates from format `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -178,6 +178,16 @@ CREATE TABLE quiver_acks(
   vv TEXT NOT NULL,
   at INTEGER NOT NULL,
   PRIMARY KEY (site, shard)
+);
+"#,
+    r#"
+-- Snapshots received in part: per table, the clock key up to which every
+-- row has arrived and the versions the sender held (JSON), as the last
+-- committed batch of the snapshot marked them. Handed back to resume.
+CREATE TABLE quiver_snapshots(
+  tbl INTEGER PRIMARY KEY,
+  after NOT NULL,
+  vv TEXT NOT NULL
 );
 "#,
 ];

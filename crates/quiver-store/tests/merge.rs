@@ -327,6 +327,7 @@ fn bad_batches_are_refused_whole() -> R {
         let mut changes = good.clone();
         changes.extend(bad);
         let batch = ChangeBatch {
+            snapshot: None,
             shard: "default".into(),
             changes,
             covered: vec![],
@@ -342,6 +343,7 @@ fn bad_batches_are_refused_whole() -> R {
     }
     let err = s
         .apply(&ChangeBatch {
+            snapshot: None,
             shard: "default".into(),
             changes: far,
             covered: vec![],

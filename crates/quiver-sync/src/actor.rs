@@ -9,7 +9,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use quiver_core::wire::TableDef;
-use quiver_core::{ChangeBatch, SiteId, Value, VersionVector};
+use quiver_core::{ChangeBatch, SiteId, SnapshotMark, Value, VersionVector};
 use quiver_store::{
     ApplyReport, CollectionSpec, FileWatcher, PeerRecord, Record, RecordColumns, SqlRows, Store,
     StoreEvent, TableInfo,
@@ -270,12 +270,15 @@ impl Request {
 pub struct ShardState {
     pub versions: Vec<(String, VersionVector)>,
     pub defs: Vec<TableDef>,
+    /// Snapshots of the shard's tables received here in part.
+    pub resume: Vec<SnapshotMark>,
 }
 
 fn shard_state(s: &Store, shard: &str) -> Result<ShardState> {
     Ok(ShardState {
         versions: s.table_versions(shard)?.into_iter().collect(),
         defs: crate::schema::shard_defs(s, shard)?,
+        resume: s.snapshot_progress(shard)?,
     })
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use quiver_core::session::{Action, Failure, Input, StreamSession};
 use quiver_core::wire::{ErrorCode, ErrorMsg, Message, Report};
-use quiver_core::{SiteId, VersionVector};
+use quiver_core::{SiteId, SnapshotMark, VersionVector};
 use quiver_store::{ApplyReport, StoreError, StreamLimits};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -235,11 +235,18 @@ async fn write_messages(
 /// Streams the changes a peer holding `since` lacks, one batch per credit:
 /// the store thread (the one writer) first seals what other connections
 /// wrote and folds the insert log, then a read-only connection reads.
-async fn read_changes(
-    handle: StoreHandle,
+/// What a stream of changes reads: the shard, what the peer holds of each
+/// table, the snapshots it took in part (continued), and the batch limits.
+struct Read {
     shard: String,
     since: BTreeMap<String, VersionVector>,
+    resume: Vec<SnapshotMark>,
     limits: StreamLimits,
+}
+
+async fn read_changes(
+    handle: StoreHandle,
+    read: Read,
     credits: std::sync::mpsc::Receiver<()>,
     events: mpsc::UnboundedSender<Event>,
 ) {
@@ -258,8 +265,8 @@ async fn read_changes(
             Ok(s) => s,
             Err(e) => return fail(e),
         };
-        let mut stream = match store.changes_since_tables(&shard, &since, limits) {
-            Ok(s) => s,
+        let mut stream = match store.changes_since_tables(&read.shard, &read.since, read.limits) {
+            Ok(s) => s.resume_snapshots(&read.resume),
             Err(e) => return fail(e.into()),
         };
         // Each credit is a read the session asked for; the session gone,
@@ -363,13 +370,22 @@ async fn run<S: StreamSession>(
                         let _ = c.send(());
                     }
                 }
-                Action::ReadChanges { shard, since } => {
+                Action::ReadChanges {
+                    shard,
+                    since,
+                    resume,
+                } => {
                     acked = Some(since.clone());
                     let (tx, rx) = std::sync::mpsc::channel();
                     credits = Some(tx);
+                    let read = Read {
+                        shard,
+                        since,
+                        resume,
+                        limits,
+                    };
                     tasks.spawn(
-                        read_changes(handle.clone(), shard, since, limits, rx, events_tx.clone())
-                            .in_current_span(),
+                        read_changes(handle.clone(), read, rx, events_tx.clone()).in_current_span(),
                     );
                 }
                 Action::Apply(b) => {
@@ -391,6 +407,7 @@ async fn run<S: StreamSession>(
                             Ok(st) => Event::Input(Input::ShardState {
                                 versions: st.versions.into_iter().collect(),
                                 schema: st.defs,
+                                resume: st.resume,
                             }),
                             Err(e) => Event::failed(e, ""),
                         });
@@ -428,6 +445,7 @@ async fn run<S: StreamSession>(
                             Ok(st) => Event::Input(Input::Admitted {
                                 schema: st.defs,
                                 versions: st.versions.into_iter().collect(),
+                                resume: st.resume,
                             }),
                             Err(e) => Event::Failed {
                                 msg: ErrorMsg {

@@ -191,6 +191,7 @@ fn work<S>(
     };
     Some(match a {
         Action::ReadShardState { shard } => Input::ShardState {
+            resume: store.snapshot_progress(&shard).unwrap(),
             versions: store.table_versions(&shard).unwrap().into_iter().collect(),
             schema: shard_defs(store, &shard).unwrap(),
         },
@@ -203,11 +204,16 @@ fn work<S>(
                 ensure_tables(store, &shard, &schema, None).unwrap();
             }
             Input::Admitted {
+                resume: store.snapshot_progress(&shard).unwrap(),
                 schema: shard_defs(store, &shard).unwrap(),
                 versions: store.table_versions(&shard).unwrap().into_iter().collect(),
             }
         }
-        Action::ReadChanges { shard, since } => {
+        Action::ReadChanges {
+            shard,
+            since,
+            resume,
+        } => {
             // Small batches, so that streams interleave.
             let limits = StreamLimits {
                 max_changes: 3,
@@ -216,6 +222,7 @@ fn work<S>(
             side.reads = store
                 .changes_since_tables(&shard, &since, limits)
                 .unwrap()
+                .resume_snapshots(&resume)
                 .map(|b| b.unwrap())
                 .collect();
             return None;

@@ -93,8 +93,9 @@ fn batch(u: &mut Unstructured) -> arbitrary::Result<ChangeBatch> {
         versions.set(site(u)?, u.int_in_range(0..=30)?);
         Some(Box::new(SnapshotMark {
             table: u.choose(TABLES)?.to_string(),
-            after: value(u)?,
+            after: if bool::arbitrary(u)? { Some(value(u)?) } else { None },
             versions,
+            rows: u64::arbitrary(u)?,
         }))
     } else {
         None

@@ -413,9 +413,31 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
                 Progress::Handshaking => "handshaking".into(),
                 Progress::Pulling {
                     shard,
+                    snapshot_rows_done: Some(done),
+                    snapshot_rows_total: Some(total),
+                    bytes,
+                    ..
+                } => {
+                    // A snapshot: rows, not changes, and how many in all.
+                    let secs = started.elapsed().as_secs_f64();
+                    let share = done as f64 / total.max(1) as f64;
+                    let left = if share > 0.0 && done < total {
+                        format!(", ~{:.0} s left", secs * (1.0 - share) / share)
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "{shard}: snapshot {done} / {total} rows, {:.1} MB, {:.0} rows/s{left}",
+                        bytes as f64 / 1e6,
+                        done as f64 / secs.max(0.001)
+                    )
+                }
+                Progress::Pulling {
+                    shard,
                     changes,
                     versions_done,
                     versions_total,
+                    ..
                 } => {
                     let line = counted("received", &shard, changes);
                     if versions_total == 0 {
@@ -475,6 +497,13 @@ pub fn sync(db: &Path, a: SyncArgs, json: bool) -> Result<()> {
         r.changes_received,
         r.applied
     );
+    if r.snapshot_rows > 0 {
+        println!(
+            "  snapshot: {} rows of {} (current rows, not history)",
+            r.snapshot_rows,
+            r.snapshot_tables.join(", ")
+        );
+    }
     if r.conflicts_detected + r.peer_conflicts_detected > 0 {
         println!(
             "  conflicts here: {} ({} resolved by strategy, {} open: quiver conflicts list); \

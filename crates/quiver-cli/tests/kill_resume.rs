@@ -104,4 +104,11 @@ fn kill_and_resume(transport: &str) {
         r["changes_received"].as_u64().unwrap() < 4 * N as u64,
         "resumed from the cursor, not from scratch: {out}"
     );
+    // A snapshot, continued past the last key the killed one committed.
+    assert_eq!(r["snapshot_rows"].as_u64().unwrap(), N as u64 - k, "{out}");
+    assert_eq!(
+        r["snapshot_tables"],
+        serde_json::json!(["default.docs"]),
+        "{out}"
+    );
 }

@@ -68,7 +68,8 @@ pub struct ChangeBatch {
 
 /// How far a snapshot of a table (its rows in key order, its claims at
 /// the end) has come: every row whose clock key is at most `after` has
-/// been sent, as of a state that holds at least `versions`. A receiver
+/// been sent (`None`: none yet), as of a state that holds at least
+/// `versions`; `rows` is how many rows the stream sends in all. A receiver
 /// keeps the mark of the last batch it committed and hands it back when it
 /// syncs again; the sender then goes on past `after`, and claims at the end
 /// only what both parts hold (the meet of `versions` and what it holds
@@ -76,6 +77,7 @@ pub struct ChangeBatch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotMark {
     pub table: String,
-    pub after: Value,
+    pub after: Option<Value>,
     pub versions: VersionVector,
+    pub rows: u64,
 }

@@ -143,6 +143,10 @@ pub struct Outcome {
     pub remote: Report,
     /// Tables this side created from the peer's definitions (client).
     pub tables_created: Vec<String>,
+    /// Tables the peer sent as snapshots (current rows in key order, not
+    /// history), and the rows they brought.
+    pub snapshot_tables: Vec<String>,
+    pub snapshot_rows: u64,
 }
 
 /// What both kinds of session offer their driver.
@@ -160,6 +164,9 @@ pub trait StreamSession {
     /// How far the received batches reach into what the peer offered:
     /// `(versions done, versions total)`; the total is 0 when unknown.
     fn pull_progress(&self) -> (u64, u64);
+    /// Of the snapshots the peer sends: `(rows received, rows in all)`, or
+    /// `None` when it sends none.
+    fn snapshot_progress(&self) -> Option<(u64, u64)>;
     /// Whether the session waits for the peer's batches (or its `Done`):
     /// the time when a silent peer counts as stalled. (Waiting for the
     /// peer's report is not: it comes once this side's batches are
@@ -184,6 +191,8 @@ pub struct PullPlan {
     reached: BTreeMap<(String, SiteId), u64>,
     /// Versions offered in all.
     pub total: u64,
+    /// Per table sent as a snapshot: rows received, rows it sends in all.
+    snapshots: BTreeMap<String, (u64, u64)>,
 }
 
 impl PullPlan {
@@ -220,6 +229,32 @@ impl PullPlan {
     /// The versions reached so far.
     pub fn done(&self) -> u64 {
         self.reached.values().sum()
+    }
+
+    /// Takes in an arriving batch: its claims, and if it is part of a
+    /// snapshot (then it holds that table's rows only), its rows.
+    pub fn take(&mut self, b: &ChangeBatch) {
+        self.advance(&b.covered);
+        if let Some(m) = &b.snapshot {
+            let rows = b.changes.iter().filter(|c| c.is_existence()).count() as u64;
+            let slot = self.snapshots.entry(m.table.clone()).or_default();
+            slot.0 += rows;
+            slot.1 = m.rows.max(slot.0);
+        }
+    }
+
+    /// Rows received and rows in all of the snapshots, if any.
+    pub fn snapshot_rows(&self) -> Option<(u64, u64)> {
+        (!self.snapshots.is_empty()).then(|| {
+            self.snapshots
+                .values()
+                .fold((0, 0), |(d, t), (dd, tt)| (d + dd, t + tt))
+        })
+    }
+
+    /// The tables sent as snapshots.
+    pub fn snapshot_tables(&self) -> Vec<String> {
+        self.snapshots.keys().cloned().collect()
     }
 }
 
@@ -408,7 +443,11 @@ impl Stream {
                 }
                 self.out.batches_received += 1;
                 self.out.changes_received += b.changes.len() as u64;
-                self.plan.advance(&b.covered);
+                self.plan.take(&b);
+                if b.snapshot.is_some() {
+                    self.out.snapshot_tables = self.plan.snapshot_tables();
+                    self.out.snapshot_rows = self.plan.snapshot_rows().map_or(0, |(d, _)| d);
+                }
                 self.queue.push_back(b);
                 self.apply_next();
             }
@@ -678,6 +717,10 @@ impl StreamSession for ClientSession {
         (self.s.plan.done(), self.s.plan.total)
     }
 
+    fn snapshot_progress(&self) -> Option<(u64, u64)> {
+        self.s.plan.snapshot_rows()
+    }
+
     fn awaits_changes(&self) -> bool {
         self.s.awaits_changes()
     }
@@ -830,6 +873,10 @@ impl StreamSession for ServerSession {
 
     fn pull_progress(&self) -> (u64, u64) {
         (self.s.plan.done(), self.s.plan.total)
+    }
+
+    fn snapshot_progress(&self) -> Option<(u64, u64)> {
+        self.s.plan.snapshot_rows()
     }
 
     fn awaits_changes(&self) -> bool {

@@ -454,8 +454,9 @@ mod tests {
         let marked = ChangeBatch {
             snapshot: Some(Box::new(SnapshotMark {
                 table: "docs".into(),
-                after: crate::Value::Text("k17".into()),
+                after: Some(crate::Value::Text("k17".into())),
                 versions: VersionVector::new(),
+                rows: 40,
             })),
             ..batch
         };

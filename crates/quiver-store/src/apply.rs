@@ -258,14 +258,14 @@ impl Store {
         if let Some(m) = &batch.snapshot {
             // Kept with the rows it marks, so a sync cut after this commit
             // resumes past them.
-            if let Some(t) = tables.get(&m.table) {
+            if let (Some(t), Some(after)) = (tables.get(&m.table), &m.after) {
                 let vv = serde_json::to_string(&m.versions)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 tx.prepare_cached(
                     "INSERT INTO quiver_snapshots(tbl, after, vv) VALUES (?1, ?2, ?3)
                      ON CONFLICT(tbl) DO UPDATE SET after = excluded.after, vv = excluded.vv",
                 )?
-                .execute(params![t.id, P(&m.after), vv])?;
+                .execute(params![t.id, P(after), vv])?;
             }
         }
         for c in &batch.covered {

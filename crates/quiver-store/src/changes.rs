@@ -48,6 +48,8 @@ struct Segment {
     /// A snapshot continued from a receiver's mark: the rows up to this
     /// key arrived in an earlier stream.
     resume_after: Option<Value>,
+    /// How many rows a snapshot segment sends, counted when it starts.
+    rows: Option<u64>,
 }
 
 impl Segment {
@@ -230,8 +232,9 @@ impl Store {
                 .map_err(|e| StoreError::Corrupt(format!("snapshot progress of {table}: {e}")))?;
             out.push(SnapshotMark {
                 table,
-                after,
+                after: Some(after),
                 versions,
+                rows: 0,
             });
         }
         Ok(out)
@@ -289,6 +292,7 @@ impl Store {
                     held,
                     snapshot: Some(own),
                     resume_after: None,
+                    rows: None,
                 });
                 continue;
             }
@@ -308,6 +312,7 @@ impl Store {
                     held,
                     snapshot: None,
                     resume_after: None,
+                    rows: None,
                 });
             }
         }
@@ -523,7 +528,7 @@ impl ChangeStream<'_> {
             };
             if let Some(m) = marks.iter().find(|m| m.table == seg.table.name) {
                 seg.snapshot = Some(own.meet(&m.versions));
-                seg.resume_after = Some(m.after.clone());
+                seg.resume_after = m.after.clone();
             }
         }
         if let Some(first) = self.segments.first() {
@@ -544,6 +549,16 @@ impl ChangeStream<'_> {
             Cursor::Snapshot { after } => after.clone(),
             _ => None,
         };
+        if self.segments[self.seg].rows.is_none() {
+            let resume = &self.segments[self.seg].resume_after;
+            let rows: i64 = self.conn.query_row(
+                "SELECT count(*) FROM quiver_clock WHERE tbl = ?1 AND col = ''
+                 AND (?2 IS NULL OR pk > ?2)",
+                params![tid, resume.as_ref().map(P)],
+                |r| r.get(0),
+            )?;
+            self.segments[self.seg].rows = Some(rows as u64);
+        }
         let page = self.limits.max_changes.clamp(64, 4096) as i64;
         let keys: Vec<Value> = match &after {
             None => self
@@ -584,11 +599,12 @@ impl ChangeStream<'_> {
             }
         }
         let seg = &self.segments[self.seg];
-        if let (Some(after), Some(versions)) = (&self.sent_through, &seg.snapshot) {
+        if let Some(versions) = &seg.snapshot {
             batch.snapshot = Some(Box::new(SnapshotMark {
                 table: seg.table.name.clone(),
-                after: after.clone(),
+                after: self.sent_through.clone(),
                 versions: versions.clone(),
+                rows: seg.rows.unwrap_or(0),
             }));
         }
         if (found as i64) == page || taken < found {
@@ -633,10 +649,13 @@ impl ChangeStream<'_> {
         };
         while self.seg < self.segments.len() {
             if self.segments[self.seg].snapshot.is_some() {
-                if self.snapshot_page(&mut batch, &mut bytes)? {
+                let through = self.snapshot_page(&mut batch, &mut bytes)?;
+                if through {
                     self.next_segment();
                 }
-                if full(&batch, bytes, &self.limits) {
+                // A batch holds one snapshot's rows at most, so its mark
+                // speaks for all of them.
+                if full(&batch, bytes, &self.limits) || (through && !batch.changes.is_empty()) {
                     return Ok(Some(batch));
                 }
                 continue;

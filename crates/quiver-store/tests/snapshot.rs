@@ -207,8 +207,10 @@ fn an_interrupted_snapshot_resumes_past_the_last_key_committed() -> R {
     fill(&a, 500, "a");
     let first = stream(&a, &c);
     assert!(
-        first.iter().all(|b| b.snapshot.is_some()),
-        "every batch marks"
+        first
+            .iter()
+            .all(|b| b.snapshot.as_ref().is_some_and(|m| m.rows == 500)),
+        "every batch marks, with the rows the stream sends in all"
     );
     let cut = first.len() / 3;
     for batch in &first[..cut] {
@@ -236,6 +238,11 @@ fn an_interrupted_snapshot_resumes_past_the_last_key_committed() -> R {
         records,
         "{sent_before} rows before the cut, {} after",
         rows_in(&rest)
+    );
+    assert_eq!(
+        rest[0].snapshot.as_ref().map(|m| m.rows as i64),
+        Some(records - sent_before as i64),
+        "the rows left"
     );
     for batch in &rest {
         c.apply(batch)?;

@@ -100,6 +100,11 @@ pub struct SyncResult {
     pub shards: Vec<ShardResult>,
     pub changes_sent: u64,
     pub changes_received: u64,
+    /// Rows received as snapshots (a table this replica held nothing of
+    /// comes as its current rows, not as history), and those tables as
+    /// `shard.table`.
+    pub snapshot_rows: u64,
+    pub snapshot_tables: Vec<String>,
     pub applied: u64,
     /// Conflicts this replica recorded while applying what it received
     /// (each concurrent cell once); what `quiver conflicts list` shows here.
@@ -894,6 +899,10 @@ impl Client {
         for s in &result.shards {
             result.changes_sent += s.changes_sent;
             result.changes_received += s.changes_received;
+            result.snapshot_rows += s.snapshot_rows;
+            result
+                .snapshot_tables
+                .extend(s.snapshot_tables.iter().map(|t| format!("{}.{t}", s.shard)));
             result.applied += s.local.applied;
             result.conflicts_detected += s.local.conflicts_detected;
             result.conflicts_resolved += s.local.conflicts_resolved;

@@ -37,6 +37,10 @@ pub struct ShardResult {
     pub bytes_received: u64,
     /// Tables this side created from the peer's definitions.
     pub tables_created: Vec<String>,
+    /// Tables the peer sent as snapshots (current rows, not history), and
+    /// the rows received of them.
+    pub snapshot_tables: Vec<String>,
+    pub snapshot_rows: u64,
 }
 
 /// Progress of a sync, reported as it happens.
@@ -51,11 +55,17 @@ pub enum Progress {
     /// reach into the version ranges the peer said it would send (origin
     /// transactions, so an estimate of the share of the work, for a bar and
     /// a time left); `versions_total` is 0 when unknown.
+    ///
+    /// While the peer sends snapshots, `snapshot_rows_done` of
+    /// `snapshot_rows_total` rows (both `None` otherwise); `bytes` received.
     Pulling {
         shard: String,
         changes: u64,
         versions_done: u64,
         versions_total: u64,
+        snapshot_rows_done: Option<u64>,
+        snapshot_rows_total: Option<u64>,
+        bytes: u64,
     },
     Pushing {
         shard: String,
@@ -504,11 +514,15 @@ async fn run<S: StreamSession>(
                     {
                         pulled += n;
                         let (versions_done, versions_total) = session.pull_progress();
+                        let snap = session.snapshot_progress();
                         p(Progress::Pulling {
                             shard: shard.to_string(),
                             changes: pulled,
                             versions_done,
                             versions_total,
+                            snapshot_rows_done: snap.map(|s| s.0),
+                            snapshot_rows_total: snap.map(|s| s.1),
+                            bytes: bytes_received,
                         });
                     }
                     continue;
@@ -618,6 +632,8 @@ async fn run<S: StreamSession>(
             bytes_sent,
             bytes_received,
             tables_created: o.tables_created.clone(),
+            snapshot_tables: o.snapshot_tables.clone(),
+            snapshot_rows: o.snapshot_rows,
         }),
         Some(Err(Failure::Peer(e))) => Err(peer_error(e.clone())),
         Some(Err(Failure::Local(e))) => Err(failure.unwrap_or_else(|| match e.code {

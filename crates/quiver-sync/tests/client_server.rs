@@ -196,17 +196,22 @@ async fn does_not_retry_refusals() {
     assert!(matches!(e, SyncError::Untrusted(_)), "{e}");
 }
 
+/// A replica holding nothing of a table receives it as a snapshot, and the
+/// progress counts its rows against the rows in all; later syncs are
+/// deltas, and the progress says how far into the offered versions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_progress_says_how_far_into_the_offered_versions() {
     let a = side("a", 0);
-    for i in 0..8 {
-        let rec = Record::new(&format!("single{i}"), vec![i as f32, 2.0]);
-        a.handle
-            .call(move |s| s.put("docs", &rec))
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    let put = |from: usize| {
+        let h = a.handle.clone();
+        async move {
+            for i in from..from + 8 {
+                let rec = Record::new(&format!("single{i}"), vec![i as f32, 2.0]);
+                h.call(move |s| s.put("docs", &rec)).await.unwrap().unwrap();
+            }
+        }
+    };
+    put(0).await;
     let b = side("b", 0);
     // The server sends one change a batch, so that progress moves step by step.
     let opts = ServerOptions {
@@ -220,16 +225,23 @@ async fn pull_progress_says_how_far_into_the_offered_versions() {
     let server = Server::bind(a.handle.clone(), &a.id, opts).unwrap();
     let addr = server.local_addr().unwrap().to_string();
     tokio::spawn(server.run());
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    type Seen = Vec<(u64, u64, Option<(u64, u64)>, u64)>;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::new()));
     let log = seen.clone();
     let progress: quiver_sync::ProgressFn = std::sync::Arc::new(move |p| {
         if let quiver_sync::Progress::Pulling {
             versions_done,
             versions_total,
+            snapshot_rows_done,
+            snapshot_rows_total,
+            bytes,
             ..
         } = p
         {
-            log.lock().unwrap().push((versions_done, versions_total));
+            let snap = snapshot_rows_done.zip(snapshot_rows_total);
+            log.lock()
+                .unwrap()
+                .push((versions_done, versions_total, snap, bytes));
         }
     });
     let mut client = Client::new(
@@ -239,13 +251,35 @@ async fn pull_progress_says_how_far_into_the_offered_versions() {
             ..Default::default()
         },
     );
-    client
+    let r = client
+        .sync(&addr, &SyncSpec::default(), Some(progress.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.snapshot_rows, 8, "{r:?}");
+    assert_eq!(r.snapshot_tables, ["default.docs"], "{r:?}");
+    let first: Seen = std::mem::take(&mut *seen.lock().unwrap());
+    let rows: Vec<(u64, u64)> = first.iter().filter_map(|s| s.2).collect();
+    assert_eq!(rows.last(), Some(&(8, 8)), "every row of eight: {first:?}");
+    assert!(rows.len() >= 8, "one report a row: {first:?}");
+    assert!(
+        rows.windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].1 == w[1].1),
+        "rows only go up, against a fixed total: {first:?}"
+    );
+    assert!(
+        first.windows(2).all(|w| w[0].3 <= w[1].3) && first.last().unwrap().3 > 0,
+        "bytes counted: {first:?}"
+    );
+
+    put(8).await;
+    let r = client
         .sync(&addr, &SyncSpec::default(), Some(progress))
         .await
         .unwrap();
+    assert_eq!(r.snapshot_rows, 0, "a delta now: {r:?}");
     let seen = seen.lock().unwrap().clone();
-    assert!(!seen.is_empty());
-    let (done, total) = *seen.last().unwrap();
+    assert!(seen.iter().all(|s| s.2.is_none()), "{seen:?}");
+    let (done, total, _, _) = *seen.last().unwrap();
     assert!(total >= 8, "eight transactions offered: {seen:?}");
     assert_eq!(done, total, "all of them received: {seen:?}");
     assert!(seen.len() >= 8, "one report a batch: {seen:?}");

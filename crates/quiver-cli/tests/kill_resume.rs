@@ -37,7 +37,53 @@ fn sigkill_mid_sync_over_tcp_then_resume() {
     kill_and_resume("tcp");
 }
 
-fn kill_and_resume(transport: &str) {
+/// The source is killed mid-snapshot: the receiver's sync fails, keeps what
+/// it committed, and the next sync against the restarted source goes on
+/// past the last key it committed.
+#[test]
+fn sigkill_of_the_source_mid_snapshot_then_resume() {
+    let a = source();
+    let mut s = a.serve(&[]);
+    let b = Node::new("b");
+    let mut child = Command::new(bin())
+        .arg("--db")
+        .arg(&b.db)
+        .args(["sync", &s.addr, "--pin", &s.fp])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_rows(&b.db, &mut child);
+    s.child.kill().unwrap(); // SIGKILL
+    s.child.wait().unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the sync did not notice its source was gone"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "the sync cut short must fail");
+    let k = committed_rows(&b.db);
+    assert!(
+        k > 0 && (k as usize) < N,
+        "cut mid-way ({k} rows committed)"
+    );
+
+    let s = a.serve(&[]);
+    let out = b.q(&["--json", "sync", &s.addr, "--pin", &s.fp]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(a.export("docs"), b.export("docs"));
+    assert_eq!(r["applied"].as_u64().unwrap(), 4 * (N as u64 - k), "{out}");
+    assert_eq!(r["snapshot_rows"].as_u64().unwrap(), N as u64 - k, "{out}");
+}
+
+/// A node holding `N` vectors of `docs`.
+fn source() -> Node {
     let a = Node::new("a");
     a.q(&["collection", "create", "docs", "--dim", "4"]);
     let jsonl = a.dir.path().join("data.jsonl");
@@ -53,6 +99,24 @@ fn kill_and_resume(transport: &str) {
     f.flush().unwrap();
     drop(f);
     a.q(&["import", "docs", jsonl.to_str().unwrap()]);
+    a
+}
+
+/// Waits until the sync `child` into `db` has committed some rows.
+fn wait_for_rows(db: &std::path::Path, child: &mut std::process::Child) {
+    let started = Instant::now();
+    while committed_rows(db) < 12_000 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the sync finished before it could be killed"
+        );
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill_and_resume(transport: &str) {
+    let a = source();
     let s = a.serve(&[]);
 
     let b = Node::new("b");
@@ -64,19 +128,7 @@ fn kill_and_resume(transport: &str) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    loop {
-        let n = committed_rows(&b.db);
-        if n >= 12_000 {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the sync finished before it could be killed"
-        );
-        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_rows(&b.db, &mut child);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let k = committed_rows(&b.db);

@@ -275,4 +275,20 @@ fn a_completed_sync_leaves_each_side_the_others_acknowledgement() {
     assert!(got[0]["behind"].as_u64().unwrap() >= 1, "{got:?}");
     let text = a.q(&["status"]);
     assert!(text.contains("ack  b ("), "{text}");
+    // A sync of some of the shard's tables says nothing of the others: b
+    // takes docs only, and still lacks a's note.
+    for n in [&a, &b] {
+        n.q(&["collection", "create", "notes", "--dim", "3"]);
+    }
+    sync_json(&b, &sa.addr, &["--pin", &sa.fp]);
+    a.q(&["put", "notes", "n1", "--vector", "[4,4,4]"]);
+    a.q(&["put", "docs", "w", "--vector", "[5,5,5]"]);
+    sync_json(&b, &sa.addr, &["--pin", &sa.fp, "--tables", "docs"]);
+    let got = acks(&a);
+    assert!(
+        got[0]["behind"].as_u64().unwrap() >= 1,
+        "the note is not acknowledged: {got:?}"
+    );
+    sync_json(&b, &sa.addr, &["--pin", &sa.fp]);
+    assert_eq!(acks(&a)[0]["behind"], 0, "{:?}", acks(&a));
 }

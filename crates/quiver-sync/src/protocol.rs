@@ -297,20 +297,28 @@ async fn read_changes(
 }
 
 /// Records what the peer holds of `shard` after a completed exchange: the
-/// meet of its tables' versions (what it holds of every table). A failure
-/// to record is logged; it only makes the acknowledgement older.
+/// meet of its tables' versions (what it holds of every table). An
+/// exchange of some of the shard's tables (`--tables`, or a peer lacking
+/// some) says nothing of the others, so it records nothing. A failure to
+/// record is logged; it only makes the acknowledgement older.
 async fn record_ack(
     handle: &StoreHandle,
     peer: &Peer,
     shard: &str,
     acked: BTreeMap<String, VersionVector>,
 ) {
-    let Some(vv) = acked.into_values().reduce(|a, b| a.meet(&b)) else {
-        return;
-    };
     let (site, node, shard) = (peer.site, peer.name.clone(), shard.to_string());
     let r = handle
-        .call(move |s| s.record_ack(&site, &node, &shard, &vv))
+        .call(move |s| {
+            let whole = s
+                .shard_tables(&shard)?
+                .iter()
+                .all(|t| acked.contains_key(&t.name));
+            match acked.into_values().reduce(|a, b| a.meet(&b)) {
+                Some(vv) if whole => s.record_ack(&site, &node, &shard, &vv),
+                _ => Ok(()),
+            }
+        })
         .await;
     if let Err(e) = r
         .map_err(|e| e.to_string())

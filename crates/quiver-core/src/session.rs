@@ -232,11 +232,16 @@ impl PullPlan {
     }
 
     /// Takes in an arriving batch: its claims, and if it is part of a
-    /// snapshot (then it holds that table's rows only), its rows.
+    /// snapshot, the rows of the snapshot's table (a batch may also hold
+    /// another table's history before them).
     pub fn take(&mut self, b: &ChangeBatch) {
         self.advance(&b.covered);
         if let Some(m) = &b.snapshot {
-            let rows = b.changes.iter().filter(|c| c.is_existence()).count() as u64;
+            let rows = b
+                .changes
+                .iter()
+                .filter(|c| c.is_existence() && c.table == m.table)
+                .count() as u64;
             let slot = self.snapshots.entry(m.table.clone()).or_default();
             slot.0 += rows;
             slot.1 = m.rows.max(slot.0);
@@ -920,6 +925,54 @@ mod tests {
             4 + 5 + 3
         );
         assert_eq!(plan.advance(&[cov("docs", a, 10)]), plan.total);
+    }
+
+    /// A snapshot batch's rows count against the rows its mark says the
+    /// stream sends; another table's history in the same batch does not.
+    #[test]
+    fn a_pull_plan_counts_snapshot_rows_of_the_marked_table_only() {
+        let a = SiteId::from_bytes([1; 16]);
+        let row = |t: &str, k: &str, col: Option<&str>| crate::Change {
+            table: t.into(),
+            pk: vec![crate::Value::Text(k.into())],
+            column: col.map(str::to_string),
+            value: crate::Value::Null,
+            hlc: crate::Hlc::ZERO,
+            site: a,
+            db_version: 1,
+            cl: 1,
+            replaces: VersionVector::new(),
+        };
+        let mark = |rows: u64| {
+            Some(Box::new(SnapshotMark {
+                table: "docs".into(),
+                after: Some(crate::Value::Text("k".into())),
+                versions: vv(&[(a, 9)]),
+                rows,
+            }))
+        };
+        let mut plan = PullPlan::default();
+        assert_eq!(plan.snapshot_rows(), None);
+        plan.take(&ChangeBatch {
+            shard: "s".into(),
+            changes: vec![
+                row("notes", "n1", None),
+                row("docs", "k1", None),
+                row("docs", "k1", Some("title")),
+                row("docs", "k2", None),
+            ],
+            covered: vec![],
+            snapshot: mark(5),
+        });
+        assert_eq!(plan.snapshot_rows(), Some((2, 5)));
+        plan.take(&ChangeBatch {
+            shard: "s".into(),
+            changes: vec![row("docs", "k3", None), row("docs", "k4", None)],
+            covered: vec![],
+            snapshot: mark(5),
+        });
+        assert_eq!(plan.snapshot_rows(), Some((4, 5)));
+        assert_eq!(plan.snapshot_tables(), ["docs"]);
     }
 
     fn def(name: &str) -> TableDef {

@@ -28,7 +28,10 @@ fn version_of(c: &Change) -> Version {
 }
 
 /// The WAL size past which an apply copies its pages into the database.
-const WAL_CHECKPOINT_BYTES: u64 = 1 << 20;
+/// Our connections also cut the WAL file back to this size when it starts
+/// over (`journal_size_limit`), so a file past it holds that much not yet
+/// copied, not just the trace of an earlier large sync.
+pub(crate) const WAL_CHECKPOINT_BYTES: u64 = 1 << 20;
 
 /// A batch that would break a constraint of a user table (a row without
 /// a value its NOT NULL column needs, a CHECK) is bad input from the peer,

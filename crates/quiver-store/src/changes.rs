@@ -281,7 +281,9 @@ impl Store {
                 [&t.name],
                 |r| r.get(0),
             )?;
-            if snapshot_wanted(&own, their_vv) {
+            // Changes held here for a column this store does not know go by
+            // version range, which only history sends.
+            if !held && snapshot_wanted(&own, their_vv) {
                 segments.push(Segment {
                     table: t.clone(),
                     site: self.site,
@@ -526,8 +528,15 @@ impl ChangeStream<'_> {
             let Some(own) = &seg.snapshot else {
                 continue;
             };
-            if let Some(m) = marks.iter().find(|m| m.table == seg.table.name) {
-                seg.snapshot = Some(own.meet(&m.versions));
+            // A mark sharing no versions with this store (taken from a
+            // replica holding other sites' writes) would claim nothing at
+            // the end: the snapshot starts over instead.
+            let Some(m) = marks.iter().find(|m| m.table == seg.table.name) else {
+                continue;
+            };
+            let meet = own.meet(&m.versions);
+            if !meet.is_empty() {
+                seg.snapshot = Some(meet);
                 seg.resume_after = m.after.clone();
             }
         }

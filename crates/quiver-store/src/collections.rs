@@ -320,16 +320,7 @@ impl Store {
     pub fn drop_collection(&mut self, name: &str) -> Result<()> {
         let t = self.collection(name)?;
         self.local_write(|tx| {
-            for sql in [
-                "DELETE FROM quiver_clock WHERE tbl = ?1",
-                "DELETE FROM quiver_pending WHERE tbl = ?1",
-                "DELETE FROM quiver_siblings WHERE tbl = ?1",
-                "DELETE FROM quiver_vv WHERE tbl = ?1",
-                "DELETE FROM quiver_conflicts WHERE tbl = ?1",
-                "DELETE FROM quiver_tables WHERE id = ?1",
-            ] {
-                tx.execute(sql, [t.id])?;
-            }
+            crate::evolve::unregister(tx, t.id)?;
             tx.execute_batch(&format!("DROP TABLE {}", quote(&t.name)))?;
             Ok(())
         })

@@ -347,19 +347,27 @@ fn forget_column(conn: &Connection, tid: i64, col: &str) -> Result<()> {
     Ok(())
 }
 
-/// Unregisters a table dropped by another writer and remembers it, so a
-/// peer's definition does not bring it back behind the user's back.
-fn forget_table(conn: &Connection, t: &TableInfo) -> Result<()> {
+/// Deletes a table's replication state and its registration (by id: a
+/// table registered later may get the same id, and must inherit nothing).
+pub(crate) fn unregister(conn: &Connection, tid: i64) -> Result<()> {
     for sql in [
         "DELETE FROM quiver_clock WHERE tbl = ?1",
         "DELETE FROM quiver_siblings WHERE tbl = ?1",
         "DELETE FROM quiver_vv WHERE tbl = ?1",
         "DELETE FROM quiver_pending WHERE tbl = ?1",
         "DELETE FROM quiver_conflicts WHERE tbl = ?1",
+        "DELETE FROM quiver_snapshots WHERE tbl = ?1",
         "DELETE FROM quiver_tables WHERE id = ?1",
     ] {
-        conn.execute(sql, [t.id])?;
+        conn.execute(sql, [tid])?;
     }
+    Ok(())
+}
+
+/// Unregisters a table dropped by another writer and remembers it, so a
+/// peer's definition does not bring it back behind the user's back.
+fn forget_table(conn: &Connection, t: &TableInfo) -> Result<()> {
+    unregister(conn, t.id)?;
     for sql in [
         "DELETE FROM quiver_held WHERE tbl = ?1",
         "DELETE FROM quiver_schema_conflicts WHERE tbl = ?1",

@@ -207,6 +207,11 @@ pub(crate) fn configure(conn: &Connection) -> Result<()> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "cache_size", -65536)?;
     conn.pragma_update(None, "wal_autocheckpoint", 10000)?;
+    conn.pragma_update(
+        None,
+        "journal_size_limit",
+        crate::apply::WAL_CHECKPOINT_BYTES as i64,
+    )?;
     Ok(())
 }
 

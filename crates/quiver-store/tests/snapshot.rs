@@ -273,3 +273,65 @@ fn an_interrupted_snapshot_resumes_past_the_last_key_committed() -> R {
     assert_eq!(export(&a, "notes"), export(&d, "notes"));
     Ok(())
 }
+
+/// A mark taken from one replica, handed to another that shares none of
+/// its versions, would claim nothing at the end and leave the table a
+/// snapshot forever: that snapshot starts over, and ends with claims.
+#[test]
+fn a_mark_sharing_no_versions_with_the_sender_starts_over() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut s = stores(&dir, 3, Strategy::Lww);
+    let mut e = s.pop().unwrap();
+    let mut d = s.pop().unwrap();
+    let mut a = s.pop().unwrap();
+    fill(&a, 300, "a");
+    fill(&e, 200, "e");
+    let first = stream(&a, &d);
+    for batch in &first[..first.len() / 2] {
+        d.apply(batch)?;
+    }
+    assert_eq!(d.snapshot_progress("default")?.len(), 1);
+    let rest = resumed(&e, &d);
+    assert_eq!(rows_in(&rest), 200, "all of e's rows, from the start");
+    assert!(!rest.last().unwrap().covered.is_empty(), "and its claims");
+    for batch in &rest {
+        d.apply(batch)?;
+    }
+    assert!(d.snapshot_progress("default")?.is_empty());
+    pull(&mut d, &a, "default");
+    pull(&mut a, &e, "default");
+    pull(&mut e, &a, "default");
+    assert_eq!(export(&a, "notes"), export(&d, "notes"));
+    assert_eq!(export(&e, "notes"), export(&d, "notes"));
+    Ok(())
+}
+
+/// A table dropped and created again (it may get the same id) inherits no
+/// mark of a snapshot the old one received in part.
+#[test]
+fn a_dropped_table_leaves_no_mark_behind() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut s = stores(&dir, 2, Strategy::Lww);
+    let mut c = s.pop().unwrap();
+    let mut a = s.pop().unwrap();
+    let recs: Vec<quiver_store::Record> = (0..300)
+        .map(|i| quiver_store::Record::new(&format!("r{i:04}"), vec![i as f32, 1.0, 2.0]))
+        .collect();
+    a.put_many("docs", &recs)?;
+    let mut theirs = c.table_versions("default")?;
+    theirs.retain(|t, _| t == "docs");
+    let first: Vec<ChangeBatch> = a
+        .changes_since_tables("default", &theirs, small())?
+        .collect::<Result<_, _>>()?;
+    for batch in &first[..first.len() / 2] {
+        c.apply(batch)?;
+    }
+    assert_eq!(c.snapshot_progress("default")?.len(), 1);
+    c.drop_collection("docs")?;
+    assert!(c.snapshot_progress("default")?.is_empty());
+    c.create_collection(&quiver_store::CollectionSpec::new("docs", 3))?;
+    assert!(c.snapshot_progress("default")?.is_empty());
+    pull(&mut c, &a, "default");
+    assert_eq!(export(&a, "docs"), export(&c, "docs"));
+    Ok(())
+}

@@ -395,6 +395,7 @@ impl ChangeStream<'_> {
             }
         }
         let mut bytes = 0;
+        let start = out.len();
         let mut push = |c: Change, out: &mut Vec<Change>| {
             bytes += approx_size(&c);
             out.push(c);
@@ -428,6 +429,13 @@ impl ChangeStream<'_> {
             {
                 push(v.to_change(&t.name, &pk, Some(col)), out);
             }
+        }
+        // Nothing but a record the requester holds: nothing to send (a
+        // snapshot meets rows that came from the requester itself while
+        // it was read).
+        if out.len() == start + 1 && seg.theirs.covers(&ex.dot) {
+            out.truncate(start);
+            return Ok(Some(0));
         }
         Ok(Some(bytes))
     }

@@ -48,6 +48,10 @@ struct Segment {
     /// A snapshot continued from a receiver's mark: the rows up to this
     /// key arrived in an earlier stream.
     resume_after: Option<Value>,
+    /// With `resume_after`: what the rows up to that key held when they
+    /// were sent (the meet of the mark's versions and this store's). Those
+    /// of them written since go again first.
+    resume_since: Option<VersionVector>,
     /// How many rows a snapshot segment sends, counted when it starts.
     rows: Option<u64>,
 }
@@ -125,6 +129,11 @@ pub struct ChangeStream<'s> {
     /// The key through which every row of the current snapshot segment
     /// has been sent (it stops at the first row skipped).
     sent_through: Option<Value>,
+    /// Of a resumed snapshot segment: the rows up to the mark's key written
+    /// since they were sent, still to go again (`None`: not read yet), and
+    /// whether none of them was skipped.
+    catchup: Option<Vec<Value>>,
+    catchup_clean: bool,
 }
 
 /// The newest of this store's own db_versions that no write can change
@@ -294,6 +303,7 @@ impl Store {
                     held,
                     snapshot: Some(own),
                     resume_after: None,
+                    resume_since: None,
                     rows: None,
                 });
                 continue;
@@ -314,6 +324,7 @@ impl Store {
                     held,
                     snapshot: None,
                     resume_after: None,
+                    resume_since: None,
                     rows: None,
                 });
             }
@@ -338,6 +349,8 @@ impl Store {
             cap: None,
             skipped: Vec::new(),
             sent_through: None,
+            catchup: None,
+            catchup_clean: true,
         })
     }
 }
@@ -521,6 +534,8 @@ impl ChangeStream<'_> {
             .segments
             .get(self.seg)
             .and_then(|s| s.resume_after.clone());
+        self.catchup = None;
+        self.catchup_clean = true;
     }
 
     /// Continues the snapshots a receiver took in part (the marks it
@@ -544,15 +559,73 @@ impl ChangeStream<'_> {
             };
             let meet = own.meet(&m.versions);
             if !meet.is_empty() {
-                seg.snapshot = Some(meet);
                 seg.resume_after = m.after.clone();
+                seg.resume_since = Some(meet);
             }
         }
         if let Some(first) = self.segments.first() {
             self.cursor = first.start();
             self.sent_through = first.resume_after.clone();
         }
+        self.catchup = None;
+        self.catchup_clean = true;
         self
+    }
+
+    /// The rows of table `tid` up to key `after` with a record written
+    /// since `since` (deletes and new rows included), in key order.
+    fn changed_since(
+        &mut self,
+        tid: i64,
+        after: &Value,
+        since: &VersionVector,
+    ) -> Result<Vec<Value>> {
+        let mut keys: Vec<Value> = Vec::new();
+        for sql in [
+            "SELECT pk, site, dbv FROM quiver_clock WHERE tbl = ?1 AND pk <= ?2 ORDER BY pk",
+            "SELECT pk, site, dbv FROM quiver_siblings WHERE tbl = ?1 AND pk <= ?2 ORDER BY pk",
+        ] {
+            let rows: Vec<(Value, i64, i64)> = self
+                .conn
+                .prepare_cached(sql)?
+                .query_map(params![tid, P(after)], |r| {
+                    Ok((
+                        crate::sqlvalue::from_ref(r.get_ref(0)?),
+                        r.get(1)?,
+                        r.get(2)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let from_clock = keys.len();
+            for (pk, site, dbv) in rows {
+                let newer = dbv as u64 > since.get(&self.sites.id(self.conn, site)?);
+                let known = keys.last() == Some(&pk) || keys[..from_clock].contains(&pk);
+                if newer && !known {
+                    keys.push(pk);
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Marks `batch` with how far the current snapshot segment has come.
+    /// Until the rows written since a resumed snapshot's mark have gone
+    /// again (all of them), the rows up to its key hold only what they held
+    /// then.
+    fn mark(&self, batch: &mut ChangeBatch) {
+        let seg = &self.segments[self.seg];
+        let pending = self.catchup.as_ref().is_some_and(|c| !c.is_empty()) || !self.catchup_clean;
+        let versions = match (&seg.resume_since, &seg.snapshot) {
+            (Some(since), _) if pending => since,
+            (_, Some(own)) => own,
+            (_, None) => return,
+        };
+        batch.snapshot = Some(Box::new(SnapshotMark {
+            table: seg.table.name.clone(),
+            after: self.sent_through.clone(),
+            versions: versions.clone(),
+            rows: seg.rows.unwrap_or(0),
+        }));
     }
 
     /// Reads the next page of a snapshot segment's rows into `batch`;
@@ -575,6 +648,34 @@ impl ChangeStream<'_> {
                 |r| r.get(0),
             )?;
             self.segments[self.seg].rows = Some(rows as u64);
+        }
+        // A resumed snapshot first sends again the rows up to the mark's
+        // key written since they were sent: then the claims at the end
+        // (what this store held when the stream began) hold for them too.
+        if self.catchup.is_none() {
+            let seg = &self.segments[self.seg];
+            let mut keys = match (seg.resume_after.clone(), seg.resume_since.clone()) {
+                (Some(after), Some(since)) => self.changed_since(tid, &after, &since)?,
+                _ => Vec::new(),
+            };
+            keys.reverse();
+            if let Some(rows) = &mut self.segments[self.seg].rows {
+                *rows += keys.len() as u64;
+            }
+            self.catchup = Some(keys);
+        }
+        while let Some(key) = self.catchup.as_mut().and_then(Vec::pop) {
+            match self.emit_row(self.seg, &key, -1, &mut batch.changes)? {
+                Some(n) => *bytes += n,
+                None => {
+                    self.catchup_clean = false;
+                    self.skipped.push(key);
+                }
+            }
+            if full(batch, *bytes, &self.limits) {
+                self.mark(batch);
+                return Ok(false);
+            }
         }
         let page = self.limits.max_changes.clamp(64, 4096) as i64;
         let keys: Vec<Value> = match &after {
@@ -615,15 +716,7 @@ impl ChangeStream<'_> {
                 break;
             }
         }
-        let seg = &self.segments[self.seg];
-        if let Some(versions) = &seg.snapshot {
-            batch.snapshot = Some(Box::new(SnapshotMark {
-                table: seg.table.name.clone(),
-                after: self.sent_through.clone(),
-                versions: versions.clone(),
-                rows: seg.rows.unwrap_or(0),
-            }));
-        }
+        self.mark(batch);
         if (found as i64) == page || taken < found {
             return Ok(false);
         }

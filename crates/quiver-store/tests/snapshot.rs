@@ -225,23 +225,47 @@ fn an_interrupted_snapshot_resumes_past_the_last_key_committed() -> R {
     shell(&a, "UPDATE notes SET title = 'moved' WHERE n % 9 = 0");
     shell(&a, "DELETE FROM notes WHERE n % 13 = 0");
     fill(&a, 40, "z");
+    let mark = marks[0].after.clone().unwrap();
     let rest = resumed(&a, &c);
-    // Every row record of the source (deleted ones too), each sent once:
-    // the new keys sort after the mark.
+    // The rows up to the mark that changed since go again (first), then
+    // every row past it once (deleted ones too; the new keys sort after).
+    let below = |k: &Value| key_text(k) <= key_text(&mark);
+    let again = rest
+        .iter()
+        .flat_map(|b| &b.changes)
+        .filter(|c| c.column.is_none() && below(&c.pk[0]))
+        .count();
+    let changed_below = a
+        .connection()
+        .prepare("SELECT id FROM notes WHERE n % 9 = 0")?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|k| *k <= key_text(&mark))
+        .count();
+    assert!(changed_below > 0, "the test changes rows below the mark");
+    assert!(
+        again >= changed_below,
+        "{again} again, {changed_below} updated"
+    );
     let records: i64 = rusqlite::Connection::open(a.path())?.query_row(
         "SELECT count(*) FROM quiver_clock WHERE col = ''",
         [],
         |r| r.get(0),
     )?;
     assert_eq!(
-        (sent_before + rows_in(&rest)) as i64,
+        (sent_before + rows_in(&rest) - again) as i64,
         records,
-        "{sent_before} rows before the cut, {} after",
+        "{sent_before} rows before the cut, {} after ({again} again)",
         rows_in(&rest)
+    );
+    assert!(
+        (again as i64) < sent_before as i64,
+        "only the rows changed go again"
     );
     assert_eq!(
         rest[0].snapshot.as_ref().map(|m| m.rows as i64),
-        Some(records - sent_before as i64),
+        Some(records - sent_before as i64 + again as i64),
         "the rows left"
     );
     for batch in &rest {
@@ -251,7 +275,9 @@ fn an_interrupted_snapshot_resumes_past_the_last_key_committed() -> R {
         c.snapshot_progress("default")?.is_empty(),
         "the claims ended it"
     );
-    // The claims are the meet of both attempts: what the first held.
+    // One resumed stream, and the replica holds what the source held when
+    // it began.
+    assert_eq!(export(&a, "notes"), export(&c, "notes"));
     pull(&mut c, &a, "default");
     assert_eq!(export(&a, "notes"), export(&c, "notes"));
 
@@ -267,6 +293,7 @@ fn an_interrupted_snapshot_resumes_past_the_last_key_committed() -> R {
     for batch in resumed(&b, &d) {
         d.apply(&batch)?;
     }
+    assert_eq!(export(&b, "notes"), export(&d, "notes"), "one stream");
     pull(&mut d, &b, "default");
     pull(&mut d, &a, "default");
     pull(&mut a, &b, "default");

@@ -43,14 +43,34 @@ fn key_text(v: &Value) -> String {
     }
 }
 
-/// The batches of a stream from `src` to `dst` for `notes`.
-fn stream(src: &Store, dst: &Store) -> Vec<ChangeBatch> {
+/// What `dst` holds of `table`, as it would ask for it.
+fn theirs(
+    dst: &Store,
+    table: &str,
+) -> std::collections::BTreeMap<String, quiver_core::VersionVector> {
     let mut theirs = dst.table_versions("default").unwrap();
-    theirs.retain(|t, _| t == "notes");
-    src.changes_since_tables("default", &theirs, small())
+    theirs.retain(|t, _| t == table);
+    theirs
+}
+
+/// The batches of a stream from `src` to `dst` for `table`, continuing the
+/// snapshot `dst` took in part if `resume`.
+fn stream_of(src: &Store, dst: &Store, table: &str, resume: bool) -> Vec<ChangeBatch> {
+    let marks = if resume {
+        dst.snapshot_progress("default").unwrap()
+    } else {
+        Vec::new()
+    };
+    src.changes_since_tables("default", &theirs(dst, table), small())
         .unwrap()
+        .resume_snapshots(&marks)
         .collect::<Result<_, _>>()
         .unwrap()
+}
+
+/// The batches of a stream from `src` to `dst` for `notes`.
+fn stream(src: &Store, dst: &Store) -> Vec<ChangeBatch> {
+    stream_of(src, dst, "notes", false)
 }
 
 #[test]
@@ -117,8 +137,7 @@ fn writes_on_the_source_while_a_snapshot_is_read_are_not_lost() -> R {
     let mut c = s.pop().unwrap();
     let a = s.pop().unwrap();
     fill(&a, 400, "a");
-    let mut theirs = c.table_versions("default")?;
-    theirs.retain(|t, _| t == "notes");
+    let theirs = theirs(&c, "notes");
     let mut applied = 0;
     {
         let st = a.changes_since_tables("default", &theirs, small())?;
@@ -155,8 +174,7 @@ fn a_row_in_a_version_open_to_the_end_withholds_the_claims() -> R {
     let mut c = s.pop().unwrap();
     let a = s.pop().unwrap();
     fill(&a, 100, "a");
-    let mut theirs = c.table_versions("default")?;
-    theirs.retain(|t, _| t == "notes");
+    let theirs = theirs(&c, "notes");
     let batches: Vec<_> = {
         let mut st = a.changes_since_tables("default", &theirs, small())?;
         shell(&a, "INSERT INTO notes VALUES('a-late', 'late', 'x', 0)");
@@ -176,14 +194,7 @@ fn a_row_in_a_version_open_to_the_end_withholds_the_claims() -> R {
 /// The batches of a stream from `src` to `dst` for `notes`, continuing the
 /// snapshot `dst` took in part.
 fn resumed(src: &Store, dst: &Store) -> Vec<ChangeBatch> {
-    let mut theirs = dst.table_versions("default").unwrap();
-    theirs.retain(|t, _| t == "notes");
-    let marks = dst.snapshot_progress("default").unwrap();
-    src.changes_since_tables("default", &theirs, small())
-        .unwrap()
-        .resume_snapshots(&marks)
-        .collect::<Result<_, _>>()
-        .unwrap()
+    stream_of(src, dst, "notes", true)
 }
 
 fn rows_in(batches: &[ChangeBatch]) -> usize {
@@ -345,11 +356,7 @@ fn a_dropped_table_leaves_no_mark_behind() -> R {
         .map(|i| quiver_store::Record::new(&format!("r{i:04}"), vec![i as f32, 1.0, 2.0]))
         .collect();
     a.put_many("docs", &recs)?;
-    let mut theirs = c.table_versions("default")?;
-    theirs.retain(|t, _| t == "docs");
-    let first: Vec<ChangeBatch> = a
-        .changes_since_tables("default", &theirs, small())?
-        .collect::<Result<_, _>>()?;
+    let first = stream_of(&a, &c, "docs", false);
     for batch in &first[..first.len() / 2] {
         c.apply(batch)?;
     }
@@ -373,8 +380,7 @@ fn a_snapshot_does_not_send_the_requester_its_own_rows() -> R {
     let a = s.pop().unwrap();
     fill(&a, 300, "a");
     fill(&b, 50, "b");
-    let mut theirs = b.table_versions("default")?;
-    theirs.retain(|t, _| t == "notes");
+    let theirs = theirs(&b, "notes");
     let mut batches = Vec::new();
     {
         let mut st = a.changes_since_tables("default", &theirs, small())?;

@@ -59,12 +59,21 @@ async fn a_full_queue_makes_senders_wait_instead_of_growing() -> R {
     let dir = tempfile::tempdir()?;
     let h = handle(&dir);
     h.create_collection(CollectionSpec::new("docs", 1)).await?;
-    // Hold the store thread.
+    // Hold the store thread, and wait until it is held: puts queued before
+    // the blocker runs would be served, and the queue would never fill.
     let (release, held) = std::sync::mpsc::channel::<()>();
+    let (holding, is_held) = tokio::sync::oneshot::channel::<()>();
     let blocker = {
         let h = h.clone();
-        tokio::spawn(async move { h.call(move |_| held.recv().ok()).await })
+        tokio::spawn(async move {
+            h.call(move |_| {
+                let _ = holding.send(());
+                held.recv().ok()
+            })
+            .await
+        })
     };
+    is_held.await?;
     let wanted = REQUEST_QUEUE + 50;
     let mut puts = tokio::task::JoinSet::new();
     for i in 0..wanted {

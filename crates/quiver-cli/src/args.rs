@@ -146,6 +146,21 @@ pub enum Command {
         #[arg(long, value_name = "ADDR")]
         server: Option<String>,
     },
+    /// Purge tombstones and superseded records every peer has acknowledged
+    /// (peers silent past the horizon excepted), and give the space back.
+    Compact {
+        /// Only this shard.
+        #[arg(long)]
+        shard: Option<String>,
+        /// Say what would be purged and what holds the rest back; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Peers silent this long (days, fractions allowed) stop holding
+        /// compaction back (default: the store's, set by the daemon's
+        /// peer_horizon_days, else 30).
+        #[arg(long, value_name = "DAYS")]
+        peer_horizon_days: Option<f64>,
+    },
     /// The daemon's effective configuration, with where each value came from.
     #[command(subcommand)]
     Config(ConfigCmd),

@@ -309,6 +309,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Conflicts(c) => conflicts(open()?, c, json)?,
         Command::Search(a) => crate::search_cmd::run(&read()?, a, json)?,
         Command::Status { server: None } => status(&read()?, json)?,
+        Command::Compact {
+            shard,
+            dry_run,
+            peer_horizon_days,
+        } => compact(
+            &mut open()?,
+            &quiver_store::CompactOptions {
+                shard,
+                dry_run,
+                peer_horizon_days,
+            },
+            json,
+        )?,
         Command::Status { server: Some(addr) } => crate::net::server_status(&addr, json)?,
         Command::Peers(p @ PeersCmd::List) => peers(read()?, p, json)?,
         Command::Peers(p) => peers(open()?, p, json)?,
@@ -857,7 +870,12 @@ fn status(s: &Store, json: bool) -> Result<()> {
                 quiver_store::wall_ms().saturating_sub(a.at_ms) / 1000
             );
             let short = &a.site[..a.site.len().min(8)];
-            if a.behind == 0 {
+            if a.beyond_horizon {
+                println!(
+                    "  ack  {} ({short}) beyond the horizon: silent since {ago}, no longer holds compaction back",
+                    a.node
+                );
+            } else if a.behind == 0 {
                 println!("  ack  {} ({short}) holds all of it, as of {ago}", a.node);
             } else {
                 println!(
@@ -900,6 +918,51 @@ fn status(s: &Store, json: bool) -> Result<()> {
                     .join(", ")
             );
         }
+    }
+    Ok(())
+}
+
+/// `quiver compact`: one pass, reported per shard.
+fn compact(store: &mut Store, opts: &quiver_store::CompactOptions, json: bool) -> Result<()> {
+    let r = store.compact(opts)?;
+    if json {
+        return crate::output::json(&r);
+    }
+    let verb = if r.dry_run { "would purge" } else { "purged" };
+    for s in &r.shards {
+        println!(
+            "{}: {verb} {} tombstone(s), {} superseded record(s), {} resolved conflict(s); {} clock record(s) {}",
+            s.shard,
+            s.tombstones,
+            s.superseded,
+            s.conflicts,
+            if r.dry_run { s.clock_records_before } else { s.clock_records_after },
+            if r.dry_run { "now" } else { "left" },
+        );
+        for h in &s.held_by {
+            println!(
+                "  held back: {} record(s) not acknowledged by {} ({}), whose last sync ended {} s ago",
+                h.records,
+                h.node,
+                &h.site[..h.site.len().min(8)],
+                quiver_store::wall_ms().saturating_sub(h.since_ms) / 1000
+            );
+        }
+        for b in &s.beyond_horizon {
+            println!(
+                "  beyond the horizon ({} days): {} ({}), silent for {} s, not waited for",
+                r.peer_horizon_days,
+                b.node,
+                &b.site[..b.site.len().min(8)],
+                quiver_store::wall_ms().saturating_sub(b.last_ack_ms) / 1000
+            );
+        }
+    }
+    if !r.dry_run {
+        println!(
+            "file {} -> {} bytes (space given back by {}), {:.3} s",
+            r.bytes_before, r.bytes_after, r.space, r.seconds
+        );
     }
     Ok(())
 }

@@ -80,4 +80,10 @@ pub struct SnapshotMark {
     pub after: Option<Value>,
     pub versions: VersionVector,
     pub rows: u64,
+    /// The receiver holds less than the sender compacted: every row the
+    /// sender has comes (those the receiver holds as just their row
+    /// record), and at the end the receiver takes away, or holds for
+    /// review, the rows that did not come and that `versions` covers.
+    #[serde(default)]
+    pub sweep: bool,
 }

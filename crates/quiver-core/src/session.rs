@@ -949,6 +949,7 @@ mod tests {
                 after: Some(crate::Value::Text("k".into())),
                 versions: vv(&[(a, 9)]),
                 rows,
+                sweep: false,
             }))
         };
         let mut plan = PullPlan::default();

@@ -457,6 +457,7 @@ mod tests {
                 after: Some(crate::Value::Text("k17".into())),
                 versions: VersionVector::new(),
                 rows: 40,
+                sweep: false,
             })),
             ..batch
         };

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use quiver_core::merge::{merge_cell, merge_existence, visible_value, Verdict, Version};
-use quiver_core::{Change, ChangeBatch, Hlc, Value};
-use rusqlite::{params, Transaction};
+use quiver_core::{Change, ChangeBatch, Hlc, Value, VersionVector};
+use rusqlite::{params, OptionalExtension, Transaction};
 
 use crate::catalog::{self, TableInfo};
 use crate::conflicts;
@@ -231,6 +231,41 @@ impl Store {
             [floor.as_i64()],
         )?;
         let mut sites = Sites::default();
+        // A snapshot for a replica holding less than its sender compacted:
+        // the keys it brings are noted, so that at its end the rows it did
+        // not bring can follow the source (see `resurrect`).
+        let sweep = batch
+            .snapshot
+            .as_ref()
+            .filter(|m| m.sweep)
+            .and_then(|m| tables.get(&m.table))
+            .map(|t| t.id);
+        if let (Some(tid), Some(m)) = (sweep, &batch.snapshot) {
+            let mut seen = tx.prepare_cached(
+                "INSERT OR IGNORE INTO quiver_snapshot_seen(tbl, pk) VALUES (?1, ?2)",
+            )?;
+            for c in changes.iter().filter(|c| c.table == m.table) {
+                seen.execute(params![tid, P(&pk_key(&c.pk))])?;
+            }
+        }
+        // Tables compacted here, with what this store holds of them: a
+        // write to a row of theirs with no record here may be to a row
+        // deleted and compacted away.
+        let mut compacted = HashMap::new();
+        for t in tables.values() {
+            if !crate::compact::compacted_floor(&tx, t.id)?.is_empty() {
+                compacted.insert(
+                    t.id,
+                    crate::changes::table_vv(&tx, &mut sites, t, self.site)?,
+                );
+            }
+        }
+        let ctx = RowCtx {
+            replay: replay.is_some(),
+            own: self.site,
+            now: floor,
+            compacted: &compacted,
+        };
         let quiet = if crate::triggers::only_ours(&tx, tables.keys().map(String::as_str))? {
             Some(crate::triggers::TriggersOff::new(&tx)?)
         } else {
@@ -249,11 +284,35 @@ impl Store {
                 &mut sites,
                 t,
                 &changes[start..end],
-                replay.is_some(),
+                &ctx,
                 &mut report,
                 &mut events,
             )?;
             start = end;
+        }
+        for t in tables.values() {
+            let swept: bool = tx
+                .prepare_cached("SELECT sweep FROM quiver_snapshots WHERE tbl = ?1")?
+                .query_row([t.id], |r| r.get(0))
+                .optional()?
+                .unwrap_or(false)
+                || sweep == Some(t.id);
+            let mut claimed = VersionVector::new();
+            for c in batch.covered.iter().filter(|c| c.table == t.name) {
+                claimed.advance(c.site, c.version);
+            }
+            if swept && !claimed.is_empty() {
+                crate::resurrect::sweep(
+                    &tx,
+                    &mut sites,
+                    t,
+                    &claimed,
+                    self.site,
+                    floor,
+                    &mut report,
+                    &mut events,
+                )?;
+            }
         }
         drop(quiet);
         tx.execute("UPDATE quiver_state SET applying = 0", [])?;
@@ -265,10 +324,10 @@ impl Store {
                 let vv = serde_json::to_string(&m.versions)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 tx.prepare_cached(
-                    "INSERT INTO quiver_snapshots(tbl, after, vv) VALUES (?1, ?2, ?3)
+                    "INSERT INTO quiver_snapshots(tbl, after, vv, sweep) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT(tbl) DO UPDATE SET after = excluded.after, vv = excluded.vv",
                 )?
-                .execute(params![t.id, P(after), vv])?;
+                .execute(params![t.id, P(after), vv, sweep == Some(t.id)])?;
             }
         }
         for c in &batch.covered {
@@ -329,6 +388,37 @@ impl Store {
     }
 }
 
+/// What every row of a batch shares.
+struct RowCtx<'a> {
+    /// Held changes replayed (see [`apply_row`]).
+    replay: bool,
+    own: quiver_core::SiteId,
+    /// A clock reading past every version of the batch.
+    now: Hlc,
+    /// Tables compacted here, with what this store holds of them.
+    compacted: &'a HashMap<i64, VersionVector>,
+}
+
+/// Of a row group for a row with no record here, in a compacted table: the
+/// newest live write that built on versions this store holds (so the row
+/// was here, and only compaction can have taken its record), unless the
+/// group brings a new life after a delete (causal length 3 or more).
+fn resurrection<'c>(group: &'c [Change], held: &VersionVector) -> Option<&'c Change> {
+    if group.iter().any(|c| c.is_existence() && c.cl >= 3) {
+        return None;
+    }
+    group
+        .iter()
+        .filter(|c| {
+            c.alive()
+                && !c.replaces.is_empty()
+                && c.replaces
+                    .iter()
+                    .all(|(s, v)| held.covers(&quiver_core::Dot::new(*s, *v)))
+        })
+        .max_by_key(|c| c.hlc)
+}
+
 /// Merges one row group: the existence record first, then the cells.
 /// Replaying held changes, a cell is merged by what its versions replaced
 /// alone: the row's knowledge moved past them while they were held.
@@ -337,13 +427,40 @@ fn apply_row(
     sites: &mut Sites,
     t: &TableInfo,
     group: &[Change],
-    replay: bool,
+    ctx: &RowCtx<'_>,
     report: &mut ApplyReport,
     events: &mut Vec<StoreEvent>,
 ) -> Result<()> {
     let pk = &group[0].pk;
     let key = pk_key(pk);
     let before = rowstate::load(tx, sites, t, &key, pk)?;
+    if before.existence.is_none() {
+        if let Some(held) = ctx.compacted.get(&t.id) {
+            if let Some(write) = resurrection(group, held) {
+                let row = group
+                    .iter()
+                    .filter_map(|c| Some((c.column.clone()?, c.value.clone())))
+                    .collect();
+                crate::resurrect::bury(
+                    tx,
+                    sites,
+                    t,
+                    &key,
+                    before,
+                    write.cl,
+                    &version_of(write),
+                    &row,
+                    ctx.own,
+                    ctx.now,
+                    events,
+                )?;
+                report.stale += group.len() as u64;
+                report.conflicts_detected += 1;
+                report.conflicts_open += 1;
+                return Ok(());
+            }
+        }
+    }
     let known = before.know.clone();
     let mut state = before.clone();
     let mut changed = false;
@@ -381,7 +498,7 @@ fn apply_row(
         let out = merge_cell(
             &held,
             version_of(ch),
-            if replay { &nothing } else { &known },
+            if ctx.replay { &nothing } else { &known },
             t.policy(col),
             t.column_kind(col),
         );

@@ -54,6 +54,9 @@ struct Segment {
     resume_since: Option<VersionVector>,
     /// How many rows a snapshot segment sends, counted when it starts.
     rows: Option<u64>,
+    /// A snapshot for a requester holding less than this store compacted
+    /// (see [`SnapshotMark::sweep`]).
+    sweep: bool,
 }
 
 impl Segment {
@@ -244,6 +247,7 @@ impl Store {
                 after: Some(after),
                 versions,
                 rows: 0,
+                sweep: false,
             });
         }
         Ok(out)
@@ -292,7 +296,13 @@ impl Store {
             )?;
             // Changes held here for a column this store does not know go by
             // version range, which only history sends.
-            if !held && snapshot_wanted(&own, their_vv) {
+            // A peer holding less of some origin than this store compacted
+            // may lack a delete whose tombstone is gone: only the current
+            // rows tell it (and it drops, or holds for review, those it
+            // has that they lack; see `resurrect`).
+            let floor = crate::compact::compacted_floor(&self.conn, t.id)?;
+            let behind = floor.iter().any(|(s, v)| their_vv.get(s) < *v);
+            if !held && (behind || snapshot_wanted(&own, their_vv)) {
                 segments.push(Segment {
                     table: t.clone(),
                     site: self.site,
@@ -305,6 +315,7 @@ impl Store {
                     resume_after: None,
                     resume_since: None,
                     rows: None,
+                    sweep: behind,
                 });
                 continue;
             }
@@ -326,6 +337,7 @@ impl Store {
                     resume_after: None,
                     resume_since: None,
                     rows: None,
+                    sweep: false,
                 });
             }
         }
@@ -446,7 +458,7 @@ impl ChangeStream<'_> {
         // Nothing but a record the requester holds: nothing to send (a
         // snapshot meets rows that came from the requester itself while
         // it was read).
-        if out.len() == start + 1 && seg.theirs.covers(&ex.dot) {
+        if out.len() == start + 1 && seg.theirs.covers(&ex.dot) && !seg.sweep {
             out.truncate(start);
             return Ok(Some(0));
         }
@@ -625,6 +637,7 @@ impl ChangeStream<'_> {
             after: self.sent_through.clone(),
             versions: versions.clone(),
             rows: seg.rows.unwrap_or(0),
+            sweep: seg.sweep,
         }));
     }
 

@@ -36,6 +36,10 @@ pub struct Conflict {
     pub versions: Vec<ConflictVersion>,
     pub resolved_at: Option<u64>,
     pub resolution: Option<String>,
+    /// `concurrent` (two writes to one cell), or `resurrection`: a write to
+    /// a row deleted and compacted away meanwhile, held for review (the
+    /// column is empty: the whole row; keep `deleted` or the write).
+    pub kind: String,
 }
 
 /// How to resolve a conflict.
@@ -165,11 +169,12 @@ type Raw = (
     String,
     Option<i64>,
     Option<String>,
+    String,
 );
 
 fn query(conn: &Connection, filter: &str) -> Result<Vec<Raw>> {
     let sql = format!(
-        "SELECT id, tbl, pk, col, strategy, detected_at, versions, resolved_at, resolution
+        "SELECT id, tbl, pk, col, strategy, detected_at, versions, resolved_at, resolution, kind
          FROM quiver_conflicts {filter} ORDER BY id"
     );
     let mut stmt = conn.prepare(&sql)?;
@@ -185,6 +190,7 @@ fn query(conn: &Connection, filter: &str) -> Result<Vec<Raw>> {
                 r.get(6)?,
                 r.get(7)?,
                 r.get(8)?,
+                r.get(9)?,
             ))
         })?
         .collect::<rusqlite::Result<_>>()?;
@@ -196,7 +202,7 @@ impl Store {
         crate::triggers::try_fold_pending(&self.conn)?;
         let tables = self.tables()?;
         let mut out = Vec::new();
-        for (id, tbl, key, col, strategy, detected, versions, resolved, resolution) in
+        for (id, tbl, key, col, strategy, detected, versions, resolved, resolution, kind) in
             query(&self.conn, filter)?
         {
             let Some(t) = tables.iter().find(|t| t.id == tbl) else {
@@ -206,7 +212,10 @@ impl Store {
                 continue;
             }
             let pk = pk_values(&key, t.pk.len()).unwrap_or_else(|| vec![key.clone()]);
-            if resolved.is_none() && !still_open(&self.conn, t, &key, &pk, &col)? {
+            if resolved.is_none()
+                && kind != "resurrection"
+                && !still_open(&self.conn, t, &key, &pk, &col)?
+            {
                 // Replaced wholesale since (INSERT OR REPLACE starts a new life).
                 continue;
             }
@@ -221,6 +230,7 @@ impl Store {
                 versions: serde_json::from_str(&versions).unwrap_or_default(),
                 resolved_at: resolved.map(|r| r as u64),
                 resolution,
+                kind,
             });
         }
         Ok(out)
@@ -282,7 +292,8 @@ impl Store {
     pub fn resolve(&mut self, id: i64, choice: Resolution) -> Result<()> {
         crate::triggers::fold_pending(&self.conn)?;
         let raw = query(&self.conn, &format!("WHERE id = {id}"))?;
-        let Some((_, tbl, key, col, ..)) = raw.into_iter().next() else {
+        let Some((_, tbl, key, col, _, _, versions_json, _, _, kind)) = raw.into_iter().next()
+        else {
             return Err(StoreError::NoSuchConflict(id));
         };
         let open: bool = self.conn.query_row(
@@ -299,6 +310,9 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt(format!("conflict {id} names an unknown table")))?;
         let pk = pk_values(&key, t.pk.len())
             .ok_or_else(|| StoreError::Corrupt(format!("conflict {id} has a bad key")))?;
+        if kind == "resurrection" {
+            return self.resolve_resurrection(id, &t, &pk, &versions_json, choice);
+        }
         let mut sites = Sites::default();
         let state = rowstate::load(&self.conn, &mut sites, &t, &key, &pk)?;
         let versions = state.cells.get(&col).cloned().unwrap_or_default();
@@ -358,5 +372,77 @@ impl Store {
             Ok(())
         })?;
         Ok(())
+    }
+
+    /// Keeps the delete (closes the conflict) or the write (inserts the row
+    /// again: a new life past this store's tombstone of it).
+    fn resolve_resurrection(
+        &mut self,
+        id: i64,
+        t: &TableInfo,
+        pk: &[Value],
+        versions_json: &str,
+        choice: Resolution,
+    ) -> Result<()> {
+        let listed: Vec<ConflictVersion> = serde_json::from_str(versions_json).unwrap_or_default();
+        let labels: Vec<&str> = listed.iter().map(|v| v.version.as_str()).collect();
+        let handle = match choice {
+            Resolution::Keep(h) => h,
+            Resolution::Value(_) => {
+                return Err(StoreError::InvalidValue(format!(
+                    "conflict {id} is a resurrection of a whole row: keep one of {}",
+                    labels.join(", ")
+                )))
+            }
+        };
+        let matches: Vec<&str> = labels
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with(&handle))
+            .collect();
+        let [kept] = matches.as_slice() else {
+            return Err(StoreError::NoSuchVersion {
+                id,
+                version: handle,
+                choices: labels.join(", "),
+            });
+        };
+        let close = "UPDATE quiver_conflicts SET resolved_at = ?2, resolution = ?3 WHERE id = ?1";
+        if *kept == crate::resurrect::DELETED {
+            self.conn
+                .execute(close, params![id, wall_ms() as i64, "kept the delete"])?;
+            return Ok(());
+        }
+        let row = crate::resurrect::stored_row(&self.conn, id)?;
+        let cols: Vec<&str> =
+            t.pk.iter()
+                .chain(t.columns.iter())
+                .map(|c| c.name.as_str())
+                .collect();
+        let null = Value::Null;
+        let values: Vec<P<'_>> = pk
+            .iter()
+            .map(P)
+            .chain(
+                t.columns
+                    .iter()
+                    .map(|c| P(row.get(&c.name).unwrap_or(&null))),
+            )
+            .collect();
+        let sql = format!(
+            "INSERT INTO {}({}) VALUES ({})",
+            quote(&t.name),
+            cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", "),
+            (1..=cols.len())
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let how = format!("kept {kept}: the row written again");
+        self.local_write(|tx| {
+            tx.execute(&sql, rusqlite::params_from_iter(values))?;
+            tx.execute(close, params![id, wall_ms() as i64, how])?;
+            Ok(())
+        })
     }
 }

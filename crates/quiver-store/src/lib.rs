@@ -10,6 +10,7 @@ mod catalog;
 mod changes;
 mod clone;
 mod collections;
+mod compact;
 mod conflicts;
 mod error;
 mod events;
@@ -17,6 +18,7 @@ mod evolve;
 mod memory;
 mod names;
 mod references;
+mod resurrect;
 mod rowstate;
 mod schema;
 mod search;
@@ -36,6 +38,10 @@ pub use catalog::{ColumnDef, TableInfo, TableKind, TableOptions};
 pub use changes::{ChangeStream, StreamLimits};
 pub use collections::{
     check_json_text, check_record, CollectionSpec, Metric, Record, RecordColumns,
+};
+pub use compact::{
+    BeyondHorizon, ClockStats, CompactOptions, CompactReport, HeldBy, ShardCompaction,
+    DEFAULT_PEER_HORIZON_DAYS,
 };
 pub use conflicts::{Conflict, ConflictVersion, Resolution};
 pub use error::{Result, StoreError};
@@ -90,6 +96,9 @@ impl Store {
                 path: path.to_path_buf(),
             });
         }
+        // Before the first table: compaction gives pages back by
+        // incremental vacuum, which needs this set while the file is empty.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         schema::configure(&conn)?;
         schema::migrate(&mut conn, path, 0)?;
         let site = SiteId::from_bytes(rand::random());

@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::{Result, StoreError};
 
 /// The newest store format this build reads and writes.
-pub const FORMAT_VERSION: i64 = 6;
+pub const FORMAT_VERSION: i64 = 7;
 
 /// Each entry migrates from format `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -189,6 +189,30 @@ CREATE TABLE quiver_snapshots(
   after NOT NULL,
   vv TEXT NOT NULL
 );
+"#,
+    r#"
+-- Per table, the highest version of each origin (JSON) whose tombstones
+-- compaction purged: a peer holding less may lack a delete, and gets a
+-- snapshot instead of history.
+CREATE TABLE quiver_compacted(
+  tbl INTEGER PRIMARY KEY,
+  vv TEXT NOT NULL
+);
+-- A snapshot received by a replica that already held rows of the table:
+-- the keys it brought, so that at its end the rows it did not bring,
+-- deleted and compacted at the source, go here too.
+ALTER TABLE quiver_snapshots ADD COLUMN sweep INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE quiver_snapshot_seen(
+  tbl INTEGER NOT NULL,
+  pk NOT NULL,
+  PRIMARY KEY (tbl, pk)
+) WITHOUT ROWID;
+-- `concurrent` (two writes to a cell) or `resurrection` (a write to a row
+-- deleted and compacted away meanwhile).
+ALTER TABLE quiver_conflicts ADD COLUMN kind TEXT NOT NULL DEFAULT 'concurrent';
+-- Of a resurrection: the row the write would have brought back (MessagePack
+-- of column to value), written again if the write is kept.
+ALTER TABLE quiver_conflicts ADD COLUMN row BLOB;
 "#,
 ];
 

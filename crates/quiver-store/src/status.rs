@@ -53,6 +53,9 @@ pub struct AckStatus {
     pub behind: u64,
     /// When the sync that showed it ended (ms since the epoch).
     pub at_ms: u64,
+    /// Not heard from within the peer horizon (`peer_horizon_days`): it no
+    /// longer holds compaction back, and gets a snapshot when it returns.
+    pub beyond_horizon: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,6 +77,8 @@ impl Store {
     pub fn status(&self) -> Result<StoreStatus> {
         let mut shards = Vec::new();
         let all_acks = self.acks()?;
+        let (_, horizon_ms) = self.horizon_ms(None)?;
+        let now = crate::wall_ms();
         for shard in self.shards()? {
             let vv = self.version_vector(&shard)?;
             let acks = all_acks
@@ -85,6 +90,7 @@ impl Store {
                     version_vector: a.vv.iter().map(|(s, v)| (s.to_hex(), *v)).collect(),
                     behind: vv.iter().map(|(s, v)| v.saturating_sub(a.vv.get(s))).sum(),
                     at_ms: a.at_ms,
+                    beyond_horizon: now.saturating_sub(a.at_ms) > horizon_ms,
                 })
                 .collect();
             let mut tables = Vec::new();

@@ -302,6 +302,8 @@ fn older_formats_are_migrated_forward() -> R {
     c.execute_batch(
         "ALTER TABLE quiver_tables DROP COLUMN dropped; DROP TABLE quiver_held; DROP TABLE quiver_schema_conflicts;
          DROP TABLE quiver_tokens; DROP TABLE quiver_pending; DROP TABLE quiver_acks; DROP TABLE quiver_snapshots;
+         DROP TABLE quiver_compacted; DROP TABLE quiver_snapshot_seen;
+         ALTER TABLE quiver_conflicts DROP COLUMN kind; ALTER TABLE quiver_conflicts DROP COLUMN row;
          UPDATE quiver_meta SET value = 1 WHERE key = 'format';",
     )?;
     drop(c);
@@ -364,8 +366,10 @@ fn a_format_2_store_gets_the_insert_log_and_new_triggers() -> R {
     // writes the clock directly.
     let c = Connection::open(&p)?;
     c.execute_batch(
-        "ALTER TABLE quiver_tables DROP COLUMN dropped; DROP TABLE quiver_held; DROP TABLE quiver_schema_conflicts;
+        "ALTER TABLE quiver_conflicts DROP COLUMN kind; ALTER TABLE quiver_conflicts DROP COLUMN row;
+         ALTER TABLE quiver_tables DROP COLUMN dropped; DROP TABLE quiver_held; DROP TABLE quiver_schema_conflicts;
          DROP TABLE quiver_pending; DROP TABLE quiver_acks; DROP TABLE quiver_snapshots;
+         DROP TABLE quiver_compacted; DROP TABLE quiver_snapshot_seen;
          DROP TABLE gone;
          DROP TRIGGER quiver_ins_notes;
          CREATE TRIGGER quiver_ins_notes AFTER INSERT ON notes BEGIN

@@ -293,6 +293,8 @@ settings! {
     allow_anonymous: bool = ["QUIVER_ALLOW_ANONYMOUS"];
     peer_token: String = ["QUIVER_PEER_TOKEN"];
     shutdown_grace_secs: u64 = ["QUIVER_SHUTDOWN_GRACE_SECS"];
+    compact_interval_secs: u64 = ["QUIVER_COMPACT_INTERVAL_SECS"];
+    peer_horizon_days: u64 = ["QUIVER_PEER_HORIZON_DAYS"];
 }
 
 impl Layer {
@@ -319,6 +321,8 @@ impl Layer {
             rate_bytes_per_min: Some(server.rate.bytes_per_min.map_or(0, |n| n.get())),
             allow_anonymous: Some(false),
             shutdown_grace_secs: Some(server.shutdown_grace.as_secs()),
+            compact_interval_secs: Some(DEFAULT_COMPACT_INTERVAL_SECS),
+            peer_horizon_days: Some(quiver_store::DEFAULT_PEER_HORIZON_DAYS as u64),
             ..Layer::default()
         }
     }
@@ -381,7 +385,16 @@ pub struct DaemonConfig {
     /// Serve a non-loopback address with neither a token nor a client CA.
     #[serde(skip)]
     pub allow_anonymous: bool,
+    /// How often the daemon compacts (`None`: never, `compact_interval_secs = 0`).
+    #[serde(skip)]
+    pub compact_interval: Option<Duration>,
+    /// Peers silent this many days stop holding compaction back.
+    #[serde(skip)]
+    pub peer_horizon_days: u64,
 }
+
+/// The daemon compacts hourly unless told otherwise.
+pub const DEFAULT_COMPACT_INTERVAL_SECS: u64 = 3_600;
 
 /// Reads a TOML file into a layer, refusing unknown keys and values of the
 /// wrong type.
@@ -430,6 +443,13 @@ pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<Daemo
         bail!("config key `keep_alive_secs`: {keep} must be below idle_timeout_secs ({idle}), or idle links would time out");
     }
     let grace = range("shutdown_grace_secs", set(c.shutdown_grace_secs), 0, 3_600)?;
+    let compact = range(
+        "compact_interval_secs",
+        set(c.compact_interval_secs),
+        0,
+        30 * 86_400,
+    )?;
+    let horizon = range("peer_horizon_days", set(c.peer_horizon_days), 1, 3_650)?;
     let nonempty = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
     let path = |v: &Option<PathBuf>| v.clone().filter(|p| !p.as_os_str().is_empty());
     Ok(DaemonConfig {
@@ -454,6 +474,8 @@ pub fn resolve(file: Option<&Layer>, env: &Layer, flags: &Layer) -> Result<Daemo
         max_streams: range("max_streams", c.max_streams.unwrap_or_default(), 3, 10_000)?,
         idle_timeout: Duration::from_secs(idle),
         shutdown_grace: Duration::from_secs(grace),
+        compact_interval: (compact > 0).then(|| Duration::from_secs(compact)),
+        peer_horizon_days: horizon,
         keep_alive: Duration::from_secs(keep),
         max_frame: range(
             "max_frame_bytes",

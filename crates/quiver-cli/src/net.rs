@@ -198,6 +198,9 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
     let peer_insecure = a.peer_insecure;
     let peer_transport = cfg.peer_transport;
     let http_listen = cfg.http_listen;
+    let compact_interval = cfg.compact_interval;
+    let mut store = store;
+    store.set_peer_horizon_days(cfg.peer_horizon_days as f64)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let handle = StoreHandle::spawn(store);
@@ -263,6 +266,11 @@ pub fn serve(db: &Path, a: ServeArgs, json: bool) -> Result<()> {
         }
         std::io::stdout().flush()?;
         coordinator.keep_live_links(peers, token.clone());
+        tokio::spawn(crate::obs::compaction(
+            handle.clone(),
+            compact_interval,
+            token.clone(),
+        ));
         let signal_token = token.clone();
         tokio::spawn(async move {
             shutdown_signal().await;

@@ -77,6 +77,14 @@ fn zero_series() {
         "quiver_errors_total",
         "failed shard exchanges, by error kind"
     );
+    describe_counter!(
+        "quiver_compaction_purged_total",
+        "records purged by compaction (tombstones, older lives, resolved conflicts)"
+    );
+    metrics::counter!("quiver_compaction_purged_total").absolute(0);
+    for (name, help) in CLOCK_GAUGES {
+        describe_gauge!(name, help);
+    }
     describe_gauge!("quiver_connections_active", "connections being served");
     metrics::gauge!("quiver_connections_active").set(0.0);
     describe_histogram!(
@@ -86,6 +94,83 @@ fn zero_series() {
     );
     // Registered (empty) so that it is listed before the first sync.
     let _ = metrics::histogram!("quiver_sync_duration_seconds");
+}
+
+/// Per-shard gauges of the clock, kept by [`compaction`].
+const CLOCK_GAUGES: [(&str, &str); 4] = [
+    ("quiver_clock_records", "clock records, by shard"),
+    (
+        "quiver_tombstones",
+        "tombstones (deleted rows' records), by shard",
+    ),
+    (
+        "quiver_compaction_held_back",
+        "tombstones some peer within the horizon has not acknowledged, by shard",
+    ),
+    (
+        "quiver_oldest_unacknowledged_version",
+        "the oldest version (its origin's db_version) of those, 0 if none, by shard",
+    ),
+];
+
+/// How often the clock gauges are read between compactions.
+const CLOCK_STATS_EVERY: Duration = Duration::from_secs(30);
+
+/// The daemon's compaction: every `interval` (if any), one pass over every
+/// shard, logged when it purges something; the clock gauges on `/metrics`
+/// are read at start, after each pass and every 30 s.
+pub async fn compaction(
+    store: StoreHandle,
+    interval: Option<Duration>,
+    shutdown: quiver_sync::CancellationToken,
+) {
+    let tick = interval.map_or(CLOCK_STATS_EVERY, |i| i.min(CLOCK_STATS_EVERY));
+    let mut last = tokio::time::Instant::now();
+    loop {
+        if interval.is_some_and(|i| last.elapsed() >= i) {
+            last = tokio::time::Instant::now();
+            match store
+                .call(|s| s.compact(&quiver_store::CompactOptions::default()))
+                .await
+            {
+                Ok(Ok(r)) if r.purged > 0 => {
+                    metrics::counter!("quiver_compaction_purged_total").increment(r.purged);
+                    tracing::info!(
+                        purged = r.purged,
+                        clock_records = r.clock_records,
+                        bytes_before = r.bytes_before,
+                        bytes_after = r.bytes_after,
+                        seconds = r.seconds,
+                        "compacted"
+                    );
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!("compaction failed: {e}"),
+                Err(_) => return,
+            }
+        }
+        match store.call(|s| s.clock_stats()).await {
+            Ok(Ok(stats)) => {
+                for st in stats {
+                    let values = [
+                        st.clock_records,
+                        st.tombstones,
+                        st.held_back,
+                        st.oldest_unacknowledged,
+                    ];
+                    for ((name, _), v) in CLOCK_GAUGES.iter().zip(values) {
+                        metrics::gauge!(*name, "shard" => st.shard.clone()).set(v as f64);
+                    }
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("reading the clock's counts: {e}"),
+            Err(_) => return,
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
 }
 
 /// What the endpoint reports on.

@@ -585,6 +585,13 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 20_000)]
         n: usize,
     },
+    /// Compaction of N clock records (rows inserted and deleted, every
+    /// tombstone acknowledged): how long one pass takes.
+    Compact {
+        /// Clock records to compact.
+        #[arg(long, default_value_t = 1_000_000)]
+        n: usize,
+    },
     /// Concurrent versions applied and resolved.
     Conflicts {
         /// Conflicting rows.

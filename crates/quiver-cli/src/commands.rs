@@ -356,6 +356,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }) => crate::bench_sync::sync(n, dim, &mode, transport, json)?,
         Command::Bench(BenchCmd::Apply { n }) => crate::bench_sync::apply(n, json)?,
         Command::Bench(BenchCmd::Conflicts { n }) => crate::bench_sync::conflicts(n, json)?,
+        Command::Bench(BenchCmd::Compact { n }) => crate::bench::compact(n, json)?,
         Command::Bench(BenchCmd::Load {
             clients,
             rows,

@@ -319,6 +319,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 shard,
                 dry_run,
                 peer_horizon_days,
+                max_tombstones: None,
             },
             json,
         )?,

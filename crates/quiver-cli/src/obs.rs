@@ -113,12 +113,16 @@ const CLOCK_GAUGES: [(&str, &str); 4] = [
     ),
 ];
 
-/// How often the clock gauges are read between compactions.
-const CLOCK_STATS_EVERY: Duration = Duration::from_secs(30);
+/// How often the clock gauges are read between compactions (a scan of
+/// the clock on the store's thread).
+const CLOCK_STATS_EVERY: Duration = Duration::from_secs(60);
+
+/// Tombstones one call of the daemon's compaction purges.
+const COMPACT_PART: usize = 20_000;
 
 /// The daemon's compaction: every `interval` (if any), one pass over every
 /// shard, logged when it purges something; the clock gauges on `/metrics`
-/// are read at start, after each pass and every 30 s.
+/// are read at start, after each pass and every minute.
 pub async fn compaction(
     store: StoreHandle,
     interval: Option<Duration>,
@@ -129,24 +133,33 @@ pub async fn compaction(
     loop {
         if interval.is_some_and(|i| last.elapsed() >= i) {
             last = tokio::time::Instant::now();
-            match store
-                .call(|s| s.compact(&quiver_store::CompactOptions::default()))
-                .await
-            {
-                Ok(Ok(r)) if r.purged > 0 => {
-                    metrics::counter!("quiver_compaction_purged_total").increment(r.purged);
-                    tracing::info!(
-                        purged = r.purged,
-                        clock_records = r.clock_records,
-                        bytes_before = r.bytes_before,
-                        bytes_after = r.bytes_after,
-                        seconds = r.seconds,
-                        "compacted"
-                    );
+            // In parts, so that syncs are served between them.
+            loop {
+                let part = quiver_store::CompactOptions {
+                    max_tombstones: Some(COMPACT_PART),
+                    ..Default::default()
+                };
+                let r = store.call(move |s| s.compact(&part)).await;
+                let more = matches!(&r, Ok(Ok(r)) if r.shards.iter().map(|s| s.tombstones).sum::<u64>() as usize >= COMPACT_PART);
+                match r {
+                    Ok(Ok(r)) if r.purged > 0 => {
+                        metrics::counter!("quiver_compaction_purged_total").increment(r.purged);
+                        tracing::info!(
+                            purged = r.purged,
+                            clock_records = r.clock_records,
+                            bytes_before = r.bytes_before,
+                            bytes_after = r.bytes_after,
+                            seconds = r.seconds,
+                            "compacted"
+                        );
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!("compaction failed: {e}"),
+                    Err(_) => return,
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!("compaction failed: {e}"),
-                Err(_) => return,
+                if !more || shutdown.is_cancelled() {
+                    break;
+                }
             }
         }
         match store.call(|s| s.clock_stats()).await {

@@ -84,6 +84,8 @@ pub struct SnapshotMark {
     /// sender has comes (those the receiver holds as just their row
     /// record), and at the end the receiver takes away, or holds for
     /// review, the rows that did not come and that `versions` covers.
-    #[serde(default)]
+    /// Left out when false, so that a mark is what it was before it
+    /// existed (a build without the field refuses a mark that has it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sweep: bool,
 }

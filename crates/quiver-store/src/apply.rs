@@ -240,6 +240,24 @@ impl Store {
             .filter(|m| m.sweep)
             .and_then(|m| tables.get(&m.table))
             .map(|t| t.id);
+        if let Some(m) = &batch.snapshot {
+            if let Some(t) = tables.get(&m.table) {
+                // The keys noted belong to one sweeping stream: the one
+                // whose mark holds these versions. Any other mark (another
+                // stream, or one that does not sweep) starts them over.
+                let versions = serde_json::to_string(&m.versions)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let stored: Option<(bool, String)> = tx
+                    .prepare_cached("SELECT sweep, vv FROM quiver_snapshots WHERE tbl = ?1")?
+                    .query_row([t.id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let other = stored.is_some_and(|(sweeps, vv)| !sweeps || vv != versions);
+                if !m.sweep || other {
+                    tx.prepare_cached("DELETE FROM quiver_snapshot_seen WHERE tbl = ?1")?
+                        .execute([t.id])?;
+                }
+            }
+        }
         if let (Some(tid), Some(m)) = (sweep, &batch.snapshot) {
             let mut seen = tx.prepare_cached(
                 "INSERT OR IGNORE INTO quiver_snapshot_seen(tbl, pk) VALUES (?1, ?2)",
@@ -290,18 +308,13 @@ impl Store {
             )?;
             start = end;
         }
-        for t in tables.values() {
-            let swept: bool = tx
-                .prepare_cached("SELECT sweep FROM quiver_snapshots WHERE tbl = ?1")?
-                .query_row([t.id], |r| r.get(0))
-                .optional()?
-                .unwrap_or(false)
-                || sweep == Some(t.id);
+        // The claims that end a sweeping snapshot (they come with its mark).
+        if let Some(t) = sweep.and_then(|id| tables.values().find(|t| t.id == id)) {
             let mut claimed = VersionVector::new();
             for c in batch.covered.iter().filter(|c| c.table == t.name) {
                 claimed.advance(c.site, c.version);
             }
-            if swept && !claimed.is_empty() {
+            if !claimed.is_empty() {
                 crate::resurrect::sweep(
                     &tx,
                     &mut sites,
@@ -325,7 +338,8 @@ impl Store {
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 tx.prepare_cached(
                     "INSERT INTO quiver_snapshots(tbl, after, vv, sweep) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(tbl) DO UPDATE SET after = excluded.after, vv = excluded.vv",
+                     ON CONFLICT(tbl) DO UPDATE SET after = excluded.after, vv = excluded.vv,
+                       sweep = excluded.sweep",
                 )?
                 .execute(params![t.id, P(after), vv, sweep == Some(t.id)])?;
             }
@@ -337,6 +351,8 @@ impl Store {
             };
             // Claims end a snapshot: nothing of it is left to resume.
             tx.prepare_cached("DELETE FROM quiver_snapshots WHERE tbl = ?1")?
+                .execute([t.id])?;
+            tx.prepare_cached("DELETE FROM quiver_snapshot_seen WHERE tbl = ?1")?
                 .execute([t.id])?;
             if c.site == self.site {
                 continue;
@@ -360,7 +376,8 @@ impl Store {
         }
         crate::triggers::close_open_version(&tx)?;
         tx.commit()?;
-        if report.applied > 0 {
+        // A burial (see `resurrect`) is a local delete peers must hear of.
+        if report.applied > 0 || report.conflicts_open > 0 {
             self.changes += 1;
             // Each batch's pages go to the database file now, while no one
             // waits: otherwise the WAL grows until some commit crosses the
@@ -434,10 +451,16 @@ fn apply_row(
     let pk = &group[0].pk;
     let key = pk_key(pk);
     let before = rowstate::load(tx, sites, t, &key, pk)?;
-    if before.existence.is_none() {
-        if let Some(held) = ctx.compacted.get(&t.id) {
-            if let Some(write) = resurrection(group, held) {
-                let row = group
+    // A row with no record in a compacted table: what this store already
+    // holds of it was purged (it is not brought back), and a live write
+    // building on it is held for review (see `resurrect`).
+    let mut kept: Vec<Change> = Vec::new();
+    let group = match ctx.compacted.get(&t.id) {
+        Some(held) if before.existence.is_none() => {
+            kept.extend(group.iter().filter(|c| !held.covers(&c.dot())).cloned());
+            report.stale += (group.len() - kept.len()) as u64;
+            if let Some(write) = resurrection(&kept, held) {
+                let row = kept
                     .iter()
                     .filter_map(|c| Some((c.column.clone()?, c.value.clone())))
                     .collect();
@@ -448,19 +471,23 @@ fn apply_row(
                     &key,
                     before,
                     write.cl,
-                    &version_of(write),
-                    &row,
+                    Some((&version_of(write), &row)),
                     ctx.own,
                     ctx.now,
                     events,
                 )?;
-                report.stale += group.len() as u64;
+                report.stale += kept.len() as u64;
                 report.conflicts_detected += 1;
                 report.conflicts_open += 1;
                 return Ok(());
             }
+            if kept.is_empty() {
+                return Ok(());
+            }
+            &kept[..]
         }
-    }
+        _ => group,
+    };
     let known = before.know.clone();
     let mut state = before.clone();
     let mut changed = false;

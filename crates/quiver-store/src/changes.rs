@@ -566,6 +566,12 @@ impl ChangeStream<'_> {
             // A mark sharing no versions with this store (taken from a
             // replica holding other sites' writes) would claim nothing at
             // the end: the snapshot starts over instead.
+            // A sweeping snapshot starts over: what it takes away at its end
+            // is what did not come in this stream, and rows purged since a
+            // mark would not be sent again.
+            if seg.sweep {
+                continue;
+            }
             let Some(m) = marks.iter().find(|m| m.table == seg.table.name) else {
                 continue;
             };

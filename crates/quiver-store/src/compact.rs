@@ -37,6 +37,9 @@ pub struct CompactOptions {
     pub dry_run: bool,
     /// Overrides the store's horizon (days, fractions allowed).
     pub peer_horizon_days: Option<f64>,
+    /// Purge at most this many tombstones in this pass (the daemon takes
+    /// them in parts, so that syncs are served between them).
+    pub max_tombstones: Option<usize>,
 }
 
 /// A peer whose acknowledgement holds records back.
@@ -80,9 +83,9 @@ pub struct ShardCompaction {
     pub held_by: Vec<HeldBy>,
     /// Peers past the horizon, ignored.
     pub beyond_horizon: Vec<BeyondHorizon>,
-    /// The versions every peer within the horizon acknowledged (site id
-    /// hex to db_version): what could be purged.
-    pub stable: BTreeMap<String, u64>,
+    /// Per table, the versions this store and every peer within the
+    /// horizon hold (site id hex to db_version): what could be purged.
+    pub stable: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// What `quiver compact` reports.
@@ -116,19 +119,38 @@ pub struct ClockStats {
 
 /// One shard's acknowledgement picture at `now`.
 struct Frontier {
-    stable: VersionVector,
+    /// Per table (by id): what this store and every peer within the
+    /// horizon hold of it.
+    stable: BTreeMap<i64, VersionVector>,
     active: Vec<crate::PeerAck>,
     beyond: Vec<crate::PeerAck>,
 }
 
-fn frontier(store: &Store, shard: &str, own: VersionVector, horizon_ms: u64) -> Result<Frontier> {
+impl Frontier {
+    fn of(&self, tbl: i64) -> &VersionVector {
+        static NOTHING: std::sync::OnceLock<VersionVector> = std::sync::OnceLock::new();
+        self.stable
+            .get(&tbl)
+            .unwrap_or_else(|| NOTHING.get_or_init(VersionVector::new))
+    }
+}
+
+fn frontier(store: &Store, shard: &str, tables: &[TableInfo], horizon_ms: u64) -> Result<Frontier> {
     let now = wall_ms();
     let (active, beyond): (Vec<_>, Vec<_>) = store
         .acks()?
         .into_iter()
         .filter(|a| a.shard == shard && a.site != store.site.to_hex())
         .partition(|a| now.saturating_sub(a.at_ms) <= horizon_ms);
-    let stable = active.iter().fold(own, |acc, a| acc.meet(&a.vv));
+    let own = store.table_versions(shard)?;
+    let mut stable = BTreeMap::new();
+    for t in tables {
+        let mine = own.get(&t.name).cloned().unwrap_or_default();
+        let vv = active
+            .iter()
+            .fold(mine, |acc, a| acc.meet(a.table_vv(&t.name)));
+        stable.insert(t.id, vv);
+    }
     Ok(Frontier {
         stable,
         active,
@@ -174,10 +196,10 @@ fn count(conn: &Connection, sql: &str, tbl: i64) -> Result<u64> {
 /// acknowledged by every peer: (count, and the statement deleting them).
 const SUPERSEDED_CELLS: &str = "FROM quiver_clock c WHERE c.tbl = ?1 AND c.col <> '' AND EXISTS (
       SELECT 1 FROM quiver_clock r WHERE r.tbl = c.tbl AND r.pk = c.pk AND r.col = ''
-      AND (r.cl <> c.cl OR r.cl % 2 = 0) AND r.site = ?2 AND r.dbv <= ?3)";
+      AND r.cl <> c.cl AND r.cl % 2 = 1 AND r.site = ?2 AND r.dbv <= ?3)";
 const SUPERSEDED_SIBLINGS: &str = "FROM quiver_siblings c WHERE c.tbl = ?1 AND EXISTS (
       SELECT 1 FROM quiver_clock r WHERE r.tbl = c.tbl AND r.pk = c.pk AND r.col = ''
-      AND (r.cl <> c.cl OR r.cl % 2 = 0) AND r.site = ?2 AND r.dbv <= ?3)";
+      AND r.cl <> c.cl AND r.cl % 2 = 1 AND r.site = ?2 AND r.dbv <= ?3)";
 
 fn file_bytes(path: &std::path::Path) -> u64 {
     let mut wal = path.as_os_str().to_owned();
@@ -195,10 +217,11 @@ fn versions_stable(versions: &str, stable: &VersionVector) -> bool {
     let list: Vec<crate::ConflictVersion> = serde_json::from_str(versions).unwrap_or_default();
     !list.is_empty()
         && list.iter().all(|v| {
-            v.version
-                .split_once(':')
-                .and_then(|(s, d)| Some((s.parse::<SiteId>().ok()?, d.parse::<u64>().ok()?)))
-                .is_some_and(|(s, d)| stable.covers(&Dot::new(s, d)))
+            v.version == crate::resurrect::DELETED
+                || v.version
+                    .split_once(':')
+                    .and_then(|(s, d)| Some((s.parse::<SiteId>().ok()?, d.parse::<u64>().ok()?)))
+                    .is_some_and(|(s, d)| stable.covers(&Dot::new(s, d)))
         })
 }
 
@@ -254,8 +277,11 @@ impl Store {
             None => self.shards()?,
         };
         let mut out = Vec::new();
+        let mut budget = opts.max_tombstones.unwrap_or(usize::MAX);
         for shard in shards {
-            out.push(self.compact_shard(&shard, horizon_ms, opts.dry_run)?);
+            let r = self.compact_shard(&shard, horizon_ms, opts.dry_run, budget)?;
+            budget = budget.saturating_sub(r.tombstones as usize);
+            out.push(r);
         }
         let purged: u64 = out.iter().map(|s| s.purged).sum();
         let space = if opts.dry_run || purged == 0 {
@@ -281,16 +307,22 @@ impl Store {
         shard: &str,
         horizon_ms: u64,
         dry_run: bool,
+        budget: usize,
     ) -> Result<ShardCompaction> {
         triggers::fold_pending(&self.conn)?;
         triggers::close_open_version(&self.conn)?;
-        let own = self.version_vector(shard)?;
-        let f = frontier(self, shard, own, horizon_ms)?;
         let tables = self.shard_tables(shard)?;
+        let f = frontier(self, shard, &tables, horizon_ms)?;
         let mut sites = Sites::default();
         let mut report = ShardCompaction {
             shard: shard.to_string(),
-            stable: f.stable.iter().map(|(s, v)| (s.to_hex(), *v)).collect(),
+            stable: tables
+                .iter()
+                .map(|t| {
+                    let vv = f.of(t.id).iter().map(|(s, v)| (s.to_hex(), *v)).collect();
+                    (t.name.clone(), vv)
+                })
+                .collect(),
             beyond_horizon: f
                 .beyond
                 .iter()
@@ -311,13 +343,13 @@ impl Store {
                 t.id,
             )?;
             for tomb in tombstones(&self.conn, &mut sites, t)? {
-                if f.stable.covers(&tomb.dot) {
+                if f.of(t.id).covers(&tomb.dot) {
                     purge.push(tomb);
                     continue;
                 }
                 report.held_back += 1;
                 for (i, a) in f.active.iter().enumerate() {
-                    if !a.vv.covers(&tomb.dot) {
+                    if !a.table_vv(&t.name).covers(&tomb.dot) {
                         *held.entry(i).or_default() += 1;
                     }
                 }
@@ -332,16 +364,22 @@ impl Store {
                 records,
             })
             .collect();
+        // Past the budget they wait for the next pass.
+        purge.truncate(budget);
         report.tombstones = purge.len() as u64;
         // Records of an older life, by the (site, version) of their row's
         // record: stable when that record is.
-        let stable: Vec<(i64, u64)> = f
-            .stable
-            .iter()
-            .map(|(s, v)| Ok((sites.ix(&self.conn, s)?, *v)))
-            .collect::<Result<_>>()?;
+        let mut stable: BTreeMap<i64, Vec<(i64, u64)>> = BTreeMap::new();
         for t in &tables {
-            for (ix, v) in &stable {
+            let by_ix = f
+                .of(t.id)
+                .iter()
+                .map(|(s, v)| Ok((sites.ix(&self.conn, s)?, *v)))
+                .collect::<Result<_>>()?;
+            stable.insert(t.id, by_ix);
+        }
+        for t in &tables {
+            for (ix, v) in &stable[&t.id] {
                 for sql in [SUPERSEDED_CELLS, SUPERSEDED_SIBLINGS] {
                     report.superseded += self
                         .conn
@@ -366,7 +404,7 @@ impl Store {
             let mut out = Vec::new();
             for row in rows {
                 let (id, tbl, versions) = row?;
-                if ids.contains(&tbl) && versions_stable(&versions, &f.stable) {
+                if ids.contains(&tbl) && versions_stable(&versions, f.of(tbl)) {
                     out.push((id, versions));
                 }
             }
@@ -378,20 +416,34 @@ impl Store {
             report.clock_records_after = report.clock_records_before - report.tombstones;
             return Ok(report);
         }
-        // The highest purged version of each origin, per table: a peer
-        // holding less than that may lack a delete this store can no longer
-        // send, and gets a snapshot instead (see `changes.rs`).
-        let mut floors: BTreeMap<i64, VersionVector> = BTreeMap::new();
-        for tomb in &purge {
-            floors
-                .entry(tomb.tbl)
-                .or_default()
-                .advance(tomb.dot.site, tomb.dot.db_version);
-        }
         for chunk in purge.chunks(PURGE_CHUNK) {
             let tx = self
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            // The highest purged version of each origin, per table, moves
+            // with the purge itself: a peer holding less may lack a delete
+            // this store can no longer send, and gets a snapshot instead
+            // (see `changes.rs`).
+            let mut floors: BTreeMap<i64, VersionVector> = BTreeMap::new();
+            for tomb in chunk {
+                floors
+                    .entry(tomb.tbl)
+                    .or_default()
+                    .advance(tomb.dot.site, tomb.dot.db_version);
+            }
+            for (tbl, vv) in floors {
+                let mut floor = compacted_floor(&tx, tbl)?;
+                floor.merge(&vv);
+                tx.prepare_cached(
+                    "INSERT INTO quiver_compacted(tbl, vv) VALUES (?1, ?2)
+                     ON CONFLICT(tbl) DO UPDATE SET vv = excluded.vv",
+                )?
+                .execute(params![
+                    tbl,
+                    serde_json::to_string(&floor)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                ])?;
+            }
             for tomb in chunk {
                 // Still the record read above: a sync may have moved it since.
                 let site = sites.ix(&tx, &tomb.dot.site)?;
@@ -422,7 +474,7 @@ impl Store {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for t in &tables {
-            for (ix, v) in &stable {
+            for (ix, v) in &stable[&t.id] {
                 for del in [
                     format!(
                         "DELETE FROM quiver_clock WHERE (tbl, pk, col) IN (SELECT c.tbl, c.pk, c.col {SUPERSEDED_CELLS})"
@@ -440,18 +492,6 @@ impl Store {
         for (id, _) in &resolved {
             tx.prepare_cached("DELETE FROM quiver_conflicts WHERE id = ?1")?
                 .execute([id])?;
-        }
-        for (tbl, vv) in floors {
-            let mut floor = compacted_floor(&tx, tbl)?;
-            floor.merge(&vv);
-            tx.prepare_cached(
-                "INSERT INTO quiver_compacted(tbl, vv) VALUES (?1, ?2)
-                 ON CONFLICT(tbl) DO UPDATE SET vv = excluded.vv",
-            )?
-            .execute(params![
-                tbl,
-                serde_json::to_string(&floor).map_err(|e| StoreError::Corrupt(e.to_string()))?
-            ])?;
         }
         tx.commit()?;
         for t in &tables {
@@ -496,13 +536,13 @@ impl Store {
         let mut out = Vec::new();
         let mut sites = Sites::default();
         for shard in self.shards()? {
-            let own = self.version_vector(&shard)?;
-            let f = frontier(self, &shard, own, horizon_ms)?;
+            let tables = self.shard_tables(&shard)?;
+            let f = frontier(self, &shard, &tables, horizon_ms)?;
             let mut s = ClockStats {
                 shard: shard.clone(),
                 ..Default::default()
             };
-            for t in self.shard_tables(&shard)? {
+            for t in tables {
                 s.clock_records += count(
                     &self.conn,
                     "SELECT count(*) FROM quiver_clock WHERE tbl = ?1",
@@ -510,7 +550,7 @@ impl Store {
                 )?;
                 for tomb in tombstones(&self.conn, &mut sites, &t)? {
                     s.tombstones += 1;
-                    if !f.stable.covers(&tomb.dot) {
+                    if !f.of(t.id).covers(&tomb.dot) {
                         s.held_back += 1;
                         let v = tomb.dot.db_version;
                         if s.oldest_unacknowledged == 0 || v < s.oldest_unacknowledged {

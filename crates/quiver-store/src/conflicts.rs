@@ -414,33 +414,11 @@ impl Store {
             return Ok(());
         }
         let row = crate::resurrect::stored_row(&self.conn, id)?;
-        let cols: Vec<&str> =
-            t.pk.iter()
-                .chain(t.columns.iter())
-                .map(|c| c.name.as_str())
-                .collect();
-        let null = Value::Null;
-        let values: Vec<P<'_>> = pk
-            .iter()
-            .map(P)
-            .chain(
-                t.columns
-                    .iter()
-                    .map(|c| P(row.get(&c.name).unwrap_or(&null))),
-            )
-            .collect();
-        let sql = format!(
-            "INSERT INTO {}({}) VALUES ({})",
-            quote(&t.name),
-            cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", "),
-            (1..=cols.len())
-                .map(|i| format!("?{i}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
         let how = format!("kept {kept}: the row written again");
         self.local_write(|tx| {
-            tx.execute(&sql, rusqlite::params_from_iter(values))?;
+            // Captured, as any local write: an upsert, since the row may
+            // have been written again meanwhile.
+            rowstate::write_user_row(tx, t, pk, true, &row)?;
             tx.execute(close, params![id, wall_ms() as i64, how])?;
             Ok(())
         })

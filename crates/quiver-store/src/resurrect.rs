@@ -25,8 +25,9 @@ use crate::{wall_ms, Result, StoreError};
 pub const DELETED: &str = "deleted";
 
 /// Buries row `key` under a tombstone of this store's (open version, one
-/// causal length past `cl`) and records the resurrection of `write` (the
-/// row the write would show, by column). Capture must be off.
+/// causal length past `cl`), a delete peers then hear of like any other,
+/// and, given a `write` (with the row it would show, by column), records
+/// its resurrection. Capture must be off.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn bury(
     conn: &Connection,
@@ -35,18 +36,20 @@ pub(crate) fn bury(
     key: &Value,
     mut state: RowState,
     cl: u64,
-    write: &Version,
-    row: &BTreeMap<String, Value>,
+    write: Option<(&Version, &BTreeMap<String, Value>)>,
     own: SiteId,
     now: Hlc,
     events: &mut Vec<StoreEvent>,
-) -> Result<i64> {
+) -> Result<Option<i64>> {
     let pk = pk_values(key, t.pk.len())
         .ok_or_else(|| StoreError::Corrupt(format!("bad key of a row of {}", t.name)))?;
     let open: i64 = conn.query_row("SELECT dbv FROM quiver_state", [], |r| r.get(0))?;
     let dot = Dot::new(own, open as u64);
     let cl = if cl % 2 == 1 { cl + 1 } else { cl + 2 };
-    state.know.advance(write.dot.site, write.dot.db_version);
+    let was_alive = state.alive();
+    if let Some((w, _)) = write {
+        state.know.advance(w.dot.site, w.dot.db_version);
+    }
     let replaces = state.know.clone();
     state.know.advance(own, open as u64);
     state.existence = Some(Version {
@@ -70,6 +73,17 @@ pub(crate) fn bury(
         Some(&BTreeMap::new()),
         fresh,
     )?;
+    if was_alive {
+        events.push(StoreEvent::RemoteChange {
+            table: t.name.clone(),
+            shard: t.shard.clone(),
+            pk: display_pk(&pk),
+            deleted: true,
+        });
+    }
+    let Some((write, row)) = write else {
+        return Ok(None);
+    };
     let shown: serde_json::Map<String, serde_json::Value> = row
         .iter()
         .map(|(c, v)| (c.clone(), crate::sqlvalue::to_json(v)))
@@ -105,7 +119,7 @@ pub(crate) fn bury(
         strategy: t.strategy,
         open: true,
     });
-    Ok(id)
+    Ok(Some(id))
 }
 
 /// The row a resurrection conflict would write back, by column.
@@ -119,12 +133,13 @@ pub(crate) fn stored_row(conn: &Connection, id: i64) -> Result<BTreeMap<String, 
     serde_json::from_str(&raw).map_err(|e| StoreError::Corrupt(format!("conflict {id}: {e}")))
 }
 
-/// The end of a snapshot received by a replica that held rows of the table
-/// before it: a live row the snapshot did not bring, whose record the
-/// sender's claimed versions cover, was deleted there and its tombstone
-/// compacted. It goes here too: purged if nothing of it is newer than the
-/// claim, buried as a resurrection if this replica (or a third) wrote to it
-/// since. Capture must be off. Returns the rows removed.
+/// The end of a sweeping snapshot (sent to a replica holding less than its
+/// sender compacted): a live row the snapshot did not bring, whose record
+/// the sender's claimed versions cover, was deleted there and its tombstone
+/// compacted. It is buried here too, under a tombstone of this store's that
+/// replicas syncing only with this one then receive; if this replica (or a
+/// third) wrote to it since, that write is held as a resurrection. Capture
+/// must be off. Returns the rows taken away.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sweep(
     conn: &Connection,
@@ -164,40 +179,27 @@ pub(crate) fn sweep(
             .max_by(|a, b| a.order(b))
             .cloned();
         removed += 1;
-        match newer {
-            None => {
-                for sql in [
-                    "DELETE FROM quiver_clock WHERE tbl = ?1 AND pk = ?2",
-                    "DELETE FROM quiver_siblings WHERE tbl = ?1 AND pk = ?2",
-                ] {
-                    conn.prepare_cached(sql)?.execute(params![t.id, P(&key)])?;
-                }
-                let sql = format!(
-                    "DELETE FROM {} WHERE {}",
-                    crate::names::quote(&t.name),
-                    t.pk.iter()
-                        .enumerate()
-                        .map(|(i, c)| format!("{} IS ?{}", crate::names::quote(&c.name), i + 1))
-                        .collect::<Vec<_>>()
-                        .join(" AND ")
-                );
-                conn.prepare_cached(&sql)?
-                    .execute(rusqlite::params_from_iter(pk.iter().map(P)))?;
-                events.push(StoreEvent::RemoteChange {
-                    table: t.name.clone(),
-                    shard: t.shard.clone(),
-                    pk: display_pk(&pk),
-                    deleted: true,
-                });
-            }
-            Some(write) => {
-                let row = rowstate::read_user_row(conn, t, &pk)?.unwrap_or_default();
-                bury(
-                    conn, sites, t, &key, state, cl as u64, &write, &row, own, now, events,
-                )?;
-                report.conflicts_detected += 1;
-                report.conflicts_open += 1;
-            }
+        let row = match &newer {
+            Some(_) => rowstate::read_user_row(conn, t, &pk)?.unwrap_or_default(),
+            None => BTreeMap::new(),
+        };
+        bury(
+            conn,
+            sites,
+            t,
+            &key,
+            state,
+            cl as u64,
+            newer.as_ref().map(|w| (w, &row)),
+            own,
+            now,
+            events,
+        )?;
+        if newer.is_some() {
+            report.conflicts_detected += 1;
+            report.conflicts_open += 1;
+        } else {
+            report.applied += 1;
         }
     }
     conn.prepare_cached("DELETE FROM quiver_snapshot_seen WHERE tbl = ?1")?

@@ -351,7 +351,7 @@ pub(crate) fn store(
 }
 
 /// Makes the user table show `visible` for the row (or no row when dead).
-fn write_user_row(
+pub(crate) fn write_user_row(
     conn: &Connection,
     t: &TableInfo,
     pk: &[Value],

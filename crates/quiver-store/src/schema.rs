@@ -213,6 +213,10 @@ ALTER TABLE quiver_conflicts ADD COLUMN kind TEXT NOT NULL DEFAULT 'concurrent';
 -- Of a resurrection: the row the write would have brought back (MessagePack
 -- of column to value), written again if the write is kept.
 ALTER TABLE quiver_conflicts ADD COLUMN row BLOB;
+-- Acknowledgements per table (JSON: table to version vector), beside
+-- their meet: a site that never wrote to one table must not hide what a
+-- peer holds of it in the others.
+ALTER TABLE quiver_acks ADD COLUMN tables TEXT;
 "#,
 ];
 

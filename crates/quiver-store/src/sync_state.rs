@@ -115,8 +115,19 @@ pub struct PeerAck {
     pub node: String,
     pub shard: String,
     pub vv: VersionVector,
+    /// Per table, when the sync said (compaction works per table; `vv`,
+    /// their meet, stands for a table not listed).
+    #[serde(default)]
+    pub tables: BTreeMap<String, VersionVector>,
     /// When (ms since the epoch).
     pub at_ms: u64,
+}
+
+impl PeerAck {
+    /// What the peer holds of `table`.
+    pub fn table_vv(&self, table: &str) -> &VersionVector {
+        self.tables.get(table).unwrap_or(&self.vv)
+    }
 }
 
 fn vv_to_json(vv: &VersionVector) -> String {
@@ -147,31 +158,74 @@ impl Store {
         shard: &str,
         vv: &VersionVector,
     ) -> Result<()> {
+        self.record_ack_tables(site, node, shard, vv, &BTreeMap::new())
+    }
+
+    /// Records what `site` holds of each table of `shard` (and their meet,
+    /// `vv`) after a completed sync.
+    pub fn record_ack_tables(
+        &mut self,
+        site: &SiteId,
+        node: &str,
+        shard: &str,
+        vv: &VersionVector,
+        tables: &BTreeMap<String, VersionVector>,
+    ) -> Result<()> {
+        let tables = (!tables.is_empty()).then(|| {
+            serde_json::Value::Object(
+                tables
+                    .iter()
+                    .map(|(t, vv)| (t.clone(), serde_json::Value::String(vv_to_json(vv))))
+                    .collect(),
+            )
+            .to_string()
+        });
         self.conn.execute(
-            "INSERT INTO quiver_acks(site, shard, node, vv, at) VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO quiver_acks(site, shard, node, vv, at, tables) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(site, shard) DO UPDATE SET node = excluded.node, vv = excluded.vv,
-               at = excluded.at",
-            params![site.to_hex(), shard, node, vv_to_json(vv), wall_ms() as i64],
+               at = excluded.at, tables = excluded.tables",
+            params![site.to_hex(), shard, node, vv_to_json(vv), wall_ms() as i64, tables],
         )?;
         Ok(())
     }
 
     /// Every peer's acknowledgement, by shard then site.
     pub fn acks(&self) -> Result<Vec<PeerAck>> {
-        let rows: Vec<(String, String, String, String, i64)> = self
+        type Row = (String, String, String, String, i64, Option<String>);
+        let rows: Vec<Row> = self
             .conn
-            .prepare("SELECT site, node, shard, vv, at FROM quiver_acks ORDER BY shard, site")?
+            .prepare(
+                "SELECT site, node, shard, vv, at, tables FROM quiver_acks ORDER BY shard, site",
+            )?
             .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })?
             .collect::<rusqlite::Result<_>>()?;
         rows.into_iter()
-            .map(|(site, node, shard, vv, at)| {
+            .map(|(site, node, shard, vv, at, tables)| {
+                let mut per_table = BTreeMap::new();
+                if let Some(text) = tables {
+                    let m: BTreeMap<String, String> =
+                        serde_json::from_str(&text).map_err(|_| {
+                            crate::StoreError::Corrupt(format!("bad acknowledgement {text:?}"))
+                        })?;
+                    for (t, vv) in m {
+                        per_table.insert(t, vv_from_json(&vv)?);
+                    }
+                }
                 Ok(PeerAck {
                     site,
                     node,
                     shard,
                     vv: vv_from_json(&vv)?,
+                    tables: per_table,
                     at_ms: at as u64,
                 })
             })

@@ -55,6 +55,7 @@ fn compact(s: &mut Store, dry_run: bool, horizon: Option<f64>) -> quiver_store::
         shard: None,
         dry_run,
         peer_horizon_days: horizon,
+        max_tombstones: None,
     })
     .unwrap()
 }
@@ -100,11 +101,14 @@ fn acknowledged_tombstones_are_purged_and_the_file_shrinks() -> R {
 #[test]
 fn a_peer_that_has_not_acknowledged_holds_compaction_back_until_the_horizon() -> R {
     let dir = tempfile::tempdir()?;
-    let mut s = stores(&dir, 2, Strategy::Lww);
+    let mut s = stores(&dir, 3, Strategy::Lww);
     let (a, rest) = s.split_first_mut().unwrap();
-    let b = &mut rest[0];
+    let (b, rest) = rest.split_first_mut().unwrap();
+    let c = &mut rest[0];
     insert_notes(a, 50);
     pull(b, a, SHARD);
+    // c only ever syncs with b.
+    pull(c, b, SHARD);
     ack(a, b, "b");
     shell(a, "DELETE FROM notes");
     // b has not seen the deletes: it holds them back.
@@ -128,6 +132,10 @@ fn a_peer_that_has_not_acknowledged_holds_compaction_back_until_the_horizon() ->
     pull(b, a, SHARD);
     assert_eq!(export(b, "notes"), export(a, "notes"));
     assert!(note_rows(b).is_empty());
+    // b took them away as deletes of its own, which reach c.
+    pull(c, b, SHARD);
+    assert!(note_rows(c).is_empty());
+    assert!(b.get_unresolved_conflicts(None)?.is_empty());
     Ok(())
 }
 
@@ -199,6 +207,14 @@ fn a_write_pushed_to_a_compacted_row_is_held_where_it_arrives() -> R {
     // b pushes first: a holds the write for review instead of dropping it.
     let report = pull(a, b, SHARD);
     assert_eq!(report.conflicts_open, 1);
+    // The same write again (a repeated batch) opens nothing more.
+    let mut again = b.table_versions(SHARD)?;
+    for vv in again.values_mut() {
+        *vv = quiver_core::VersionVector::new();
+    }
+    for batch in b.changes_since_tables(SHARD, &again, quiver_store::StreamLimits::default())? {
+        a.apply(&batch?)?;
+    }
     let open = a.get_unresolved_conflicts(None)?;
     assert_eq!(open.len(), 1);
     assert_eq!(open[0].kind, "resurrection");
@@ -209,5 +225,26 @@ fn a_write_pushed_to_a_compacted_row_is_held_where_it_arrives() -> R {
     // Keeping the delete closes it.
     a.resolve(open[0].id, Resolution::Keep("deleted".into()))?;
     assert!(a.get_unresolved_conflicts(None)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn each_table_is_compacted_by_what_peers_hold_of_it() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut s = stores(&dir, 2, Strategy::Lww);
+    let (a, rest) = s.split_first_mut().unwrap();
+    let b = &mut rest[0];
+    // a writes only notes, b only docs: neither origin is in both tables.
+    insert_notes(a, 20);
+    b.put("docs", &quiver_store::Record::new("d1", vec![1.0, 2.0, 3.0]))?;
+    common::exchange(a, b, SHARD);
+    shell(a, "DELETE FROM notes");
+    pull(b, a, SHARD);
+    let tables = b.table_versions(SHARD)?;
+    let vv = b.version_vector(SHARD)?;
+    a.record_ack_tables(&b.site_id(), "b", SHARD, &vv, &tables)?;
+    let r = compact(a, false, None);
+    assert_eq!(r.shards[0].tombstones, 20, "{r:?}");
+    assert_eq!(r.shards[0].held_back, 0);
     Ok(())
 }

@@ -3,7 +3,10 @@
 //! counter increments, max registers and references that cascade, random
 //! exchanges that may be split, repeated or cut short; after everyone
 //! exchanges until quiescent, every export is identical, counters hold
-//! every increment and no reference dangles.
+//! every increment and no reference dangles. Compaction runs at random
+//! points on random replicas (each complete exchange records what the
+//! other side holds, as a sync's acknowledgement does), and never purges a
+//! tombstone some replica it has heard from does not hold.
 //!
 //! `QUIVER_PROPTEST_CASES=100000 cargo test -p quiver-store --release --test convergence`
 //! runs a long campaign.
@@ -12,7 +15,8 @@ mod common;
 
 use common::{export, stores};
 use proptest::prelude::{
-    any, prop, prop_assert_eq, prop_oneof, proptest, Just, ProptestConfig, TestCaseError,
+    any, prop, prop_assert, prop_assert_eq, prop_oneof, proptest, Just, ProptestConfig,
+    TestCaseError,
 };
 use proptest::strategy::Strategy as _;
 use quiver_core::{ChangeBatch, OnDelete, Reference, Strategy};
@@ -80,6 +84,9 @@ enum Op {
         id: u8,
         to: u8,
     },
+    Compact {
+        s: usize,
+    },
     Sync {
         from: usize,
         to: usize,
@@ -109,6 +116,7 @@ fn op(n: usize) -> impl proptest::strategy::Strategy<Value = Op> {
         2 => (s.clone(), 0u8..2, -3i8..4).prop_map(|(s, id, by)| Op::Count { s, id, by }),
         1 => (s.clone(), 0u8..2, any::<i8>()).prop_map(|(s, id, to)| Op::Raise { s, id, to }),
         1 => (s.clone(), id.clone(), id).prop_map(|(s, id, to)| Op::Link { s, id, to }),
+        2 => s.clone().prop_map(|s| Op::Compact { s }),
         4 => (s.clone(), s, prop_oneof![Just(1usize), Just(3), Just(1000)], any::<bool>(), prop::option::weighted(0.2, 0usize..3), prop::option::weighted(0.3, 0u8..2))
             .prop_map(|(from, to, max, twice, cut, mid)| Op::Sync { from, to, max, twice, cut, mid }),
     ]
@@ -191,6 +199,7 @@ fn deliver(
         }
     }
     drop(stream);
+    let complete = cut.is_none_or(|c| c >= batches.len());
     let n = cut.map_or(batches.len(), |c| c.min(batches.len()));
     for b in &batches[..n] {
         if let Some(id) = mid {
@@ -201,6 +210,65 @@ fn deliver(
             stores[to].apply(b).unwrap();
         }
     }
+    if complete {
+        // Each side now knows what the other holds, as a completed sync
+        // records it.
+        for (at, of) in [(from, to), (to, from)] {
+            let vv = stores[of].version_vector("default").unwrap();
+            let tables = stores[of].table_versions("default").unwrap();
+            let site = stores[of].site_id();
+            stores[at]
+                .record_ack_tables(&site, &format!("s{of}"), "default", &vv, &tables)
+                .unwrap();
+        }
+    }
+}
+
+/// Compacts store `i`, checking that every tombstone it purges is held by
+/// every replica it has an acknowledgement from.
+fn compact(stores: &mut [Store], i: usize) -> Result<(), TestCaseError> {
+    let tombs = |s: &Store| -> Vec<(String, String, String, i64)> {
+        let mut st = s
+            .connection()
+            .prepare(
+                "SELECT t.name, quote(c.pk), hex(x.site_id), c.dbv FROM quiver_clock c
+                 JOIN quiver_tables t ON t.id = c.tbl JOIN quiver_sites x ON x.ix = c.site
+                 WHERE c.col = '' AND c.cl % 2 = 0",
+            )
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    };
+    let before = tombs(&stores[i]);
+    let heard: Vec<usize> = stores[i]
+        .acks()
+        .unwrap()
+        .iter()
+        .filter_map(|a| stores.iter().position(|s| s.site_id().to_hex() == a.site))
+        .collect();
+    stores[i]
+        .compact(&quiver_store::CompactOptions::default())
+        .unwrap();
+    let after = tombs(&stores[i]);
+    for (table, key, site, dbv) in before.iter().filter(|t| !after.contains(t)) {
+        let site: quiver_core::SiteId = site.to_lowercase().parse().unwrap();
+        for &j in &heard {
+            let holds = stores[j].table_versions("default").unwrap()[table].get(&site);
+            prop_assert!(
+                holds >= *dbv as u64,
+                "store {} purged the tombstone of {}.{} ({}:{}) that store {} does not hold",
+                i,
+                table,
+                key,
+                site,
+                dbv,
+                j
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Store 0 also gets `stats` (a counter and a max column) and `links`
@@ -244,6 +312,36 @@ fn run(n: usize, strategy: Strategy, ops: &[Op]) -> Result<(), TestCaseError> {
     for i in 1..n {
         deliver(&mut s, 0, i, 1000, false, None, None, &mut counted);
     }
+    play(&mut s, ops, &mut counted)?;
+    settle_and_check(&mut s, strategy, &mut counted)?;
+    // Everyone compacts what everyone holds, then the same again on top:
+    // writes to ids whose tombstones are gone, deletes compacted at random
+    // points while replicas lag.
+    for i in 0..n {
+        compact(&mut s, i)?;
+    }
+    let left: i64 = s
+        .iter()
+        .map(|st| {
+            st.connection()
+                .query_row(
+                    "SELECT count(*) FROM quiver_clock WHERE col = '' AND cl % 2 = 0",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .unwrap()
+        })
+        .sum();
+    prop_assert_eq!(
+        left,
+        0,
+        "tombstones left after everyone acknowledged everything"
+    );
+    play(&mut s, ops, &mut counted)?;
+    settle_and_check(&mut s, strategy, &mut counted)
+}
+
+fn play(s: &mut [Store], ops: &[Op], counted: &mut [i64; 2]) -> Result<(), TestCaseError> {
     for op in ops {
         match *op {
             Op::AddColumn { s: i, col, val } => {
@@ -268,7 +366,7 @@ fn run(n: usize, strategy: Strategy, ops: &[Op]) -> Result<(), TestCaseError> {
                     )
                     .unwrap();
             }
-            Op::Count { s: i, id, by } => increment(&s[i], id, by, &mut counted),
+            Op::Count { s: i, id, by } => increment(&s[i], id, by, counted),
             Op::Raise { s: i, id, to } => {
                 s[i].connection()
                     .execute(
@@ -345,15 +443,26 @@ fn run(n: usize, strategy: Strategy, ops: &[Op]) -> Result<(), TestCaseError> {
                 twice,
                 cut,
                 mid,
-            } => deliver(&mut s, from, to, max, twice, cut, mid, &mut counted),
+            } => deliver(s, from, to, max, twice, cut, mid, counted),
+            Op::Compact { s: i } => compact(s, i)?,
             _ => {}
         }
     }
+    Ok(())
+}
+
+/// Exchanges until quiescent, then checks that every replica shows the same.
+fn settle_and_check(
+    s: &mut [Store],
+    strategy: Strategy,
+    counted: &mut [i64; 2],
+) -> Result<(), TestCaseError> {
+    let n = s.len();
     // Everyone exchanges until nothing moves.
     for _round in 0..n + 2 {
         for i in 0..n {
             for j in 0..n {
-                deliver(&mut s, i, j, 1000, false, None, None, &mut counted);
+                deliver(s, i, j, 1000, false, None, None, counted);
             }
         }
     }
@@ -370,7 +479,7 @@ fn run(n: usize, strategy: Strategy, ops: &[Op]) -> Result<(), TestCaseError> {
             );
         }
     }
-    for st in &s {
+    for st in s.iter() {
         for (id, total) in counted.iter().enumerate() {
             let views: Option<i64> = st
                 .connection()
@@ -411,7 +520,8 @@ proptest! {
             Op::Sync { from, to, .. } => *from < n && *to < n,
             Op::Put { s, .. } | Op::SqlVector { s, .. } | Op::SqlMeta { s, .. } | Op::Delete { s, .. }
             | Op::SqlDelete { s, .. } | Op::NoteReplace { s, .. } | Op::NoteColumn { s, .. } | Op::NoteDelete { s, .. }
-            | Op::AddColumn { s, .. } | Op::Count { s, .. } | Op::Raise { s, .. } | Op::Link { s, .. } => *s < n,
+            | Op::AddColumn { s, .. } | Op::Count { s, .. } | Op::Raise { s, .. } | Op::Link { s, .. }
+            | Op::Compact { s } => *s < n,
         }).collect();
         run(n, strategy, &ops)?;
     }

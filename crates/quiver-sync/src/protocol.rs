@@ -296,8 +296,8 @@ async fn read_changes(
     let _ = read.await;
 }
 
-/// Records what the peer holds of `shard` after a completed exchange: the
-/// meet of its tables' versions (what it holds of every table). An
+/// Records what the peer holds of `shard` after a completed exchange: per
+/// table, and their meet (what it holds of every table). An
 /// exchange of some of the shard's tables (`--tables`, or a peer lacking
 /// some) says nothing of the others, so it records nothing. A failure to
 /// record is logged; it only makes the acknowledgement older.
@@ -314,8 +314,8 @@ async fn record_ack(
                 .shard_tables(&shard)?
                 .iter()
                 .all(|t| acked.contains_key(&t.name));
-            match acked.into_values().reduce(|a, b| a.meet(&b)) {
-                Some(vv) if whole => s.record_ack(&site, &node, &shard, &vv),
+            match acked.values().cloned().reduce(|a, b| a.meet(&b)) {
+                Some(vv) if whole => s.record_ack_tables(&site, &node, &shard, &vv, &acked),
                 _ => Ok(()),
             }
         })

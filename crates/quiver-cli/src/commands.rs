@@ -768,7 +768,11 @@ fn peers(mut s: Store, p: PeersCmd, json: bool) -> Result<()> {
                         } else {
                             p.shards.join(",")
                         },
-                        p.status.clone(),
+                        if p.beyond_horizon {
+                            format!("{} (beyond the horizon)", p.status)
+                        } else {
+                            p.status.clone()
+                        },
                         p.last_error.clone().unwrap_or_default(),
                     ]
                 })

@@ -246,6 +246,11 @@ pub struct PeerRecord {
     /// `online`, `offline` or `degraded`.
     pub status: String,
     pub last_error: Option<String>,
+    /// Its last acknowledgement is older than the peer horizon
+    /// (`peer_horizon_days`): it no longer holds compaction back, and gets
+    /// a snapshot when it returns.
+    #[serde(default)]
+    pub beyond_horizon: bool,
 }
 
 impl PeerRecord {
@@ -259,6 +264,7 @@ impl PeerRecord {
             last_contact: None,
             status: "offline".into(),
             last_error: None,
+            beyond_horizon: false,
         }
     }
 }
@@ -316,9 +322,24 @@ impl Store {
                     last_contact: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
                     status: r.get(6)?,
                     last_error: r.get(7)?,
+                    beyond_horizon: false,
                 })
             })?
-            .collect::<rusqlite::Result<_>>()?;
+            .collect::<rusqlite::Result<Vec<PeerRecord>>>()?;
+        // By node name, the newest acknowledgement of any shard.
+        let (_, horizon_ms) = self.horizon_ms(None)?;
+        let mut newest: BTreeMap<String, u64> = BTreeMap::new();
+        for a in self.acks()? {
+            let at = newest.entry(a.node).or_default();
+            *at = (*at).max(a.at_ms);
+        }
+        let now = wall_ms();
+        let mut rows = rows;
+        for p in &mut rows {
+            p.beyond_horizon = newest
+                .get(&p.node)
+                .is_some_and(|at| now.saturating_sub(*at) > horizon_ms);
+        }
         Ok(rows)
     }
 

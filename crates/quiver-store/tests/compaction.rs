@@ -124,6 +124,15 @@ fn a_peer_that_has_not_acknowledged_holds_compaction_back_until_the_horizon() ->
     a.set_peer_horizon_days(1e-7)?; // 8.6 ms
     let st = a.status()?;
     assert!(st.shards[0].acks[0].beyond_horizon);
+    // And in the registry.
+    a.register_peer(&quiver_store::PeerRecord::new("b", "127.0.0.1:1", vec![]))?;
+    a.register_peer(&quiver_store::PeerRecord::new("z", "127.0.0.1:2", vec![]))?;
+    let peers = a.peers()?;
+    assert!(peers[0].beyond_horizon, "{peers:?}");
+    assert!(
+        !peers[1].beyond_horizon,
+        "never acknowledged: nothing to say"
+    );
     let r = compact(a, false, None);
     assert_eq!(r.shards[0].beyond_horizon.len(), 1);
     assert_eq!(r.purged, 50);
@@ -236,7 +245,10 @@ fn each_table_is_compacted_by_what_peers_hold_of_it() -> R {
     let b = &mut rest[0];
     // a writes only notes, b only docs: neither origin is in both tables.
     insert_notes(a, 20);
-    b.put("docs", &quiver_store::Record::new("d1", vec![1.0, 2.0, 3.0]))?;
+    b.put(
+        "docs",
+        &quiver_store::Record::new("d1", vec![1.0, 2.0, 3.0]),
+    )?;
     common::exchange(a, b, SHARD);
     shell(a, "DELETE FROM notes");
     pull(b, a, SHARD);

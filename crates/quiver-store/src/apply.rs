@@ -308,13 +308,16 @@ impl Store {
             )?;
             start = end;
         }
-        // The claims that end a sweeping snapshot (they come with its mark).
+        // The claims that end a sweeping snapshot (they come with its
+        // mark), the first time they arrive: a batch applied again claims
+        // nothing new, and the keys noted are gone.
         if let Some(t) = sweep.and_then(|id| tables.values().find(|t| t.id == id)) {
             let mut claimed = VersionVector::new();
             for c in batch.covered.iter().filter(|c| c.table == t.name) {
                 claimed.advance(c.site, c.version);
             }
-            if !claimed.is_empty() {
+            let held = crate::changes::table_vv(&tx, &mut sites, t, self.site)?;
+            if !claimed.is_empty() && !held.dominates(&claimed) {
                 crate::resurrect::sweep(
                     &tx,
                     &mut sites,
@@ -333,7 +336,11 @@ impl Store {
         if let Some(m) = &batch.snapshot {
             // Kept with the rows it marks, so a sync cut after this commit
             // resumes past them.
-            if let (Some(t), Some(after)) = (tables.get(&m.table), &m.after) {
+            // A sweeping stream is never resumed, but its mark names the
+            // stream its noted keys belong to: kept even before any key.
+            let placeholder = Value::Blob(Vec::new());
+            let after = m.after.as_ref().or(m.sweep.then_some(&placeholder));
+            if let (Some(t), Some(after)) = (tables.get(&m.table), after) {
                 let vv = serde_json::to_string(&m.versions)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 tx.prepare_cached(

@@ -228,7 +228,8 @@ impl Store {
     pub fn snapshot_progress(&self, shard: &str) -> Result<Vec<SnapshotMark>> {
         let mut st = self.conn.prepare_cached(
             "SELECT t.name, s.after, s.vv FROM quiver_snapshots s
-             JOIN quiver_tables t ON t.id = s.tbl WHERE t.shard = ?1 ORDER BY t.name",
+             JOIN quiver_tables t ON t.id = s.tbl WHERE t.shard = ?1 AND s.sweep = 0
+             ORDER BY t.name",
         )?;
         let rows = st.query_map([shard], |r| {
             Ok((
@@ -783,8 +784,11 @@ impl ChangeStream<'_> {
                     self.next_segment();
                 }
                 // A batch holds one snapshot's rows at most, so its mark
-                // speaks for all of them.
-                if full(&batch, bytes, &self.limits) || (through && !batch.changes.is_empty()) {
+                // speaks for all of them; its claims go with it too (a
+                // sweeping snapshot's receiver acts on them by its mark).
+                if full(&batch, bytes, &self.limits)
+                    || (through && !(batch.changes.is_empty() && batch.covered.is_empty()))
+                {
                     return Ok(Some(batch));
                 }
                 continue;

@@ -158,28 +158,30 @@ fn frontier(store: &Store, shard: &str, tables: &[TableInfo], horizon_ms: u64) -
     })
 }
 
-/// A tombstone: its table, clock key and version.
+/// A tombstone: its table, clock key, version and causal length.
 struct Tomb {
     tbl: i64,
     key: quiver_core::Value,
     dot: Dot,
+    cl: i64,
 }
 
 fn tombstones(conn: &Connection, sites: &mut Sites, t: &TableInfo) -> Result<Vec<Tomb>> {
-    let rows: Vec<(quiver_core::Value, i64, i64)> = conn
+    let rows: Vec<(quiver_core::Value, i64, i64, i64)> = conn
         .prepare_cached(
-            "SELECT pk, site, dbv FROM quiver_clock WHERE tbl = ?1 AND col = '' AND cl % 2 = 0",
+            "SELECT pk, site, dbv, cl FROM quiver_clock WHERE tbl = ?1 AND col = '' AND cl % 2 = 0",
         )?
         .query_map([t.id], |r| {
-            Ok((from_ref(r.get_ref(0)?), r.get(1)?, r.get(2)?))
+            Ok((from_ref(r.get_ref(0)?), r.get(1)?, r.get(2)?, r.get(3)?))
         })?
         .collect::<rusqlite::Result<_>>()?;
     rows.into_iter()
-        .map(|(key, site, dbv)| {
+        .map(|(key, site, dbv, cl)| {
             Ok(Tomb {
                 tbl: t.id,
                 key,
                 dot: Dot::new(sites.id(conn, site)?, dbv as u64),
+                cl,
             })
         })
         .collect()
@@ -420,30 +422,12 @@ impl Store {
             let tx = self
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            // The highest purged version of each origin, per table, moves
-            // with the purge itself: a peer holding less may lack a delete
-            // this store can no longer send, and gets a snapshot instead
-            // (see `changes.rs`).
-            let mut floors: BTreeMap<i64, VersionVector> = BTreeMap::new();
-            for tomb in chunk {
-                floors
-                    .entry(tomb.tbl)
-                    .or_default()
-                    .advance(tomb.dot.site, tomb.dot.db_version);
-            }
-            for (tbl, vv) in floors {
-                let mut floor = compacted_floor(&tx, tbl)?;
-                floor.merge(&vv);
-                tx.prepare_cached(
-                    "INSERT INTO quiver_compacted(tbl, vv) VALUES (?1, ?2)
-                     ON CONFLICT(tbl) DO UPDATE SET vv = excluded.vv",
-                )?
-                .execute(params![
-                    tbl,
-                    serde_json::to_string(&floor)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?
-                ])?;
-            }
+            // The highest purged version of each origin, and causal length,
+            // per table, move with the purge itself: a peer holding less
+            // may lack a delete this store can no longer send, and gets a
+            // snapshot instead (see `changes.rs`); a row inserted here again
+            // starts a life past it (see `triggers::FOLD`).
+            let mut floors: BTreeMap<i64, (VersionVector, i64)> = BTreeMap::new();
             for tomb in chunk {
                 // Still the record read above: a sync may have moved it since.
                 let site = sites.ix(&tx, &tomb.dot.site)?;
@@ -458,15 +442,33 @@ impl Store {
                         site,
                         tomb.dot.db_version as i64
                     ])?;
-                if gone > 0 {
-                    for sql in [
-                        "DELETE FROM quiver_clock WHERE tbl = ?1 AND pk = ?2",
-                        "DELETE FROM quiver_siblings WHERE tbl = ?1 AND pk = ?2",
-                    ] {
-                        tx.prepare_cached(sql)?
-                            .execute(params![tomb.tbl, P(&tomb.key)])?;
-                    }
+                if gone == 0 {
+                    continue;
                 }
+                for sql in [
+                    "DELETE FROM quiver_clock WHERE tbl = ?1 AND pk = ?2",
+                    "DELETE FROM quiver_siblings WHERE tbl = ?1 AND pk = ?2",
+                ] {
+                    tx.prepare_cached(sql)?
+                        .execute(params![tomb.tbl, P(&tomb.key)])?;
+                }
+                let (vv, cl) = floors.entry(tomb.tbl).or_default();
+                vv.advance(tomb.dot.site, tomb.dot.db_version);
+                *cl = (*cl).max(tomb.cl);
+            }
+            for (tbl, (vv, cl)) in floors {
+                let mut floor = compacted_floor(&tx, tbl)?;
+                floor.merge(&vv);
+                tx.prepare_cached(
+                    "INSERT INTO quiver_compacted(tbl, vv, cl) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(tbl) DO UPDATE SET vv = excluded.vv, cl = max(cl, excluded.cl)",
+                )?
+                .execute(params![
+                    tbl,
+                    serde_json::to_string(&floor)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    cl
+                ])?;
             }
             tx.commit()?;
         }

@@ -413,7 +413,10 @@ impl Store {
                 .execute(close, params![id, wall_ms() as i64, "kept the delete"])?;
             return Ok(());
         }
-        let row = crate::resurrect::stored_row(&self.conn, id)?;
+        // Over what the row shows now, if it was written again meanwhile:
+        // a write that carried some cells only keeps the others.
+        let mut row = rowstate::read_user_row(&self.conn, t, pk)?.unwrap_or_default();
+        row.extend(crate::resurrect::stored_row(&self.conn, id)?);
         let how = format!("kept {kept}: the row written again");
         self.local_write(|tx| {
             // Captured, as any local write: an upsert, since the row may

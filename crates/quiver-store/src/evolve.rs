@@ -357,6 +357,8 @@ pub(crate) fn unregister(conn: &Connection, tid: i64) -> Result<()> {
         "DELETE FROM quiver_pending WHERE tbl = ?1",
         "DELETE FROM quiver_conflicts WHERE tbl = ?1",
         "DELETE FROM quiver_snapshots WHERE tbl = ?1",
+        "DELETE FROM quiver_snapshot_seen WHERE tbl = ?1",
+        "DELETE FROM quiver_compacted WHERE tbl = ?1",
         "DELETE FROM quiver_tables WHERE id = ?1",
     ] {
         conn.execute(sql, [tid])?;

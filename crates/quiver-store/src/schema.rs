@@ -193,10 +193,12 @@ CREATE TABLE quiver_snapshots(
     r#"
 -- Per table, the highest version of each origin (JSON) whose tombstones
 -- compaction purged: a peer holding less may lack a delete, and gets a
--- snapshot instead of history.
+-- snapshot instead of history. cl: the highest causal length purged, so
+-- that a row inserted here again starts a life past it.
 CREATE TABLE quiver_compacted(
   tbl INTEGER PRIMARY KEY,
-  vv TEXT NOT NULL
+  vv TEXT NOT NULL,
+  cl INTEGER NOT NULL DEFAULT 0
 );
 -- A snapshot received by a replica that already held rows of the table:
 -- the keys it brought, so that at its end the rows it did not bring,

@@ -124,9 +124,16 @@ pub struct PeerAck {
 }
 
 impl PeerAck {
-    /// What the peer holds of `table`.
+    /// What the peer holds of `table`: nothing of a table its per-table
+    /// acknowledgement does not list (one added since), the meet for an
+    /// acknowledgement made without tables.
     pub fn table_vv(&self, table: &str) -> &VersionVector {
-        self.tables.get(table).unwrap_or(&self.vv)
+        static NOTHING: std::sync::OnceLock<VersionVector> = std::sync::OnceLock::new();
+        match self.tables.get(table) {
+            Some(vv) => vv,
+            None if self.tables.is_empty() => &self.vv,
+            None => NOTHING.get_or_init(VersionVector::new),
+        }
     }
 }
 

@@ -191,9 +191,14 @@ impl Drop for TriggersOff<'_> {
 /// length, and `INSERT OR REPLACE` over a live row (SQLite's
 /// delete-then-insert, which fires no delete trigger) skips to the next odd
 /// length too. Cell versions of older lives are then ignored by their
-/// causal length, so inserts need no cleanup statements.
+/// causal length, so inserts need no cleanup statements. In a table whose
+/// tombstones were compacted, a row with no record may be one deleted and
+/// purged here that peers still hold a tombstone of: its new life starts
+/// past every causal length purged (see `compact`).
 const FOLD: &str = "INSERT INTO quiver_clock(tbl, pk, col, site, dbv, hlc, cl, ctx, know)
-       SELECT tbl, pk, '', 0, dbv, hlc, 1, NULL, NULL FROM quiver_pending
+       SELECT tbl, pk, '', 0, dbv, hlc,
+         coalesce((SELECT x.cl + 1 FROM quiver_compacted x WHERE x.tbl = quiver_pending.tbl), 1),
+         NULL, NULL FROM quiver_pending
        WHERE true ORDER BY seq
        ON CONFLICT(tbl, pk, col) DO UPDATE SET
          cl = cl + 1 + (cl % 2), ctx = coalesce(know, json_object(CAST(site AS TEXT), dbv)),

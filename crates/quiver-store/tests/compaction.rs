@@ -260,3 +260,27 @@ fn each_table_is_compacted_by_what_peers_hold_of_it() -> R {
     assert_eq!(r.shards[0].held_back, 0);
     Ok(())
 }
+
+#[test]
+fn a_row_inserted_again_after_its_tombstone_was_purged_wins_over_peers_tombstones() -> R {
+    let dir = tempfile::tempdir()?;
+    let mut s = stores(&dir, 2, Strategy::Lww);
+    let (a, rest) = s.split_first_mut().unwrap();
+    let b = &mut rest[0];
+    insert_notes(a, 3);
+    pull(b, a, SHARD);
+    shell(a, "DELETE FROM notes WHERE id = 'n00001'");
+    pull(b, a, SHARD);
+    ack(a, b, "b");
+    // a purges the tombstone; b still holds its own copy of it.
+    assert_eq!(compact(a, false, None).shards[0].tombstones, 1);
+    shell(a, "INSERT INTO notes VALUES('n00001', 'again', 'body', 9)");
+    pull(b, a, SHARD);
+    assert!(
+        note_rows(b).contains(&"n00001=again".to_string()),
+        "{:?}",
+        note_rows(b)
+    );
+    assert_eq!(export(b, "notes"), export(a, "notes"));
+    Ok(())
+}

@@ -348,15 +348,24 @@ fn daemon_output_is_plain_in_files_and_counts_agree() {
     for _ in 0..2 {
         b.q(&["sync", &addr, "--pin", &fp]);
     }
-    let (_, metrics) = common::http_get(&http, "/metrics");
-    let ok_syncs: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("quiver_syncs_total{result=\"ok\"}"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    // The server counts its side after the client has its answer: wait.
+    // The server counts its side after the client has its answer: wait
+    // until the metric shows both syncs, then status must say the same.
     let deadline = Instant::now() + Duration::from_secs(10);
+    let ok_syncs = loop {
+        let (_, metrics) = common::http_get(&http, "/metrics");
+        let ok: u64 = metrics
+            .lines()
+            .find(|l| l.starts_with("quiver_syncs_total{result=\"ok\"}"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        if ok >= 2 {
+            break ok;
+        }
+        assert!(Instant::now() < deadline, "metrics count {ok} ok syncs");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(ok_syncs, 2);
     loop {
         let st: serde_json::Value = serde_json::from_str(&a.q(&["--json", "status"])).unwrap();
         if st["sync"]["sync_count"].as_u64() == Some(ok_syncs) {
@@ -368,7 +377,6 @@ fn daemon_output_is_plain_in_files_and_counts_agree() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(ok_syncs >= 2);
     child.kill().unwrap();
     child.wait().unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
